@@ -1,0 +1,56 @@
+# Two commands a user needs: `make run` and `make test`. Everything else is a helper of these.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP_RUN := $(VENV)/.installed-run
+STAMP_TEST := $(VENV)/.installed-test
+APT_PACKAGES := socat mosquitto chromium
+PYTEST_ARGS ?=
+
+.PHONY: run test lint bench sample-lake clean system-deps
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(STAMP_RUN): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(STAMP_TEST): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[all]'
+	touch $@ $(STAMP_RUN)
+
+## make run: create the venv, install, run the talk's demo into ./data/lake (Ctrl-C stops it)
+run: $(STAMP_RUN)
+	$(BIN)/collector run sample_data/temp.yaml
+
+## make test: install everything the tests need (Python extras and Debian packages), run them all
+test: $(STAMP_TEST) system-deps
+	$(BIN)/ruff check collector sinks dashboards tests benchmarks
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
+
+system-deps:
+	@missing=""; \
+	for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $$missing >/dev/null; \
+	fi
+
+lint: $(STAMP_TEST)
+	$(BIN)/ruff check collector sinks dashboards tests benchmarks
+	$(BIN)/ruff format --check collector sinks dashboards tests benchmarks
+
+## make bench: run the benchmarks and rewrite the table in README.md
+bench: $(STAMP_TEST)
+	$(BIN)/python -m benchmarks.run_all
+
+## make sample-lake: regenerate sample_data/lake (deterministic)
+sample-lake: $(STAMP_RUN)
+	$(BIN)/python -m sample_data.make_lake
+
+clean:
+	rm -rf $(VENV) data .pytest_cache

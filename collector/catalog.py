@@ -1,0 +1,234 @@
+"""Athena / Glue DDL for the S3 lake: the documented replacement for IoT Analytics datastores.
+
+Tables use partition projection, so new partitions are queryable at once with no crawler,
+``MSCK REPAIR`` or Glue partition API calls from the edge. Athena offers four projection types
+(``enum``, ``integer``, ``date``, ``injected``); we map:
+
+- ``date`` -> ``date`` projection (``yyyy-MM-dd``, from ``since`` to ``NOW``, 1 day);
+- ``year``/``month``/``day``/``hour`` -> ``integer`` projection (fixed ranges, zero padded);
+- column partitions (``metric``, ``device``, ``source``, tags) -> ``enum`` when the values are
+  known (pass ``enums``), otherwise ``injected``: queries must then filter that column with
+  ``=`` or ``IN`` (``WHERE metric = 'temperature'``), which is how the lake is meant to be read.
+
+Partition values containing characters other than ``A-Za-z0-9_.-`` are percent-encoded in
+paths (``sinks._partition.sanitize``); query them by their encoded spelling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pyarrow as pa
+
+from sinks._partition import DEFAULT_PARTITIONS, validate_partitions
+
+READING_COLUMNS: dict[str, str] = {
+    "ts": "timestamp",
+    "device": "string",
+    "source": "string",
+    "metric": "string",
+    "value": "double",
+    "unit": "string",
+    "record_id": "string",
+}
+"""Hive types of the canonical reading schema as the ``s3`` sink writes it."""
+
+_INTEGER_RANGES = {"year": ("2020", "2100", 4), "month": ("1", "12", 2), "day": ("1", "31", 2),
+                   "hour": ("0", "23", 2)}
+
+
+def _q(name: str) -> str:
+    """Backtick-quoted identifier (``date`` is reserved in Athena DDL)."""
+    return "`" + name.replace("`", "``") + "`"
+
+
+def _s(text: str) -> str:
+    """Single-quoted SQL string literal."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """(bucket, prefix without slashes) from ``s3://bucket/prefix``."""
+    if not url.startswith("s3://"):
+        raise ValueError(f"not an s3:// URL: {url!r}")
+    bucket, _, prefix = url[5:].partition("/")
+    if not bucket:
+        raise ValueError(f"no bucket in {url!r}")
+    return bucket, prefix.strip("/")
+
+
+def hive_type(dtype: pa.DataType) -> str:
+    """The Athena/Hive column type of an Arrow type."""
+    if pa.types.is_timestamp(dtype):
+        return "timestamp"
+    if pa.types.is_boolean(dtype):
+        return "boolean"
+    if pa.types.is_floating(dtype):
+        return "double" if dtype.bit_width == 64 else "float"
+    if pa.types.is_integer(dtype):
+        return "bigint" if dtype.bit_width > 32 else "int"
+    if pa.types.is_date(dtype):
+        return "date"
+    if pa.types.is_decimal(dtype):
+        return f"decimal({dtype.precision},{dtype.scale})"
+    return "string"
+
+
+def columns_from_schema(schema: pa.Schema) -> dict[str, str]:
+    """Hive columns of an Arrow schema, e.g. of a lake file (window aggregates, tags)."""
+    return {f.name: hive_type(f.type) for f in schema}
+
+
+def ddl(
+    location: str,
+    partitions: Sequence[str] = DEFAULT_PARTITIONS,
+    columns: Mapping[str, str] | None = None,
+    table: str = "readings",
+    database: str | None = None,
+    *,
+    enums: Mapping[str, Sequence[str]] | None = None,
+    since: str = "2020-01-01",
+) -> str:
+    """``CREATE EXTERNAL TABLE … PARTITIONED BY … STORED AS PARQUET`` with partition projection.
+
+    ``location`` is ``s3://bucket/prefix``; ``partitions`` the sink's ``partition_by`` in
+    order; ``columns`` the data columns (default: the canonical reading schema). Partition
+    columns are left out of the data columns because Athena forbids a name in both lists (the
+    files keep them too; Athena uses the path value, which is the same).
+    """
+    validate_partitions(partitions)
+    bucket, prefix = parse_s3_url(location)
+    root = f"s3://{bucket}/" + (f"{prefix}/" if prefix else "")
+    cols = dict(columns if columns is not None else READING_COLUMNS)
+    data_cols = [(n, t) for n, t in cols.items() if n not in partitions]
+    enums = enums or {}
+    props: list[tuple[str, str]] = [("parquet.compression", "ZSTD"), ("projection.enabled", "true")]
+    for part in partitions:
+        if part == "date":
+            props += [
+                ("projection.date.type", "date"),
+                ("projection.date.format", "yyyy-MM-dd"),
+                ("projection.date.range", f"{since},NOW"),
+                ("projection.date.interval", "1"),
+                ("projection.date.interval.unit", "DAYS"),
+            ]
+        elif part in _INTEGER_RANGES:
+            lo, hi, digits = _INTEGER_RANGES[part]
+            if part == "year":
+                lo = since[:4]
+            props += [
+                (f"projection.{part}.type", "integer"),
+                (f"projection.{part}.range", f"{lo},{hi}"),
+                (f"projection.{part}.digits", str(digits)),
+            ]
+        elif part in enums:
+            props += [
+                (f"projection.{part}.type", "enum"),
+                (f"projection.{part}.values", ",".join(enums[part])),
+            ]
+        else:
+            props.append((f"projection.{part}.type", "injected"))
+    template = root + "/".join(f"{p}=${{{p}}}" for p in partitions)
+    props.append(("storage.location.template", template))
+
+    def part_type(p: str) -> str:
+        return "int" if p in _INTEGER_RANGES else "string"
+
+    name = f"{_q(database)}.{_q(table)}" if database else _q(table)
+    lines = [f"CREATE EXTERNAL TABLE IF NOT EXISTS {name} ("]
+    lines.append(",\n".join(f"  {_q(n)} {t}" for n, t in data_cols))
+    lines.append(")")
+    lines.append(
+        "PARTITIONED BY (" + ", ".join(f"{_q(p)} {part_type(p)}" for p in partitions) + ")"
+    )
+    lines.append("STORED AS PARQUET")
+    lines.append(f"LOCATION {_s(root)}")
+    lines.append("TBLPROPERTIES (")
+    lines.append(",\n".join(f"  {_s(k)}={_s(v)}" for k, v in props))
+    lines.append(");")
+    return "\n".join(lines) + "\n"
+
+
+def ddl_firehose_json(
+    location: str,
+    columns: Mapping[str, str] | None = None,
+    table: str = "readings_stream",
+    database: str | None = None,
+    *,
+    since: str = "2020-01-01-00",
+) -> str:
+    """DDL for a Firehose S3 destination with the default ``YYYY/MM/DD/HH/`` prefix (NDJSON).
+
+    ``ts`` stays a string (ISO 8601 with ``Z``): query ``from_iso8601_timestamp(ts)``.
+    """
+    bucket, prefix = parse_s3_url(location)
+    root = f"s3://{bucket}/" + (f"{prefix}/" if prefix else "")
+    cols = dict(columns if columns is not None else READING_COLUMNS)
+    cols["ts"] = "string"
+    name = f"{_q(database)}.{_q(table)}" if database else _q(table)
+    props = [
+        ("projection.enabled", "true"),
+        ("projection.dt.type", "date"),
+        ("projection.dt.format", "yyyy/MM/dd/HH"),
+        ("projection.dt.range", f"{since.replace('-', '/')},NOW"),
+        ("projection.dt.interval", "1"),
+        ("projection.dt.interval.unit", "HOURS"),
+        ("storage.location.template", root + "${dt}"),
+    ]
+    return (
+        f"CREATE EXTERNAL TABLE IF NOT EXISTS {name} (\n"
+        + ",\n".join(f"  {_q(n)} {t}" for n, t in cols.items())
+        + "\n)\nPARTITIONED BY (`dt` string)\n"
+        "ROW FORMAT SERDE 'org.openx.data.jsonserde.JsonSerDe'\n"
+        f"LOCATION {_s(root)}\n"
+        "TBLPROPERTIES (\n"
+        + ",\n".join(f"  {_s(k)}={_s(v)}" for k, v in props)
+        + "\n);\n"
+    )
+
+
+def _get(config: Any, key: str, default: Any = None) -> Any:
+    if isinstance(config, Mapping):
+        return config.get(key, default)
+    return getattr(config, key, default)
+
+
+def ddl_for_sink(
+    sink_config: Any,
+    *,
+    columns: Mapping[str, str] | None = None,
+    enums: Mapping[str, Sequence[str]] | None = None,
+    table: str | None = None,
+    database: str | None = None,
+) -> str:
+    """DDL for an ``s3`` sink entry (its validated model or the raw mapping from YAML).
+
+    The table is named after the sink (``name``, dashes -> underscores) unless ``table`` given.
+    """
+    kind = _get(sink_config, "type")
+    if kind != "s3":
+        raise ValueError(f"`collector catalog` describes `s3` sinks, not {kind!r}")
+    bucket = _get(sink_config, "bucket")
+    if not bucket:
+        raise ValueError("the s3 sink has no `bucket`")
+    prefix = str(_get(sink_config, "key_prefix", "") or "").strip("/")
+    parts = list(_get(sink_config, "partition_by", None) or DEFAULT_PARTITIONS)
+    name = table or str(_get(sink_config, "name", None) or "readings").replace("-", "_").replace(
+        ".", "_"
+    )
+    location = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+    return ddl(location, parts, columns, name, database, enums=enums)
+
+
+def ddl_for_config(config: Any, **kwargs: Any) -> str:
+    """DDL for every ``s3`` sink of a whole config (model or mapping), separated by blank lines.
+
+    Column partitions stay ``injected`` unless ``enums`` is given: metric names cannot be
+    derived safely from sources, since transforms may add metrics and a missing enum value
+    would hide data silently.
+    """
+    sinks = [s for s in (_get(config, "sinks", None) or []) if _get(s, "type") == "s3"]
+    if not sinks:
+        raise ValueError("the config has no `s3` sink")
+    return "\n".join(ddl_for_sink(s, **kwargs) for s in sinks)

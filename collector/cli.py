@@ -1,0 +1,239 @@
+"""The `collector` command: run | check | export | status | catalog | plugins | schema."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from collector.errors import ConfigError
+from collector.units import parse_duration
+
+EXIT_CONFIG = 2
+log = logging.getLogger("collector")
+
+
+def _setup_logging(level: str) -> None:
+    from rich.logging import RichHandler
+
+    handler = RichHandler(show_path=False, rich_tracebacks=False,
+                          console=__import__("rich.console").console.Console(stderr=True))
+    logging.basicConfig(level=level.upper(), format="%(message)s", handlers=[handler],
+                        force=True)
+    for noisy in ("apscheduler", "botocore", "aiobotocore", "urllib3", "elastic_transport"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _load_or_exit(path: str) -> Any:
+    from collector import config
+
+    try:
+        return config.load(path)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            click.echo(str(issue), err=True)
+        n = len(exc.issues)
+        click.echo(f"{n} problem{'s' if n != 1 else ''} in {path}", err=True)
+        sys.exit(EXIT_CONFIG)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="edge-collector")
+def cli() -> None:
+    """Collect sensor readings on an edge device and deliver them, durably, to the cloud.
+
+    \b
+    Quick start:
+      collector check sample_data/temp.yaml     validate a config (no I/O)
+      collector run sample_data/temp.yaml       run it (Ctrl-C stops, flushing everything)
+      collector status --data-dir ./data        backlog and errors per sink
+      collector export --lake ./data/lake --since -1d --out today.parquet
+    """
+
+
+@cli.command()
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.option("--once", is_flag=True,
+              help="One tick of every scheduled source (finite streams run to their end), a "
+                   "full flush, deliver, exit. Exit 1 if rows had to stay in the spool.")
+@click.option("--for", "duration", metavar="DURATION",
+              help="Run this long (e.g. 30s, 5m), then stop cleanly.")
+@click.option("--data-dir", type=click.Path(file_okay=False),
+              help="Override `data_dir` of the config.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+def run(config_file: str, once: bool, duration: str | None, data_dir: str | None,
+        log_level: str) -> None:
+    """Run the collector on CONFIG_FILE.
+
+    SIGINT/SIGTERM stop sources, flush windows and batches and exit 0 (data a sink could not
+    take yet stays in the spool for the next start). SIGHUP reloads CONFIG_FILE; an invalid new
+    config is logged and the running one kept.
+    """
+    _setup_logging(log_level)
+    cfg = _load_or_exit(config_file)
+    seconds = None
+    if duration:
+        try:
+            seconds = parse_duration(duration)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--for") from None
+    sys.exit(asyncio.run(_run(config_file, cfg, once, seconds,
+                              Path(data_dir) if data_dir else None)))
+
+
+async def _run(path: str, cfg: Any, once: bool, duration: float | None,
+               data_dir: Path | None) -> int:
+    from collector import config
+    from collector.runner import Runtime, pid_lock
+
+    root = data_dir or Path(cfg.settings.data_dir)
+    lock = pid_lock(root)
+    if lock is None:
+        log.error("another collector is running on %s (see %s)", root, root / ".lock")
+        return EXIT_CONFIG
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    reload_to: dict[str, Any] = {}
+
+    def on_stop() -> None:
+        log.info("stopping: flushing windows and batches")
+        stop.set()
+
+    def on_hup() -> None:
+        try:
+            reload_to["cfg"] = config.load(path)
+        except ConfigError as exc:
+            log.error("reload rejected, keeping the running config:\n%s", exc)
+            return
+        log.info("reloading %s", path)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_stop)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    try:
+        while True:
+            runtime = Runtime(cfg, data_dir)
+            log.info("collector %s: %d source(s), %d transform(s), %d sink(s), data in %s",
+                     cfg.settings.device, len(cfg.sources), len(cfg.transforms),
+                     len(cfg.sinks), runtime.data_dir)
+            code = await runtime.run(once=once, duration=duration, stop=stop)
+            if "cfg" not in reload_to:
+                return code
+            cfg = reload_to.pop("cfg")
+            stop.clear()
+    finally:
+        lock.close()
+
+
+@cli.command()
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.option("--estimate", is_flag=True,
+              help="Also print Firehose records, calls and billable bytes per day for the "
+                   "config's rates, against one record per reading.")
+def check(config_file: str, estimate: bool) -> None:
+    """Validate CONFIG_FILE without touching network or devices.
+
+    Errors print as FILE:LINE path.to.field: message; the exit code is 2.
+    """
+    cfg = _load_or_exit(config_file)
+    click.echo(f"{config_file}: OK ({len(cfg.sources)} source(s), {len(cfg.transforms)} "
+               f"transform(s), {len(cfg.sinks)} sink(s))")
+    if estimate:
+        from collector.estimate import print_estimate
+
+        print_estimate(cfg)
+
+
+@cli.command()
+def schema() -> None:
+    """Print the JSON schema of the config file (for editors and CI)."""
+    from collector.config import json_schema
+
+    click.echo(json.dumps(json_schema(), indent=2))
+
+
+@cli.command()
+@click.option("--kind", type=click.Choice(["sources", "transforms", "sinks"]),
+              help="Only this kind.")
+def plugins(kind: str | None) -> None:
+    """List plugins with a one-line description and an example."""
+    from rich.console import Console
+    from rich.syntax import Syntax
+
+    from collector import registry
+
+    console = Console()
+    for k in ("sources", "transforms", "sinks"):
+        if kind and k != kind:
+            continue
+        console.rule(f"[bold]{k}")
+        for name in sorted(registry.available(k)):  # type: ignore[arg-type]
+            try:
+                cls = registry.load(k, name)  # type: ignore[arg-type]
+            except Exception as exc:
+                console.print(f"[bold]{name}[/]  (cannot load: {exc})")
+                continue
+            console.print(f"[bold cyan]{name}[/]  {cls.description}")
+            if cls.example:
+                console.print(Syntax(cls.example.strip(), "yaml", padding=(0, 2)))
+
+
+@cli.command()
+@click.option("--data-dir", default="./data", show_default=True,
+              type=click.Path(file_okay=False), help="The collector's data_dir.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="Take data_dir from this config instead.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(data_dir: str, config_file: str | None, as_json: bool) -> None:
+    """Backlog, oldest data, last success and last error per sink.
+
+    Works while the collector runs and after it stopped or died: it reads the status file the
+    collector keeps and looks at the spool folders directly.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from collector.telemetry import fmt_time, read_status
+
+    if config_file:
+        data_dir = str(_load_or_exit(config_file).settings.data_dir)
+    st = read_status(Path(data_dir))
+    if as_json:
+        click.echo(json.dumps(st, indent=2, default=str))
+        return
+    console = Console()
+    state = "running" if st.get("alive") else "not running"
+    console.print(f"collector in {data_dir}: [bold]{state}[/] "
+                  f"(status written {fmt_time(st.get('updated_at'))})")
+    table = Table("sink", "backlog", "oldest", "delivered", "dead-lettered", "dropped",
+                  "last success", "last error")
+    for name, s in sorted(st.get("sinks", {}).items()):
+        dropped = s.get("dropped_rows") or {}
+        age = s.get("oldest_file_age_s")
+        table.add_row(
+            name,
+            f"{s.get('backlog_files', 0)} files / {s.get('backlog_bytes', 0):,} B",
+            "-" if age is None else f"{age:.0f}s",
+            f"{s.get('delivered_rows', 0):,.0f}",
+            f"{s.get('dead_lettered_rows', 0):,.0f} ({s.get('dead_letter_files', 0)} files)",
+            ", ".join(f"{k}={v:,.0f}" for k, v in dropped.items()) or "0",
+            fmt_time(s.get("last_success")),
+            (s.get("last_error") or "-")[:80],
+        )
+    console.print(table)
+
+
+def main() -> None:
+    cli(prog_name="collector")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""The Firehose cost model behind `collector check --estimate`, the economics test and benchmarks.
+
+Firehose bills ingestion per record rounded up to a 5 KB increment, and each PutRecordBatch call
+is limited to 500 records and 4 MiB. So the cost of a day of readings depends on how readings are
+packed into records, which this module computes for a rate and an average NDJSON line size:
+
+- ``packed``: lines packed into records of at most ``record_target_bytes`` (the sink's way);
+- ``per_reading``: one record per reading (the naive way).
+
+Pure arithmetic, no I/O. Feed it the measured size of real NDJSON lines
+(``bytes_per_reading``), not a guess: ``sinks.firehose.ndjson_lines`` makes them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+MAX_RECORDS_PER_CALL = 500
+MAX_REQUEST_BYTES = 4 * 1024**2
+BILLING_INCREMENT = 5 * 1024
+"""Per-record rounding. AWS says "5KB"; 5 KiB is the pessimistic reading for packed records,
+and our default record target (49,900 bytes) stays under 10 increments in either reading."""
+SECONDS_PER_DAY = 86_400
+
+
+def billable(record_bytes: float, increment: int = BILLING_INCREMENT) -> int:
+    """Bytes Firehose bills for one record of ``record_bytes``."""
+    return max(1, math.ceil(record_bytes / increment)) * increment
+
+
+def readings_per_day(sensors: int, hz: float, metrics_per_sensor: int = 1) -> float:
+    """Readings a day for ``sensors`` each sampling ``metrics_per_sensor`` values at ``hz``."""
+    return sensors * metrics_per_sensor * hz * SECONDS_PER_DAY
+
+
+def _plan(
+    readings: float,
+    bytes_per_reading: float,
+    lines_per_record: int,
+    max_records_per_call: int,
+    max_request_bytes: int,
+    readings_per_batch: float | None,
+) -> dict[str, float]:
+    """Records, calls and billable bytes of ``readings`` lines cut into batches."""
+    if readings <= 0:
+        return {"records": 0, "calls": 0, "bytes": 0, "billable_bytes": 0}
+    batch = readings if readings_per_batch is None else min(readings_per_batch, readings)
+    batch = max(1, round(batch))
+    batches = readings / batch
+    full_records, rest = divmod(batch, lines_per_record)
+    full_bytes = lines_per_record * bytes_per_reading
+    records_per_batch = full_records + (1 if rest > 0 else 0)
+    billable_per_batch = full_records * billable(full_bytes) + (
+        billable(rest * bytes_per_reading) if rest > 0 else 0
+    )
+    per_call = max(1, min(max_records_per_call, int(max_request_bytes // max(full_bytes, 1))))
+    calls_per_batch = math.ceil(records_per_batch / per_call)
+    return {
+        "records": records_per_batch * batches,
+        "calls": calls_per_batch * batches,
+        "bytes": readings * bytes_per_reading,
+        "billable_bytes": billable_per_batch * batches,
+    }
+
+
+def firehose_costs(
+    readings_per_day: float,
+    bytes_per_reading: float,
+    record_target_bytes: int = 49_900,
+    max_records_per_call: int = MAX_RECORDS_PER_CALL,
+    max_request_bytes: int = MAX_REQUEST_BYTES,
+    readings_per_batch: float | None = None,
+) -> dict[str, Any]:
+    """Records, calls and billable bytes per day, packed vs one record per reading.
+
+    ``readings_per_batch`` (rows per batch the runtime cuts, e.g. rate x ``batch.max_age``)
+    counts the last, partly filled record of every batch; ``None`` models one endless batch.
+    Returns ``{"packed": {...}, "per_reading": {...}, "billable_ratio": per_reading/packed,
+    "calls_ratio": ...}`` with ``records``, ``calls``, ``bytes``, ``billable_bytes`` per day.
+    """
+    if bytes_per_reading <= 0:
+        raise ValueError("bytes_per_reading must be positive")
+    lines_per_record = max(1, int(record_target_bytes // bytes_per_reading))
+    packed = _plan(
+        readings_per_day, bytes_per_reading, lines_per_record, max_records_per_call,
+        max_request_bytes, readings_per_batch,
+    )
+    naive = _plan(
+        readings_per_day, bytes_per_reading, 1, max_records_per_call, max_request_bytes,
+        readings_per_batch,
+    )
+    return {
+        "readings_per_day": readings_per_day,
+        "bytes_per_reading": bytes_per_reading,
+        "readings_per_record": lines_per_record,
+        "packed": packed,
+        "per_reading": naive,
+        "billable_ratio": naive["billable_bytes"] / packed["billable_bytes"]
+        if packed["billable_bytes"]
+        else math.inf,
+        "calls_ratio": naive["calls"] / packed["calls"] if packed["calls"] else math.inf,
+    }
+
+
+def format_estimate(costs: dict[str, Any], name: str = "firehose") -> str:
+    """Human lines for `collector check --estimate`."""
+    p, n = costs["packed"], costs["per_reading"]
+
+    def gb(x: float) -> str:
+        return f"{x / 1e9:.3f} GB"
+
+    return "\n".join(
+        [
+            f"{name}: {costs['readings_per_day']:,.0f} readings/day x "
+            f"{costs['bytes_per_reading']:.0f} B, {costs['readings_per_record']} per record",
+            f"  packed:      {p['records']:>14,.0f} records {p['calls']:>12,.0f} calls "
+            f"{gb(p['billable_bytes']):>14} billable/day",
+            f"  one/reading: {n['records']:>14,.0f} records {n['calls']:>12,.0f} calls "
+            f"{gb(n['billable_bytes']):>14} billable/day",
+            f"  packing bills {costs['billable_ratio']:.0f}x fewer bytes, "
+            f"makes {costs['calls_ratio']:.0f}x fewer calls",
+        ]
+    )

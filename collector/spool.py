@@ -1,0 +1,244 @@
+"""Per-sink spool: Arrow IPC files a sink worker sends oldest first, deletes on success.
+
+Layout under ``<data_dir>/spool/<sink>/``::
+
+    <batch id>.arrow          ready, sorted by batch id = log order
+    inflight/<batch id>.arrow claimed by the worker; returned to ready on start
+    dead-letter/*.parquet     rows a sink rejected for good, with reason and sink name
+
+Files are written to a temp name, fsynced, renamed. Each file's schema metadata carries its row
+count and creation time, so the index is rebuilt on start without reading the data. Batch ids
+are deterministic, so a batch replayed after a crash replaces its own file instead of adding one.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+from collector.log import fsync_dir
+from collector.plugin import Counters, SpoolConfig
+
+_META_ROWS = b"edge_collector.rows"
+_META_CREATED = b"edge_collector.created_ms"
+
+
+@dataclass
+class SpoolItem:
+    """A spooled batch."""
+
+    batch_id: str
+    rows: int
+    nbytes: int
+    created_ms: int
+    path: Path
+
+
+def atomic_write(path: Path, write: object) -> None:
+    """Write through ``write(tmp_path)``, fsync, rename over ``path``, fsync the folder."""
+    tmp = path.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{path.name}")
+    try:
+        write(tmp)  # type: ignore[operator]
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+class Spool:
+    """Bounded, durable queue of batches for one sink."""
+
+    def __init__(self, folder: Path, settings: SpoolConfig, sink: str,
+                 counters: Counters | None = None) -> None:
+        self.folder = Path(folder)
+        self.settings = settings
+        self.sink = sink
+        self.counters = counters or Counters()
+        self.inflight_dir = self.folder / "inflight"
+        self.dead_dir = self.folder / "dead-letter"
+        for d in (self.folder, self.inflight_dir, self.dead_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        for tmp in self.folder.rglob(".tmp-*"):
+            tmp.unlink(missing_ok=True)
+        for p in self.inflight_dir.glob("*.arrow"):
+            os.replace(p, self.folder / p.name)
+        self._lock = threading.Lock()
+        self._ready: dict[str, SpoolItem] = {}
+        self._inflight: dict[str, SpoolItem] = {}
+        for p in self.folder.glob("*.arrow"):
+            item = self._describe(p)
+            if item is not None:
+                self._ready[item.batch_id] = item
+
+    @staticmethod
+    def _describe(path: Path) -> SpoolItem | None:
+        try:
+            with pa.OSFile(str(path)) as f:
+                meta = ipc.open_stream(f).schema.metadata or {}
+            return SpoolItem(path.stem, int(meta.get(_META_ROWS, b"0")), path.stat().st_size,
+                             int(meta.get(_META_CREATED, b"0")), path)
+        except (OSError, pa.ArrowInvalid):
+            path.rename(path.with_suffix(".corrupt"))  # keep it for a human, out of the queue
+            return None
+
+    # -- state ------------------------------------------------------------------------------
+
+    @property
+    def backlog_rows(self) -> int:
+        with self._lock:
+            return sum(i.rows for i in (*self._ready.values(), *self._inflight.values()))
+
+    @property
+    def backlog_bytes(self) -> int:
+        with self._lock:
+            return sum(i.nbytes for i in (*self._ready.values(), *self._inflight.values()))
+
+    @property
+    def oldest_created_ms(self) -> int | None:
+        with self._lock:
+            items = [*self._ready.values(), *self._inflight.values()]
+            return min((i.created_ms for i in items), default=None)
+
+    def has_ready(self) -> bool:
+        with self._lock:
+            return bool(self._ready)
+
+    def has_room(self, nbytes: int) -> bool:
+        """False when adding ``nbytes`` would pass ``max_bytes`` (an empty spool takes any)."""
+        used = self.backlog_bytes
+        return used == 0 or used + nbytes <= self.settings.max_bytes
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def put(self, table: pa.Table, batch_id: str, created_ms: int | None = None) -> bool:
+        """Spool a batch; False when the `when_full` policy dropped it (counted)."""
+        created = created_ms if created_ms is not None else int(time.time() * 1000)
+        meta = dict(table.schema.metadata or {})
+        meta.update({_META_ROWS: str(table.num_rows).encode(),
+                     _META_CREATED: str(created).encode()})
+        table = table.replace_schema_metadata(meta)
+        with self._lock:
+            if batch_id in self._inflight:
+                return True  # a replay of the batch being sent right now: same rows, same id
+        nbytes = table.nbytes
+        if not self.has_room(nbytes):
+            if self.settings.when_full == "drop_newest":
+                self.counters.inc("dropped_rows_total", table.num_rows, sink=self.sink,
+                                  reason="spool_full")
+                return False
+            if self.settings.when_full == "drop_oldest":
+                while not self.has_room(nbytes) and self._drop_oldest("spool_full"):
+                    pass
+        path = self.folder / f"{batch_id}.arrow"
+
+        def write(tmp: Path) -> None:
+            with pa.OSFile(str(tmp), "wb") as f, ipc.new_stream(f, table.schema) as w:
+                w.write_table(table)
+
+        atomic_write(path, write)
+        with self._lock:
+            self._ready[batch_id] = SpoolItem(batch_id, table.num_rows, path.stat().st_size,
+                                              created, path)
+        self.counters.inc("spooled_rows_total", table.num_rows, sink=self.sink)
+        return True
+
+    def _drop_oldest(self, reason: str) -> bool:
+        with self._lock:
+            if not self._ready:
+                return False
+            item = self._ready.pop(min(self._ready))
+        item.path.unlink(missing_ok=True)
+        self.counters.inc("dropped_rows_total", item.rows, sink=self.sink, reason=reason)
+        return True
+
+    def expire(self, now_ms: int | None = None) -> int:
+        """Drop ready batches older than `ttl`; returns rows dropped."""
+        if self.settings.ttl is None:
+            return 0
+        limit = (now_ms if now_ms is not None else int(time.time() * 1000)) - \
+            int(self.settings.ttl * 1000)
+        with self._lock:
+            old = [i for i in self._ready.values() if i.created_ms < limit]
+            for i in old:
+                del self._ready[i.batch_id]
+        for i in old:
+            i.path.unlink(missing_ok=True)
+            self.counters.inc("dropped_rows_total", i.rows, sink=self.sink, reason="ttl")
+        return sum(i.rows for i in old)
+
+    # -- the worker's side --------------------------------------------------------------------
+
+    def claim(self) -> SpoolItem | None:
+        """The oldest ready batch, moved to inflight/."""
+        with self._lock:
+            if not self._ready:
+                return None
+            item = self._ready.pop(min(self._ready))
+            dest = self.inflight_dir / item.path.name
+            os.replace(item.path, dest)
+            item.path = dest
+            self._inflight[item.batch_id] = item
+            return item
+
+    @staticmethod
+    def read(item: SpoolItem) -> pa.Table:
+        with pa.memory_map(str(item.path)) as f:
+            table = ipc.open_stream(f).read_all()
+        meta = {k: v for k, v in (table.schema.metadata or {}).items()
+                if k not in (_META_ROWS, _META_CREATED)}
+        return table.replace_schema_metadata(meta or None)
+
+    def done(self, item: SpoolItem, delivered_rows: int | None = None) -> None:
+        """The sink has the batch: forget it."""
+        item.path.unlink(missing_ok=True)
+        with self._lock:
+            self._inflight.pop(item.batch_id, None)
+        rows = item.rows if delivered_rows is None else delivered_rows
+        self.counters.inc("delivered_rows_total", rows, sink=self.sink)
+
+    def release(self, item: SpoolItem) -> None:
+        """Sending failed: back to ready, still the oldest."""
+        dest = self.folder / item.path.name
+        os.replace(item.path, dest)
+        item.path = dest
+        with self._lock:
+            self._inflight.pop(item.batch_id, None)
+            self._ready[item.batch_id] = item
+
+    def replace(self, item: SpoolItem, retry: pa.Table) -> None:
+        """Partial success: only ``retry`` rows go back, under the same batch id."""
+        with self._lock:
+            self._inflight.pop(item.batch_id, None)
+        self.counters.inc("spooled_rows_total", -retry.num_rows, sink=self.sink)
+        self.put(retry, item.batch_id, created_ms=item.created_ms)
+        item.path.unlink(missing_ok=True)
+
+    def dead_letter(self, table: pa.Table, reasons: str | list[str], batch_id: str) -> Path:
+        """Keep rejected rows as Parquet beside the spool, with reason and sink name."""
+        n = table.num_rows
+        reason_col = [reasons] * n if isinstance(reasons, str) else list(reasons)
+        if len(reason_col) != n:
+            reason_col = (reason_col + [reason_col[-1] if reason_col else "rejected"] * n)[:n]
+        now = datetime.now(UTC)
+        table = table.append_column("dead_letter_reason", pa.array(reason_col, pa.string()))
+        table = table.append_column("dead_letter_sink", pa.array([self.sink] * n, pa.string()))
+        table = table.append_column("dead_letter_ts",
+                                    pa.array([now] * n, pa.timestamp("us", tz="UTC")))
+        path = self.dead_dir / f"{batch_id}-{time.time_ns()}.parquet"
+        atomic_write(path, lambda tmp: pq.write_table(table, str(tmp), compression="zstd"))
+        self.counters.inc("dead_letter_rows_total", n, sink=self.sink)
+        return path

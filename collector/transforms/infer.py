@@ -1,0 +1,552 @@
+"""Edge inference: score readings with a model on the device and say how sure it is.
+
+Adds ``prediction``, ``confidence`` (0..1) and ``score`` columns, so sinks can route with their
+ordinary ``where:``: the confident results to the cloud, the doubtful ones (``confidence < 0.6``)
+with their raw readings to an S3 ``retraining/`` prefix.
+
+The model is a built-in streaming anomaly detector (no training, no extra packages), a
+scikit-learn/joblib pickle, an ONNX file, or a Python ``module:function``. Files are hot-swapped:
+every ``reload_every`` the file's mtime/size is compared, a changed file is loaded and
+smoke-tested, and a file that fails keeps the previous model running (logged and counted as
+``model_reload_failures_total``).
+
+Rules every model kind follows:
+
+- Only readings of the configured metrics are candidates; other rows pass through with nulls
+  (or keep what an earlier ``infer`` wrote, so several can be chained).
+- A candidate the model cannot score (warm-up, missing history, a null value, a pivot row with a
+  metric missing) gets ``prediction`` null and ``confidence`` 0: it is the model being unsure, so
+  it routes with the doubtful rows and never falls between two complementary ``where:``s.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Literal
+
+import polars as pl
+from pydantic import Discriminator, Field, Tag, model_validator
+
+from collector.errors import ConfigError, ConfigIssue, TransformError
+from collector.models.anomaly import DetectorSettings, StreamingDetector, Verdict
+from collector.models.features import (
+    FeatureHistory,
+    feature_names,
+    history_length,
+    key_columns,
+    pivot_frame,
+)
+from collector.models.loaders import (
+    EXTRA_HINT,
+    LoadedModel,
+    ModelLoadError,
+    Outputs,
+    Signature,
+    load_model,
+    signature,
+    watched_path,
+)
+from collector.plugin import Context, Model, Transform, TransformConfig
+from collector.sources.python import FUNCTION_PATTERN
+from collector.units import Duration
+
+ROW = "__infer_row"
+_TMP = {"prediction": "__infer_prediction", "confidence": "__infer_confidence",
+        "score": "__infer_score", "window": "__infer_window"}
+_CANONICAL = {"ts", "device", "source", "metric", "value", "unit"}
+
+
+class BuiltinModelConfig(Model):
+    """The built-in streaming anomaly detector: flags readings far from their series' recent past.
+
+    ``prediction`` is 1.0 for an anomaly and 0.0 otherwise, ``score`` is ``|z|`` and
+    ``confidence`` is ``1 - exp(-| |z| - threshold |)``.
+    """
+
+    kind: Literal["builtin"] = Field(default="builtin", description="Model kind.")
+    method: Literal["zscore", "ewma"] = Field(
+        default="zscore",
+        description="`zscore`: mean/std of the last `window` readings (steady signals); `ewma`: "
+        "exponentially weighted level and spread (drifting signals, e.g. a random walk).",
+    )
+    window: int = Field(
+        default=60, ge=2,
+        description="zscore: readings in the rolling window; both: length of `window_column`.",
+    )
+    threshold: float = Field(default=4.0, gt=0, description="Flag when |z| is above this.")
+    warmup: int = Field(
+        default=30, ge=2, description="Readings per series before it is scored (null until then)."
+    )
+    alpha: float = Field(
+        default=0.1, gt=0, le=1, description="ewma: weight of the newest reading (0 < alpha ≤ 1)."
+    )
+    reset_after: int = Field(
+        default=10, ge=1,
+        description="After this many anomalies in a row, accept the new level and warm up again.",
+    )
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> BuiltinModelConfig:
+        if self.method == "zscore" and self.warmup > self.window:
+            raise ValueError(f"warmup ({self.warmup}) cannot exceed window ({self.window})")
+        return self
+
+    def settings(self) -> DetectorSettings:
+        return DetectorSettings(
+            method=self.method, window=self.window, threshold=self.threshold,
+            warmup=self.warmup, alpha=self.alpha, reset_after=self.reset_after,
+        )
+
+
+def _needs(modules: tuple[str, ...], kind: str) -> None:
+    """The same check `collector check` does for `requires`, for the chosen kind only."""
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            raise ValueError(f"model kind {kind!r} needs the Python package {module!r}: "
+                             f"{EXTRA_HINT}")
+
+
+class SklearnModelConfig(Model):
+    """A scikit-learn estimator or pipeline saved with ``joblib.dump``."""
+
+    kind: Literal["sklearn"] = Field(description="Model kind.")
+    path: str = Field(
+        min_length=1, description="The .joblib/.pkl file (trusted: loading a pickle runs code)."
+    )
+
+    @model_validator(mode="after")
+    def _installed(self) -> SklearnModelConfig:
+        _needs(("sklearn", "joblib"), "sklearn")
+        return self
+
+
+class OnnxModelConfig(Model):
+    """An ONNX model with one float input of shape [rows, features]."""
+
+    kind: Literal["onnx"] = Field(description="Model kind.")
+    path: str = Field(min_length=1, description="The .onnx file.")
+
+    @model_validator(mode="after")
+    def _installed(self) -> OnnxModelConfig:
+        _needs(("onnxruntime",), "onnx")
+        return self
+
+
+class PythonModelConfig(Model):
+    """User code: ``function(features: pl.DataFrame)`` returns predictions."""
+
+    kind: Literal["python"] = Field(description="Model kind.")
+    function: str = Field(
+        pattern=FUNCTION_PATTERN,
+        description="`module:function`; returns a frame/dict with `prediction` (and optionally "
+        "`confidence`, `score`) or a sequence of predictions.",
+    )
+    path: str | None = Field(
+        default=None, description="Folder added to `sys.path` before importing the module."
+    )
+
+
+def _kind_of(value: Any) -> str:
+    kind = value.get("kind", "builtin") if isinstance(value, dict) else getattr(value, "kind", None)
+    return str(kind or "builtin")
+
+
+ModelConfig = Annotated[
+    Annotated[BuiltinModelConfig, Tag("builtin")]
+    | Annotated[SklearnModelConfig, Tag("sklearn")]
+    | Annotated[OnnxModelConfig, Tag("onnx")]
+    | Annotated[PythonModelConfig, Tag("python")],
+    Discriminator(
+        _kind_of,
+        custom_error_type="model_kind",
+        custom_error_message="model kind must be one of builtin, sklearn, onnx, python",
+    ),
+]
+
+
+class FeaturesConfig(Model):
+    """How the model's input frame is built from the readings."""
+
+    metrics: list[str] | None = Field(
+        default=None, min_length=1,
+        description="Score only readings of these metrics (default: every reading).",
+    )
+    value_column: str = Field(
+        default="value", description="Column the features come from (`mean` after a window)."
+    )
+    lags: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=list,
+        description="Add `lag_K`: the K-th previous reading of the same device/source/metric.",
+    )
+    rolling: list[Annotated[int, Field(ge=2)]] = Field(
+        default_factory=list,
+        description="Add `mean_N` and `std_N` over the N previous readings of the series.",
+    )
+    pivot: list[str] | None = Field(
+        default=None, min_length=1,
+        description="One model row per (device, ts) with these metrics as columns, in this "
+        "order; each reading gets its row's prediction.",
+    )
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> FeaturesConfig:
+        if self.pivot and (self.lags or self.rolling or self.metrics):
+            raise ValueError("`pivot` builds its own rows: do not combine it with "
+                             "`metrics`, `lags` or `rolling`")
+        return self
+
+
+class InferConfig(TransformConfig):
+    """Config of the `infer` transform."""
+
+    type: Literal["infer"] = Field(default="infer", description="Plugin name.")
+    model: ModelConfig = Field(
+        default_factory=BuiltinModelConfig,
+        description="`kind: builtin` (default), `sklearn`, `onnx` or `python`, and its options.",
+    )
+    features: FeaturesConfig = Field(
+        default_factory=FeaturesConfig, description="How the model input is built."
+    )
+    reload_every: Duration | None = Field(
+        default=30.0, ge=0,
+        description="Check the model file for changes this often (0: every batch, null: never).",
+    )
+    prediction_column: str = Field(default="prediction", description="Output column name.")
+    prediction_type: Literal["float", "string"] = Field(
+        default="float", description="`float` (numbers, 0/1 labels) or `string` class labels."
+    )
+    confidence_column: str = Field(
+        default="confidence", description="Output column: 0..1, how sure the model is."
+    )
+    score_column: str = Field(
+        default="score", description="Output column: the model's raw score, when it has one."
+    )
+    window_column: str | None = Field(
+        default=None,
+        description="Also add a list column with the raw readings behind each verdict "
+        "(for retraining uploads); off by default because it multiplies row size.",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> InferConfig:
+        f = self.features
+        if self.model.kind == "builtin" and (f.pivot or f.lags or f.rolling):
+            raise ValueError("the builtin detector keeps its own window per series: `features` "
+                             "takes only `metrics` and `value_column` with it")
+        outputs = [self.prediction_column, self.confidence_column, self.score_column]
+        if self.window_column:
+            outputs.append(self.window_column)
+        if len(set(outputs)) != len(outputs):
+            raise ValueError(f"output column names must differ: {outputs}")
+        clash = sorted(set(outputs) & (_CANONICAL | {f.value_column}))
+        if clash:
+            raise ValueError(f"output columns {clash} would overwrite the readings")
+        return self
+
+
+class InferTransform(Transform):
+    """Runs a model per micro-batch; the model file is reloaded when it changes."""
+
+    Config = InferConfig
+    description = "Edge inference: anomaly flags or a trained model's prediction and confidence."
+    example = """\
+- type: infer
+  model: {kind: builtin, method: zscore, window: 60, threshold: 4}
+  features: {metrics: [temperature]}
+  window_column: window_values
+"""
+    requires = {}
+
+    def __init__(self, config: InferConfig, ctx: Context) -> None:
+        super().__init__(config, ctx)
+        # Constructing loads nothing: `collector check` builds transforms without any I/O.
+        self._detector: StreamingDetector | None = None
+        self._history: FeatureHistory | None = None
+        if isinstance(config.model, BuiltinModelConfig):
+            self._detector = StreamingDetector(config.model.settings())
+        elif history_length(config.features):
+            self._history = FeatureHistory(config.features)
+        self._model: LoadedModel | None = None
+        self._loaded_sig: Signature | None = None
+        self._failed_sig: Signature | None = None
+        self._next_check: datetime | None = None
+
+    # -- model lifecycle ---------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Load the model at start-up, so a bad file stops the start with a clear reason."""
+        if self._detector is not None or self._model is not None:
+            return
+        try:
+            self._load_now()
+        except ModelLoadError as exc:
+            raise ConfigError([ConfigIssue(
+                path="model", message=f"{self.ctx.component}: cannot load model: {exc}"
+            )]) from None
+
+    @classmethod
+    def validate_model_file(cls, config: InferConfig) -> str | None:
+        """Why the configured model cannot be used, or None (loads it: for `check --deep`)."""
+        return validate_model_file(config)
+
+    def _load_now(self) -> None:
+        path = watched_path(self.config.model)
+        sig = signature(path) if path else None
+        self._model = _load(self.config)
+        self._loaded_sig = sig
+        self._next_check = self._now() + timedelta(seconds=self.config.reload_every or 0)
+
+    def _now(self) -> datetime:
+        return self.ctx.clock()
+
+    def _model_for_batch(self) -> LoadedModel:
+        if self._model is None:
+            try:
+                self._load_now()
+            except ModelLoadError as exc:
+                raise TransformError(f"cannot load model: {exc}") from None
+            assert self._model is not None
+            return self._model
+        every = self.config.reload_every
+        now = self._now()
+        if every is not None and (self._next_check is None or now >= self._next_check):
+            self._next_check = now + timedelta(seconds=every)
+            self._maybe_swap()
+        return self._model
+
+    def _maybe_swap(self) -> None:
+        path = watched_path(self.config.model)
+        if path is None:
+            return
+        sig = signature(path)
+        if sig is None or sig in (self._loaded_sig, self._failed_sig):
+            return
+        try:
+            model = _load(self.config)
+        except ModelLoadError as exc:
+            self._failed_sig = sig
+            self.ctx.counters.inc("model_reload_failures_total", component=self.ctx.component)
+            self._log(logging.WARNING, "new model in %s not loaded, keeping the previous one: %s",
+                      path, exc)
+            return
+        self._model, self._loaded_sig, self._failed_sig = model, sig, None
+        self.ctx.counters.inc("model_reloads_total", component=self.ctx.component)
+        self._log(logging.INFO, "loaded new model from %s", path)
+
+    def _log(self, level: int, msg: str, *args: Any) -> None:
+        self.ctx.logger.log(level, "%s: " + msg, self.ctx.component, *args)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A loaded model is not state: it is reloaded from its path after a restart.
+        state = super().__getstate__()
+        for name in ("_model", "_loaded_sig", "_failed_sig", "_next_check"):
+            state[name] = None
+        return state
+
+    # -- scoring -----------------------------------------------------------------------------
+
+    def apply(self, df: pl.DataFrame) -> pl.DataFrame:
+        self._require_columns(df)
+        frame = df.with_row_index(ROW)
+        candidates = self._candidates(frame)
+        if candidates.height == 0:
+            results = self._empty_results(frame)
+        elif self._detector is not None:
+            results = self._score_builtin(candidates)
+        elif self.config.features.pivot:
+            results = self._score_pivot(candidates)
+        else:
+            results = self._score_rows(candidates)
+        return self._merge(frame, results)
+
+    def _require_columns(self, df: pl.DataFrame) -> None:
+        f = self.config.features
+        needed = {"ts", f.value_column}
+        if f.metrics or f.pivot:
+            needed.add("metric")
+        if f.pivot:
+            needed.add("device")
+        missing = sorted(needed - set(df.columns))
+        if missing:
+            raise ValueError(f"infer needs column(s) {missing}; the input has {df.columns}")
+
+    def _candidates(self, frame: pl.DataFrame) -> pl.DataFrame:
+        metrics = self.config.features.metrics or self.config.features.pivot
+        if metrics:
+            return frame.filter(pl.col("metric").is_in(list(metrics)))
+        return frame
+
+    def _score_builtin(self, candidates: pl.DataFrame) -> pl.DataFrame:
+        assert self._detector is not None
+        v = self.config.features.value_column
+        scored = candidates.filter(pl.col(v).is_not_null()).sort("ts", maintain_order=True)
+        key_cols = [scored[c].to_list() for c in key_columns(scored)]
+        keys = list(zip(*key_cols, strict=True)) if key_cols else [()] * scored.height
+        verdicts = self._detector.score(keys, scored[v].cast(pl.Float64).to_list())
+        return self._results(candidates, scored[ROW], _outputs_of(verdicts),
+                             [vd.window for vd in verdicts])
+
+    def _score_rows(self, candidates: pl.DataFrame) -> pl.DataFrame:
+        spec = self.config.features
+        names = feature_names(spec)
+        win = self.config.window_column
+        present = candidates.filter(pl.col(spec.value_column).is_not_null())
+        if self._history is not None:
+            built = self._history.build(present, spec, win, ROW)
+        else:
+            built = present.with_columns(pl.col(spec.value_column).cast(pl.Float64))
+            if win:
+                built = built.with_columns(pl.concat_list(spec.value_column).alias(win))
+        complete = built.drop_nulls(names)
+        windows = complete[win].to_list() if win else None
+        outputs = self._predict(complete.select(names))
+        return self._results(candidates, complete[ROW], outputs, windows)
+
+    def _score_pivot(self, candidates: pl.DataFrame) -> pl.DataFrame:
+        spec = self.config.features
+        names = feature_names(spec)
+        wide = pivot_frame(candidates, spec).drop_nulls(names)
+        outputs = self._predict(wide.select(names))
+        per_key = wide.select(
+            "device",
+            "ts",
+            _series(outputs.prediction, self._prediction_dtype()).alias(_TMP["prediction"]),
+            _series(outputs.confidence, pl.Float64(), wide.height).alias(_TMP["confidence"]),
+            _series(outputs.score, pl.Float64(), wide.height).alias(_TMP["score"]),
+            *([pl.concat_list(names).alias(_TMP["window"])] if self.config.window_column else []),
+        )
+        joined = candidates.select(ROW, "device", "ts").join(
+            per_key, on=["device", "ts"], how="left", maintain_order="left"
+        )
+        return joined.drop("device", "ts")
+
+    def _predict(self, features: pl.DataFrame) -> Outputs:
+        if features.height == 0:
+            return Outputs(prediction=[], confidence=[], score=[])
+        try:
+            return self._model_for_batch().predict(features)
+        except TransformError:
+            raise
+        except Exception as exc:
+            raise TransformError(f"model failed on {features.height} rows: {exc}") from exc
+
+    def _prediction_dtype(self) -> pl.DataType:
+        return pl.String() if self.config.prediction_type == "string" else pl.Float64()
+
+    def _results(
+        self,
+        candidates: pl.DataFrame,
+        rows: pl.Series,
+        outputs: Outputs,
+        windows: list[list[float]] | None,
+    ) -> pl.DataFrame:
+        """Outputs of the scored rows, joined onto every candidate (unscored ones get nulls)."""
+        n = rows.len()
+        scored = pl.DataFrame({
+            ROW: rows,
+            _TMP["prediction"]: _series(outputs.prediction, self._prediction_dtype()),
+            _TMP["confidence"]: _series(outputs.confidence, pl.Float64(), n),
+            _TMP["score"]: _series(outputs.score, pl.Float64(), n),
+        })
+        if self.config.window_column:
+            scored = scored.with_columns(
+                pl.Series(_TMP["window"], windows or [None] * n, dtype=pl.List(pl.Float64))
+            )
+        return candidates.select(ROW).join(scored, on=ROW, how="left", maintain_order="left")
+
+    def _empty_results(self, frame: pl.DataFrame) -> pl.DataFrame:
+        schema: dict[str, pl.DataType] = {
+            ROW: frame.schema[ROW],
+            _TMP["prediction"]: self._prediction_dtype(),
+            _TMP["confidence"]: pl.Float64(),
+            _TMP["score"]: pl.Float64(),
+        }
+        if self.config.window_column:
+            schema[_TMP["window"]] = pl.List(pl.Float64())
+        return pl.DataFrame(schema=schema)
+
+    def _merge(self, frame: pl.DataFrame, results: pl.DataFrame) -> pl.DataFrame:
+        """Input rows in input order, with the output columns; non-candidates keep old values."""
+        cfg = self.config
+        results = results.with_columns(
+            pl.when(pl.col(_TMP["prediction"]).is_null())
+            .then(pl.lit(0.0))
+            .otherwise(pl.col(_TMP["confidence"]))
+            .alias(_TMP["confidence"]),
+            pl.lit(True).alias("__infer_candidate"),
+        )
+        out = frame.join(results, on=ROW, how="left", maintain_order="left")
+        targets = {
+            cfg.prediction_column: _TMP["prediction"],
+            cfg.confidence_column: _TMP["confidence"],
+            cfg.score_column: _TMP["score"],
+        }
+        if cfg.window_column:
+            targets[cfg.window_column] = _TMP["window"]
+        is_candidate = pl.col("__infer_candidate").fill_null(False)
+        exprs = []
+        for name, tmp in targets.items():
+            new = pl.col(tmp)
+            if name in frame.columns:
+                new = pl.when(is_candidate).then(new).otherwise(
+                    pl.col(name).cast(out.schema[tmp], strict=False)
+                )
+            exprs.append(new.alias(name))
+        out = out.with_columns(exprs)
+        return out.drop(ROW, "__infer_candidate", *targets.values())
+
+
+def _outputs_of(verdicts: list[Verdict]) -> Outputs:
+    return Outputs(
+        prediction=[v.prediction for v in verdicts],
+        confidence=[v.confidence for v in verdicts],
+        score=[v.score for v in verdicts],
+    )
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars to Python ones, so Polars builds a typed column."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def _series(values: list[Any] | None, dtype: pl.DataType, n: int | None = None) -> pl.Series:
+    if values is None:
+        return pl.Series(values=[None] * (n or 0), dtype=dtype)
+    plain = [_plain(v) for v in values]
+    if dtype == pl.String:
+        return pl.Series(values=[None if v is None else str(v) for v in plain], dtype=dtype)
+    try:
+        return pl.Series(values=plain, dtype=dtype, strict=True)
+    except (TypeError, ValueError, pl.exceptions.PolarsError):
+        sample = next((v for v in plain if v is not None), None)
+        raise ModelLoadError(
+            f"the model predicts {type(sample).__name__} values like {sample!r}; set "
+            "`prediction_type: string` for class labels"
+        ) from None
+
+
+def _load(config: InferConfig) -> LoadedModel:
+    """Load and smoke-test the configured model, including the output type conversion."""
+    names = feature_names(config.features)
+    model = load_model(config.model, names)
+    probe = model.predict(pl.DataFrame({n: [0.0] for n in names}))
+    dtype = pl.String() if config.prediction_type == "string" else pl.Float64()
+    _series(probe.prediction, dtype)
+    return model
+
+
+def validate_model_file(config: InferConfig) -> str | None:
+    """Why the model of an ``infer`` config cannot be loaded, or None when it can.
+
+    This is I/O (it reads and runs the model once), so it is for ``collector check --deep`` and
+    start-up, never for the plain, I/O-free ``collector check``.
+    """
+    if isinstance(config.model, BuiltinModelConfig):
+        return None
+    try:
+        _load(config)
+    except ModelLoadError as exc:
+        return str(exc)
+    return None

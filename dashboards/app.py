@@ -1,0 +1,464 @@
+"""Streamlit page over the collector's lake: ``streamlit run dashboards/app.py``.
+
+Only layout lives here; every number comes from :mod:`dashboards.data`, which is tested without
+Streamlit. Results are cached with ``st.cache_data`` keyed on the query and the lake listing
+(path, size, mtime of each file), so a refresh re-reads only when a new batch has landed.
+
+The lake can be given as ``?lake=…`` in the URL or ``$EDGE_COLLECTOR_LAKE``; the default is
+``./data/lake`` if a collector wrote one, else the sample lake.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, time, timedelta
+from pathlib import Path
+from typing import Any
+
+import altair as alt
+import polars as pl
+import streamlit as st
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `streamlit run dashboards/app.py` puts only dashboards/ on it
+    sys.path.insert(0, str(ROOT))
+
+from collector.export import LakeFile, LakeQuery, export, listing_key  # noqa: E402
+from dashboards import data  # noqa: E402
+
+PRESETS: dict[str, timedelta | None] = {
+    "Last hour": timedelta(hours=1),
+    "Last 6 hours": timedelta(hours=6),
+    "Last 24 hours": timedelta(hours=24),
+    "Last 7 days": timedelta(days=7),
+    "Last 30 days": timedelta(days=30),
+    "All": None,
+}
+RESOLUTIONS: dict[str, str | timedelta] = {
+    "auto": "auto",
+    "raw": "raw",
+    "1 minute": timedelta(minutes=1),
+    "5 minutes": timedelta(minutes=5),
+    "15 minutes": timedelta(minutes=15),
+    "1 hour": timedelta(hours=1),
+    "1 day": timedelta(days=1),
+}
+MAX_TILES = 6
+
+# ---------------------------------------------------------------------------------------------
+# cached queries (keys: the query, the listing)
+
+
+def _listing(query: LakeQuery) -> tuple[LakeFile, ...]:
+    """A local listing is a few ``scandir`` calls: always fresh. S3 listing costs requests, so it
+    is reused for a few seconds."""
+    if query.root.startswith("s3://"):
+        return _remote_listing(query)
+    return tuple(data.lake_files(query))
+
+
+@st.cache_data(ttl=5, show_spinner=False, max_entries=16)
+def _remote_listing(query: LakeQuery) -> tuple[LakeFile, ...]:
+    return tuple(data.lake_files(query))
+
+
+def _frame(query: LakeQuery, files: Sequence[LakeFile] | None,
+           spool: Sequence[Path] | None) -> pl.LazyFrame:
+    if spool is not None:
+        return data.to_stats(data.spool_frame(query, spool))
+    return data.to_stats(data.lake_frame(query, files))
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _bounds(query: LakeQuery, key: tuple[Any, ...], files: tuple[LakeFile, ...] | None,
+            spool: tuple[Path, ...] | None) -> tuple[datetime, datetime] | None:
+    if files is not None:
+        files = _edge_partitions(files)
+    return data.bounds(_frame(query, files, spool))
+
+
+def _edge_partitions(files: tuple[LakeFile, ...]) -> tuple[LakeFile, ...]:
+    """Files of the first and last date partitions: enough to find the time bounds cheaply."""
+    dates = {dict(f.partition).get("date") for f in files}
+    if None in dates or not dates:
+        return files
+    edge = {min(dates), max(dates)}  # type: ignore[type-var]
+    return tuple(f for f in files if dict(f.partition).get("date") in edge)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _choices(query: LakeQuery, key: tuple[Any, ...], files: tuple[LakeFile, ...] | None,
+             spool: tuple[Path, ...] | None) -> dict[str, list[str]]:
+    return data.choices(_frame(query, files, spool))
+
+
+@st.cache_data(show_spinner="Querying…", max_entries=32)
+def _view(
+    query: LakeQuery,
+    key: tuple[Any, ...],
+    files: tuple[LakeFile, ...] | None,
+    spool: tuple[Path, ...] | None,
+    start: datetime,
+    end: datetime,
+    resolution: str | timedelta,
+    by_device: bool,
+    thresholds: tuple[tuple[str, data.Threshold], ...],
+    now: datetime,
+) -> dict[str, Any]:
+    stats = _frame(query, files, spool).cache()
+    rows, bucket = data.series(stats, start=start, end=end, resolution=resolution,  # type: ignore[arg-type]
+                               by_device=by_device)
+    return {
+        "series": rows,
+        "bucket": bucket,
+        "latest": data.latest(stats, compare=None),
+        "exceedances": data.exceedances(stats, dict(thresholds), limit=500),
+        "histogram": data.histogram(stats),
+        "freshness": data.freshness(stats, now=now),
+        "rows": stats.select(pl.len()).collect().item(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# sidebar
+
+
+def _sidebar_source() -> tuple[str, LakeQuery, Path]:
+    params = st.query_params
+    side = st.sidebar
+    side.header("Data source")
+    kinds = ["Local lake", "S3 lake", "Spool (not yet uploaded)"]
+    lake_default = params.get("lake") or data.default_lake()
+    kind = side.radio("Read from", kinds, index=1 if lake_default.startswith("s3://") else 0,
+                      key="source_kind")
+    data_dir = Path(side.text_input("Collector data dir", str(data.default_data_dir()),
+                                    key="data_dir",
+                                    help="Holds spool/ and status.json"))
+    if kind == "Local lake":
+        path = side.text_input("Lake path", lake_default if not lake_default.startswith("s3://")
+                               else str(data.SAMPLE_LAKE), key="lake_path")
+        return "lake", LakeQuery(root=path), data_dir
+    if kind == "S3 lake":
+        uri = side.text_input("S3 lake", lake_default if lake_default.startswith("s3://")
+                              else "s3://bucket/lake", key="s3_uri")
+        endpoint = side.text_input(
+            "Endpoint URL (optional)",
+            os.environ.get("AWS_ENDPOINT_URL", ""),
+            key="s3_endpoint",
+            help="Credentials come from the standard AWS chain (env, profile, instance role).",
+        )
+        return "lake", LakeQuery(root=uri, endpoint_url=endpoint or None), data_dir
+    return "spool", LakeQuery(root=str(data_dir / "spool")), data_dir
+
+
+def _sidebar_time(bounds: tuple[datetime, datetime]) -> tuple[datetime, datetime]:
+    side = st.sidebar
+    side.header("Time range")
+    first, last = bounds
+    preset = side.selectbox("Range", [*PRESETS, "Custom"], index=2, key="preset",
+                            help="Presets end at the latest reading in the source.")
+    if preset != "Custom":
+        span = PRESETS[preset]
+        end = last + timedelta(microseconds=1)
+        return (first if span is None else max(first, end - span)), end
+    days = side.date_input("Dates (UTC)", (last.date() - timedelta(days=1), last.date()),
+                           min_value=first.date(), max_value=last.date(), key="custom_dates")
+    start_d, end_d = (days if isinstance(days, tuple) and len(days) == 2
+                      else (days[0] if isinstance(days, tuple) else days,) * 2)
+    t0 = side.time_input("From (UTC)", time(0, 0), key="custom_from")
+    t1 = side.time_input("To (UTC)", time(23, 59), key="custom_to")
+    start = datetime.combine(start_d, t0, tzinfo=UTC)
+    end = datetime.combine(end_d, t1, tzinfo=UTC) + timedelta(minutes=1)
+    return start, end
+
+
+def _sidebar_filters(options: dict[str, list[str]], source: str) -> dict[str, list[str]]:
+    """Device/source/metric pickers; all selected by default, and an empty pick means all.
+
+    Picks are reset when the data source changes, since the old values mean nothing there.
+    """
+    side = st.sidebar
+    side.header("Filters")
+    if st.session_state.get("_filters_for") != source:
+        for name in options:
+            st.session_state.pop(f"filter_{name}", None)
+        st.session_state["_filters_for"] = source
+    chosen: dict[str, list[str]] = {}
+    for name, label in (("device", "Devices"), ("source", "Sources"), ("metric", "Metrics")):
+        picked = side.multiselect(label, options[name], default=options[name],
+                                  key=f"filter_{name}")
+        chosen[name] = [p for p in picked if p in options[name]] or options[name]
+    return chosen
+
+
+def _sidebar_thresholds(metrics: Sequence[str]) -> dict[str, data.Threshold]:
+    file = os.environ.get(data.THRESHOLDS_ENV)
+    defaults = data.load_thresholds(Path(file) if file else None)
+    out: dict[str, data.Threshold] = {}
+    with st.sidebar.expander("Thresholds", expanded=False):
+        if file:
+            st.caption(f"Defaults from {file}")
+        for metric in metrics:
+            d = defaults.get(metric, data.Threshold())
+            cols = st.columns(2)
+            low = cols[0].number_input(f"{metric} low", value=d.low, key=f"th_low_{metric}")
+            high = cols[1].number_input(f"{metric} high", value=d.high, key=f"th_high_{metric}")
+            if low is not None or high is not None:
+                out[metric] = data.Threshold(
+                    low=None if low is None else float(low),
+                    high=None if high is None else float(high),
+                )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# main area
+
+
+def _chart(rows: pl.DataFrame, metric: str, unit: str | None) -> alt.LayerChart:
+    frame = rows.select("ts", "device", "mean", "min", "max", "count")
+    title = f"{metric} ({unit})" if unit else metric
+    base = alt.Chart(frame).encode(
+        x=alt.X("ts:T", title=None, scale=alt.Scale(type="utc"),
+                axis=alt.Axis(format="%m-%d %H:%M")),
+        color=alt.Color("device:N", title="device"),
+    )
+    band = base.mark_area(opacity=0.2).encode(y=alt.Y("min:Q", title=title), y2="max:Q")
+    line = base.mark_line(strokeWidth=1.5).encode(
+        y=alt.Y("mean:Q", title=title, scale=alt.Scale(zero=False)),
+        tooltip=[alt.Tooltip("ts:T", format="%Y-%m-%d %H:%M"), "device:N",
+                 alt.Tooltip("mean:Q", format=".2f"), alt.Tooltip("min:Q", format=".2f"),
+                 alt.Tooltip("max:Q", format=".2f"), "count:Q"],
+    )
+    return alt.layer(band, line).properties(height=260)
+
+
+def _histogram_chart(hist: pl.DataFrame, metric: str) -> alt.Chart:
+    return (
+        alt.Chart(hist.select("start", "end", "count"))
+        .mark_bar()
+        .encode(x=alt.X("start:Q", title=metric, bin="binned"), x2="end:Q",
+                y=alt.Y("count:Q", title="rows"))
+        .properties(height=200)
+    )
+
+
+def _fmt(value: float | None, unit: str | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:,.2f} {unit}".strip() if unit else f"{value:,.2f}"
+
+
+def _tiles(latest: pl.DataFrame) -> None:
+    rows = latest.head(MAX_TILES).to_dicts()
+    if not rows:
+        return
+    cols = st.columns(len(rows))
+    for col, row in zip(cols, rows, strict=True):
+        change = row["change"]
+        col.metric(
+            row["device"],
+            _fmt(row["value"], row["unit"]),
+            delta=None if change is None else f"{change:+.2f}",
+            help=f"latest at {row['ts']:%Y-%m-%d %H:%M:%S} UTC; change since the previous row",
+            border=True,
+        )
+    if latest.height > MAX_TILES:
+        st.caption(f"{latest.height - MAX_TILES} more devices in the freshness table")
+
+
+def _metric_section(metric: str, view: dict[str, Any]) -> None:
+    latest = view["latest"].filter(pl.col("metric") == metric)
+    unit = next((u for u in latest["unit"].to_list() if u), None)
+    st.subheader(metric)
+    _tiles(latest)
+    rows = view["series"].filter(pl.col("metric") == metric)
+    if rows.is_empty():
+        st.info(f"No {metric} rows in this range.")
+        return
+    st.altair_chart(_chart(rows, metric, unit), width="stretch", key=f"chart_{metric}")
+    left, right = st.columns([2, 3])
+    with left:
+        hist = view["histogram"].filter(pl.col("metric") == metric)
+        st.altair_chart(_histogram_chart(hist, metric), width="stretch", key=f"hist_{metric}")
+    with right:
+        exc = view["exceedances"].filter(pl.col("metric") == metric)
+        st.markdown(f"**Threshold exceedances** ({exc.height})")
+        if exc.is_empty():
+            st.caption("None in this range (set thresholds in the sidebar).")
+        else:
+            st.dataframe(exc.drop("metric"), hide_index=True, height=200,
+                         key=f"exceed_{metric}")
+
+
+def _freshness(view: dict[str, Any], now: datetime) -> None:
+    st.subheader("Data freshness")
+    fresh = view["freshness"].with_columns(
+        (pl.col("age").dt.total_seconds() / 60).round(1).alias("age_min"),
+        (pl.col("typical_step").dt.total_seconds()).alias("step_s"),
+        (pl.col("longest_gap").dt.total_seconds() / 60).round(1).alias("longest_gap_min"),
+    ).select("device", "last_ts", "age_min", "timestamps", "step_s", "gaps", "longest_gap_min")
+    st.caption(f"Age relative to {now:%Y-%m-%d %H:%M:%S} UTC. A gap is a step over 3 times the "
+               "device's usual step.")
+    st.dataframe(fresh, hide_index=True, key="freshness")
+
+
+def _health(data_dir: Path) -> None:
+    st.subheader("Collector health")
+    status = data.read_status(data_dir)
+    if status is None:
+        st.info(f"No {data_dir / 'status.json'} yet: start `collector run` to see backlog, "
+                "drops and errors per sink.")
+    else:
+        updated = status.get("updated_at")
+        when = "never"
+        if updated:
+            when = f"{datetime.fromtimestamp(updated, UTC):%Y-%m-%d %H:%M:%S} UTC"
+        st.caption(f"Collector {'running' if status.get('alive') else 'not running'}; "
+                   f"status written {when}.")
+        st.dataframe(data.status_table(status), hide_index=True, key="status")
+    url = os.environ.get(data.METRICS_URL_ENV, data.DEFAULT_METRICS_URL)
+    if st.toggle("Scrape the metrics endpoint", value=False, key="scrape",
+                 help=url):
+        samples = data.scrape_metrics(url)
+        if samples is None:
+            st.info(f"{url} is not answering (is the collector running?).")
+        else:
+            st.dataframe(samples, hide_index=True, key="prom")
+
+
+def _downloads(kind: str, query: LakeQuery, files: Sequence[LakeFile] | None,
+               spool: Sequence[Path] | None) -> None:
+    st.subheader("Download")
+    st.caption("The filtered rows, produced by the same code as `collector export`.")
+    cols = st.columns(2)
+    for col, suffix in zip(cols, (".parquet", ".csv"), strict=True):
+        col.download_button(
+            f"Download {suffix[1:].upper()}",
+            data=_export_callable(kind, query, files, spool, suffix),
+            file_name=f"export{suffix}",
+            mime="application/octet-stream" if suffix == ".parquet" else "text/csv",
+            key=f"dl{suffix}",
+        )
+
+
+def _export_callable(kind: str, query: LakeQuery, files: Sequence[LakeFile] | None,
+                     spool: Sequence[Path] | None, suffix: str) -> Callable[[], bytes]:
+    def produce() -> bytes:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / f"export{suffix}"
+            if kind == "spool":
+                frame = data.spool_frame(query, spool or ()).collect()
+                if suffix == ".csv":
+                    frame.write_csv(out)
+                else:
+                    frame.write_parquet(out, compression="zstd")
+            else:
+                export(query, out, files=files)
+            return out.read_bytes()
+
+    return produce
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    st.set_page_config(page_title="edge-collector", layout="wide")
+    st.title("edge-collector")
+    kind, base, data_dir = _sidebar_source()
+
+    spool_paths: tuple[Path, ...] | None = None
+    all_files: tuple[LakeFile, ...] | None = None
+    try:
+        if kind == "spool":
+            sinks = data.spool_sinks(data_dir)
+            if not sinks:
+                st.info(f"No spool under {data_dir / 'spool'}: nothing is waiting for upload.")
+                _health(data_dir)
+                return
+            sink = st.sidebar.selectbox("Sink", sinks, key="spool_sink")
+            spool_paths = tuple(data.spool_paths(data_dir, sink))
+            key: tuple[Any, ...] = tuple(
+                (str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in spool_paths
+                if p.exists()
+            )
+        else:
+            all_files = _listing(base)
+            key = listing_key(all_files)
+    except (FileNotFoundError, OSError) as exc:
+        st.warning(f"Cannot read {base.root}: {exc}")
+        _health(data_dir)
+        return
+    if not key:
+        st.info("The source holds no data yet.")
+        _health(data_dir)
+        return
+    lake_bounds = _bounds(base, key, all_files, spool_paths)
+    if lake_bounds is None:
+        st.info("The source holds no rows yet.")
+        _health(data_dir)
+        return
+    start, end = _sidebar_time(lake_bounds)
+    ranged = LakeQuery(root=base.root, endpoint_url=base.endpoint_url, since=start, until=end)
+    ranged_files = None if all_files is None else _listing(ranged)
+    options = _choices(ranged, key, ranged_files, spool_paths)
+    chosen = _sidebar_filters(options, f"{kind}:{base.root}")
+    st.sidebar.header("Display")
+    resolution = RESOLUTIONS[st.sidebar.selectbox("Resolution", list(RESOLUTIONS),
+                                                  key="resolution")]
+    by_device = not st.sidebar.toggle("Combine devices", value=len(chosen["device"]) > 8,
+                                      key="combine")
+    thresholds = _sidebar_thresholds(chosen["metric"])
+    refresh = st.sidebar.toggle("Auto-refresh", value=False, key="autorefresh")
+    every = st.sidebar.number_input("Every (s)", min_value=2, value=10, key="refresh_every",
+                                    disabled=not refresh)
+    query = LakeQuery(
+        root=base.root, endpoint_url=base.endpoint_url, since=start, until=end,
+        devices=tuple(chosen["device"]), sources=tuple(chosen["source"]),
+        metrics=tuple(chosen["metric"]),
+    )
+
+    files = None if all_files is None else _listing(query)
+    now = datetime.now(UTC) if refresh else lake_bounds[1]
+    view = _view(query, key, None if files is None else tuple(files), spool_paths, start, end,
+                 resolution, by_device, tuple(sorted(thresholds.items())),
+                 now.replace(microsecond=0))
+    st.caption(
+        f"{base.root} · {start:%Y-%m-%d %H:%M} → {end:%Y-%m-%d %H:%M} UTC · "
+        f"{view['rows']:,} rows from {len(files) if files is not None else len(key)} files"
+        f" · resolution {data.format_bucket(view['bucket'])}"
+    )
+    for metric in chosen["metric"]:
+        _metric_section(metric, view)
+    _freshness(view, now)
+    _downloads(kind, query, files, spool_paths)
+    _health(data_dir)
+    if refresh:
+        _watch(kind, base, data_dir, spool_paths, key, float(every))
+
+
+def _watch(kind: str, base: LakeQuery, data_dir: Path, spool: tuple[Path, ...] | None,
+           key: tuple[Any, ...], every: float) -> None:
+    """Re-run the page when the source changed; a cheap listing every ``every`` seconds."""
+
+    @st.fragment(run_every=timedelta(seconds=every))
+    def watch() -> None:
+        if kind == "spool":
+            current: tuple[Any, ...] = tuple(
+                (str(p), p.stat().st_size, p.stat().st_mtime_ns)
+                for p in data.spool_paths(data_dir, st.session_state.get("spool_sink", ""))
+                if p.exists()
+            )
+        else:
+            current = listing_key(data.lake_files(base))
+        if current != key:
+            st.rerun(scope="app")
+
+    watch()
+
+
+main()

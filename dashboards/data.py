@@ -1,0 +1,524 @@
+"""Pure query functions behind the dashboard, on Polars lazy frames; no Streamlit here.
+
+Reading goes through :mod:`collector.export` (the same path as ``collector export``), so what the
+dashboard shows and what a user downloads are the same rows. Every view function first maps rows
+to one "stats" shape (``mean``/``min``/``max``/``count`` per row): a raw reading is a window of
+one (mean = min = max = value, count = 1) and an aggregate is itself. Downsampling and tiles then
+work the same on raw lakes, aggregate lakes and lakes mixing both.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from collector.export import (
+    LakeFile,
+    LakeQuery,
+    apply_where,
+    list_files,
+    row_filter,
+    scan,
+)
+
+LAKE_ENV = "EDGE_COLLECTOR_LAKE"
+DATA_DIR_ENV = "EDGE_COLLECTOR_DATA_DIR"
+METRICS_URL_ENV = "EDGE_COLLECTOR_METRICS_URL"
+THRESHOLDS_ENV = "EDGE_COLLECTOR_THRESHOLDS"
+DEFAULT_METRICS_URL = "http://127.0.0.1:9108/metrics"
+SAMPLE_LAKE = Path(__file__).resolve().parent.parent / "sample_data" / "lake"
+
+STATS_SCHEMA: dict[str, pl.DataType] = {
+    "ts": pl.Datetime("us", "UTC"),
+    "device": pl.String(),
+    "source": pl.String(),
+    "metric": pl.String(),
+    "unit": pl.String(),
+    "mean": pl.Float64(),
+    "min": pl.Float64(),
+    "max": pl.Float64(),
+    "count": pl.Int64(),
+}
+
+# ---------------------------------------------------------------------------------------------
+# data sources
+
+
+def default_lake(cwd: Path | None = None) -> str:
+    """``$EDGE_COLLECTOR_LAKE``, else ``./data/lake`` when a collector has written it, else the
+    sample lake shipped with the repository."""
+    env = os.environ.get(LAKE_ENV)
+    if env:
+        return env
+    local = (cwd or Path.cwd()) / "data" / "lake"
+    return str(local) if local.is_dir() else str(SAMPLE_LAKE)
+
+
+def default_data_dir(cwd: Path | None = None) -> Path:
+    return Path(os.environ.get(DATA_DIR_ENV) or (cwd or Path.cwd()) / "data")
+
+
+def lake_files(query: LakeQuery) -> list[LakeFile]:
+    """The partition-pruned listing; its :func:`collector.export.listing_key` keys caches."""
+    return list_files(query)
+
+
+def lake_frame(query: LakeQuery, files: Sequence[LakeFile] | None = None) -> pl.LazyFrame:
+    return scan(query, files)
+
+
+def spool_sinks(data_dir: Path) -> list[str]:
+    """Sink names that have a spool folder under ``<data_dir>/spool``."""
+    root = data_dir / "spool"
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def spool_paths(data_dir: Path, sink: str, *, inflight: bool = True) -> list[Path]:
+    """Spooled batches not yet delivered, oldest first (ready files, then in-flight ones)."""
+    folder = data_dir / "spool" / sink
+    paths = sorted(p for p in folder.glob("*.arrow") if not p.name.startswith("."))
+    if inflight:
+        paths += sorted(
+            p for p in (folder / "inflight").glob("*.arrow") if not p.name.startswith(".")
+        )
+    return paths
+
+
+def read_spool(paths: Sequence[Path]) -> pl.DataFrame:
+    """Rows of spooled Arrow IPC stream files; a file cut short by a crash is skipped."""
+    tables: list[pa.Table] = []
+    for path in paths:
+        try:
+            with ipc.open_stream(path) as reader:
+                tables.append(reader.read_all())
+        except (OSError, pa.ArrowInvalid):
+            continue  # being written or deleted under us; the next refresh will see it
+    tables = [t for t in tables if t.num_rows]
+    if not tables:
+        return pl.DataFrame(schema=STATS_SCHEMA)
+    frame = pl.from_arrow(pa.concat_tables(tables, promote_options="permissive"))
+    assert isinstance(frame, pl.DataFrame)
+    return frame
+
+
+def spool_frame(query: LakeQuery, paths: Sequence[Path]) -> pl.LazyFrame:
+    """Spooled rows with the same filters a lake query applies."""
+    frame = read_spool(paths).lazy()
+    pred = row_filter(query, frame.collect_schema().names())
+    if pred is not None:
+        frame = frame.filter(pred)
+    return apply_where(frame, query.where)
+
+
+# ---------------------------------------------------------------------------------------------
+# one shape for raw readings and aggregates
+
+
+def to_stats(lf: pl.LazyFrame) -> pl.LazyFrame:
+    """Rows as (ts, device, source, metric, unit, mean, min, max, count).
+
+    A raw reading counts as a window of one: mean = min = max = value, count = 1 (0 if null).
+    """
+    cols = set(lf.collect_schema().names())
+
+    def col(name: str, dtype: pl.DataType) -> pl.Expr:
+        return pl.col(name).cast(dtype) if name in cols else pl.lit(None, dtype)
+
+    value = col("value", pl.Float64())
+    raw_count = value.is_not_null().cast(pl.Int64)
+    agg_mean = col("mean", pl.Float64())
+    has_agg = agg_mean.is_not_null() | col("min", pl.Float64()).is_not_null()
+    return lf.select(
+        col("ts", pl.Datetime("us", "UTC")).alias("ts"),
+        col("device", pl.String()).alias("device"),
+        col("source", pl.String()).alias("source"),
+        col("metric", pl.String()).alias("metric"),
+        col("unit", pl.String()).alias("unit"),
+        pl.coalesce(agg_mean, value).alias("mean"),
+        pl.coalesce(col("min", pl.Float64()), value).alias("min"),
+        pl.coalesce(col("max", pl.Float64()), value).alias("max"),
+        pl.when(has_agg)
+        .then(col("count", pl.Int64()).fill_null(1))
+        .otherwise(raw_count)
+        .alias("count"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# automatic resolution
+
+NICE_BUCKETS: tuple[timedelta, ...] = tuple(
+    timedelta(seconds=s)
+    for s in (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600,
+              43200, 86400, 172800, 604800)
+)
+
+
+def choose_bucket(
+    start: datetime,
+    end: datetime,
+    *,
+    series: int = 1,
+    max_points: int = 2000,
+    max_total: int = 40_000,
+) -> timedelta:
+    """The smallest "nice" bucket giving at most ``max_points`` per series and ``max_total`` in
+    all, so a 30-day range of many devices draws as fast as an hour of one."""
+    span = max((end - start).total_seconds(), 1.0)
+    per_series = max(1, min(max_points, max_total // max(series, 1)))
+    need = span / per_series
+    for bucket in NICE_BUCKETS:
+        if bucket.total_seconds() >= need:
+            return bucket
+    return timedelta(days=math.ceil(need / 86400))
+
+
+def format_bucket(bucket: timedelta | None) -> str:
+    if bucket is None:
+        return "raw"
+    seconds = int(bucket.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0 and seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _every(bucket: timedelta) -> str:
+    return f"{int(bucket.total_seconds() * 1_000_000)}us"
+
+
+def series(
+    stats: pl.LazyFrame,
+    *,
+    start: datetime,
+    end: datetime,
+    resolution: Literal["auto", "raw"] | timedelta = "auto",
+    by_device: bool = True,
+    max_points: int = 2000,
+    max_total: int = 40_000,
+) -> tuple[pl.DataFrame, timedelta | None]:
+    """Chart rows (ts, device, metric, mean, min, max, count) and the bucket used.
+
+    ``auto`` picks the bucket with :func:`choose_bucket` from the number of series actually
+    present; ``raw`` returns rows unaggregated (bucket ``None``). Bucket mean is the
+    count-weighted mean of the rows' means (exact for both readings and aggregates), min and max
+    are the extremes, count the sum. ``by_device=False`` merges devices into one series per
+    metric (device shown as ``all``).
+    """
+    keys = ["device", "metric"] if by_device else ["metric"]
+    if resolution == "raw":
+        frame = stats.select("ts", "device", "metric", "mean", "min", "max", "count")
+        if not by_device:
+            frame = frame.with_columns(pl.lit("all").alias("device"))
+        return frame.sort("metric", "device", "ts").collect(), None
+    if resolution == "auto":
+        n_series = stats.select(pl.struct(keys).n_unique()).collect().item() or 1
+        bucket = choose_bucket(
+            start, end, series=n_series, max_points=max_points, max_total=max_total
+        )
+    else:
+        bucket = resolution
+    weighted = pl.when(pl.col("mean").is_not_null()).then(pl.col("count")).otherwise(0)
+    frame = (
+        stats.with_columns(pl.col("ts").dt.truncate(_every(bucket)).alias("ts"))
+        .group_by(["ts", *keys])
+        .agg(
+            ((pl.col("mean") * weighted).sum() / weighted.sum()).alias("mean"),
+            pl.col("min").min().alias("min"),
+            pl.col("max").max().alias("max"),
+            pl.col("count").sum().alias("count"),
+        )
+    )
+    if not by_device:
+        frame = frame.with_columns(pl.lit("all").alias("device"))
+    out = frame.select("ts", "device", "metric", "mean", "min", "max", "count")
+    return out.sort("metric", "device", "ts").collect(), bucket
+
+
+# ---------------------------------------------------------------------------------------------
+# tiles, thresholds, histogram, freshness
+
+
+def latest(stats: pl.LazyFrame, *, compare: timedelta | None = None) -> pl.DataFrame:
+    """Latest value per (device, metric) and its change.
+
+    ``compare=None``: change since the previous row; otherwise since the last row at or before
+    ``latest ts - compare`` (null when the data does not reach that far back).
+    """
+    rows = stats.filter(pl.col("mean").is_not_null())
+    newest = pl.col("ts").arg_max()
+    last = rows.group_by(["device", "metric"]).agg(
+        pl.col("ts").max(),
+        pl.col("mean").get(newest).alias("value"),
+        pl.col("unit").get(newest).alias("unit"),
+        pl.col("mean").top_k_by("ts", 2).alias("_top2"),  # newest first: no full sort needed
+    )
+    if compare is None:
+        out = last.with_columns(pl.col("_top2").list.get(1, null_on_oob=True).alias("previous"))
+    else:
+        target = last.with_columns((pl.col("ts") - compare).alias("_at")).sort("_at")
+        prior = rows.sort("ts").select(
+            pl.col("ts").alias("_at"), "device", "metric", pl.col("mean").alias("previous")
+        )
+        out = target.join_asof(
+            prior, on="_at", by=["device", "metric"], strategy="backward", check_sortedness=False
+        )
+    return (
+        out.with_columns((pl.col("value") - pl.col("previous")).alias("change"))
+        .select("device", "metric", "ts", "value", "previous", "change", "unit")
+        .sort("metric", "device")
+        .collect()
+    )
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """Bounds for one metric; a row exceeds when its max is above ``high`` or min below ``low``."""
+
+    low: float | None = None
+    high: float | None = None
+
+
+def exceedances(
+    stats: pl.LazyFrame, thresholds: Mapping[str, Threshold], *, limit: int | None = None
+) -> pl.DataFrame:
+    """Rows beyond their metric's threshold, newest first: ts, device, metric, kind, peak,
+    threshold, unit. For aggregates the window's max/min is what exceeded, so a spike hidden in
+    a mean still shows."""
+    parts: list[pl.LazyFrame] = []
+    for metric, th in thresholds.items():
+        rows = stats.filter(pl.col("metric") == metric)
+        for kind, column, bound, beyond in (
+            ("above", "max", th.high, lambda c, b: c > b),
+            ("below", "min", th.low, lambda c, b: c < b),
+        ):
+            if bound is None:
+                continue
+            parts.append(
+                rows.filter(beyond(pl.col(column), bound)).select(
+                    "ts", "device", "metric", pl.lit(kind).alias("kind"),
+                    pl.col(column).alias("peak"), pl.lit(float(bound)).alias("threshold"),
+                    "unit",
+                )
+            )
+    if not parts:
+        return pl.DataFrame(
+            schema={"ts": STATS_SCHEMA["ts"], "device": pl.String(), "metric": pl.String(),
+                    "kind": pl.String(), "peak": pl.Float64(), "threshold": pl.Float64(),
+                    "unit": pl.String()}
+        )
+    out = pl.concat(parts).sort(["ts", "device", "metric"], descending=[True, False, False])
+    return (out.head(limit) if limit is not None else out).collect()
+
+
+def histogram(stats: pl.LazyFrame, *, bins: int = 30) -> pl.DataFrame:
+    """Equal-width histogram of row means per metric: metric, bin, start, end, count."""
+    values = stats.filter(pl.col("mean").is_not_null() & pl.col("mean").is_finite())
+    bounds = values.group_by("metric").agg(
+        pl.col("mean").min().alias("lo"), pl.col("mean").max().alias("hi")
+    )
+    width = pl.when(pl.col("hi") > pl.col("lo")).then((pl.col("hi") - pl.col("lo")) / bins)
+    width = width.otherwise(1.0)
+    return (
+        values.join(bounds, on="metric")
+        .with_columns(width.alias("_w"))
+        .with_columns(
+            ((pl.col("mean") - pl.col("lo")) / pl.col("_w")).floor().clip(0, bins - 1)
+            .cast(pl.Int64).alias("bin")
+        )
+        .group_by(["metric", "bin"])
+        .agg(
+            pl.len().cast(pl.Int64).alias("count"),
+            (pl.col("lo").first() + pl.col("bin").first() * pl.col("_w").first()).alias("start"),
+            (pl.col("lo").first() + (pl.col("bin").first() + 1) * pl.col("_w").first())
+            .alias("end"),
+        )
+        .select("metric", "bin", "start", "end", "count")
+        .sort("metric", "bin")
+        .collect()
+    )
+
+
+def freshness(
+    stats: pl.LazyFrame, *, now: datetime, gap: timedelta | None = None
+) -> pl.DataFrame:
+    """Per device: last reading, its age, rows, and gaps between consecutive timestamps.
+
+    A gap is a step longer than ``gap`` or, by default, three times the device's median step
+    (so a 5 s source and a 1-minute aggregate are judged on their own cadence).
+    """
+    step = pl.col("ts").unique().sort().diff().drop_nulls()
+    limit = pl.lit(gap) if gap is not None else step.median() * 3
+    is_gap = step > limit
+    return (
+        stats.group_by("device")
+        .agg(
+            pl.col("ts").max().alias("last_ts"),
+            pl.col("ts").n_unique().cast(pl.Int64).alias("timestamps"),
+            step.median().alias("typical_step"),
+            is_gap.sum().cast(pl.Int64).alias("gaps"),
+            step.filter(is_gap).max().alias("longest_gap"),
+        )
+        .with_columns((pl.lit(now.astimezone(UTC)) - pl.col("last_ts")).alias("age"))
+        .select("device", "last_ts", "age", "timestamps", "typical_step", "gaps", "longest_gap")
+        .sort("device")
+        .collect()
+    )
+
+
+def bounds(stats: pl.LazyFrame) -> tuple[datetime, datetime] | None:
+    """(first, last) timestamp, or None when there are no rows."""
+    row = stats.select(pl.col("ts").min().alias("a"), pl.col("ts").max().alias("b")).collect()
+    a, b = row.row(0)
+    return None if a is None else (a, b)
+
+
+def choices(stats: pl.LazyFrame) -> dict[str, list[str]]:
+    """Distinct devices, sources and metrics, for the filter widgets."""
+    out: dict[str, list[str]] = {}
+    for name in ("device", "source", "metric"):
+        values = stats.select(pl.col(name).drop_nulls().unique()).collect().to_series()
+        out[name] = sorted(values.to_list())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# collector health
+
+
+def read_status(data_dir: Path) -> dict[str, Any] | None:
+    """What ``collector status`` shows (status file + a fresh look at the spools), or None when
+    no collector has ever run in ``data_dir``."""
+    from collector.telemetry import read_status as runtime_status
+
+    if not (data_dir / "status.json").exists() and not (data_dir / "spool").is_dir():
+        return None
+    try:
+        return runtime_status(data_dir)
+    except (OSError, ValueError):
+        return None
+
+
+def status_table(status: Mapping[str, Any]) -> pl.DataFrame:
+    """One row per sink: backlog, delivered, dropped (by reason), dead-lettered, last error."""
+    rows: list[dict[str, Any]] = []
+    for name, info in sorted((status.get("sinks") or {}).items()):
+        if not isinstance(info, Mapping):
+            continue
+        dropped = info.get("dropped_rows") or {}
+        if not isinstance(dropped, Mapping):
+            dropped = {"total": dropped}
+        rows.append(
+            {
+                "sink": str(name),
+                "backlog_files": _int(info.get("backlog_files")),
+                "backlog_rows": _int(info.get("spool_backlog_rows")),
+                "backlog_bytes": _int(info.get("backlog_bytes")),
+                "oldest_age_s": _float(info.get("oldest_file_age_s")),
+                "delivered_rows": _int(info.get("delivered_rows")),
+                "dropped_rows": sum(_int(v) or 0 for v in dropped.values()),
+                "dropped_by_reason": ", ".join(f"{k}: {_int(v)}" for k, v in dropped.items()),
+                "dead_lettered_rows": _int(info.get("dead_lettered_rows")),
+                "dead_letter_files": _int(info.get("dead_letter_files")),
+                "last_success": _when(info.get("last_success")),
+                "last_error": _str(info.get("last_error")),
+            }
+        )
+    schema = {
+        "sink": pl.String(), "backlog_files": pl.Int64(), "backlog_rows": pl.Int64(),
+        "backlog_bytes": pl.Int64(), "oldest_age_s": pl.Float64(), "delivered_rows": pl.Int64(),
+        "dropped_rows": pl.Int64(), "dropped_by_reason": pl.String(),
+        "dead_lettered_rows": pl.Int64(), "dead_letter_files": pl.Int64(),
+        "last_success": pl.Datetime("us", "UTC"), "last_error": pl.String(),
+    }
+    return pl.DataFrame(rows, schema=schema)
+
+
+def _float(value: Any) -> float | None:
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _when(value: Any) -> datetime | None:
+    """Epoch seconds (as the runtime writes) as a UTC datetime."""
+    seconds = _float(value)
+    return None if seconds is None else datetime.fromtimestamp(seconds, UTC)
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return None if value is None else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _str(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        return json.dumps(value)
+    return str(value)
+
+
+def scrape_metrics(url: str, *, timeout: float = 2.0) -> pl.DataFrame | None:
+    """Samples of the collector's Prometheus endpoint (name, labels, value), None if down."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            text = resp.read().decode()
+    except (OSError, ValueError):
+        return None
+    rows = [
+        {
+            "name": sample.name,
+            "labels": ", ".join(f"{k}={v}" for k, v in sorted(sample.labels.items())),
+            "value": float(sample.value),
+        }
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    ]
+    return pl.DataFrame(rows, schema={"name": pl.String(), "labels": pl.String(),
+                                      "value": pl.Float64()})
+
+
+# ---------------------------------------------------------------------------------------------
+# thresholds from a file
+
+
+def load_thresholds(path: Path | None) -> dict[str, Threshold]:
+    """Per-metric thresholds from YAML/JSON ``{metric: {low: .., high: ..}}`` (also accepts
+    ``min``/``max`` keys, or a bare number meaning ``high``)."""
+    if path is None or not path.is_file():
+        return {}
+    import yaml
+
+    data = yaml.safe_load(path.read_text()) or {}
+    data = data.get("thresholds", data) if isinstance(data, dict) else {}
+    out: dict[str, Threshold] = {}
+    for metric, spec in data.items():
+        if isinstance(spec, int | float):
+            out[str(metric)] = Threshold(high=float(spec))
+        elif isinstance(spec, Mapping):
+            low = spec.get("low", spec.get("min"))
+            high = spec.get("high", spec.get("max"))
+            out[str(metric)] = Threshold(
+                low=None if low is None else float(low),
+                high=None if high is None else float(high),
+            )
+    return out

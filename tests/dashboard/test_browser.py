@@ -1,0 +1,117 @@
+"""The real page in a real browser: `streamlit run` + headless Debian chromium via Playwright."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dashboards import data
+
+CHROMIUM = "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                       reason=f"{CHROMIUM} missing (`make test` installs the chromium package)"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def dashboard(sample_lake: Path, tmp_path: Path) -> Iterator[str]:
+    """``streamlit run dashboards/app.py`` on a free port, reading the generated sample lake."""
+    port = _free_port()
+    env = {
+        **os.environ,
+        data.LAKE_ENV: str(sample_lake),
+        data.DATA_DIR_ENV: str(tmp_path / "data"),
+        "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false",
+    }
+    log = (tmp_path / "streamlit.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "dashboards/app.py",
+         "--server.headless", "true", "--server.port", str(port),
+         "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
+         "--server.fileWatcherType", "none"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as resp:
+                    if resp.read().strip() == b"ok":
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                text = (tmp_path / "streamlit.log").read_text()
+                raise RuntimeError(f"streamlit did not start:\n{text}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def test_chart_tiles_and_table_render_in_chromium(dashboard: str, tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    shot = tmp_path / "dashboard.png"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                  "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run"],
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(dashboard, timeout=120_000)
+            # a vega chart has rendered once its canvas (or svg) has a size
+            page.wait_for_selector('[data-testid="stVegaLiteChart"] canvas, '
+                                   '[data-testid="stVegaLiteChart"] svg', timeout=120_000)
+            page.wait_for_function(
+                "document.querySelectorAll('[data-testid=\"stMetric\"]').length >= 9",
+                timeout=120_000,
+            )
+            page.wait_for_selector('[data-testid="stDataFrame"]', timeout=120_000)
+            page.wait_for_function(
+                "!document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=120_000
+            )
+            charts = page.locator('[data-testid="stVegaLiteChart"]')
+            assert charts.count() == 6  # a time series and a histogram per metric
+            box = charts.first.bounding_box()
+            assert box is not None and box["width"] > 300 and box["height"] > 150
+            tiles = page.locator('[data-testid="stMetric"]')
+            assert tiles.count() == 9
+            assert "edge-01" in tiles.first.inner_text()
+            assert page.locator('[data-testid="stDataFrame"]').count() >= 1
+            headings = page.locator("h3").all_inner_texts()
+            assert {"temperature", "humidity", "pressure"} <= {h.strip() for h in headings}
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert shot.stat().st_size > 20_000
+    if os.environ.get("DASHBOARD_SCREENSHOT"):  # keep a copy to look at
+        Path(os.environ["DASHBOARD_SCREENSHOT"]).write_bytes(shot.read_bytes())

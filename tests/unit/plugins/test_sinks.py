@@ -1,0 +1,162 @@
+"""lake and console sinks: what lands on disk / stdout, atomic overwrite, sanitised partitions."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pydantic import ValidationError
+
+from collector.errors import PermanentSinkError, TransientSinkError
+from collector.plugin import Context
+from collector.schema import RECORD_ID
+from sinks.console import ConsoleConfig, ConsoleSink
+from sinks.lake import LakeConfig, LakeSink
+
+from .conftest import readings
+
+
+def with_ids(df: pl.DataFrame, batch_id: str) -> pa.Table:
+    return df.with_columns(
+        (pl.lit(f"{batch_id}:") + pl.int_range(pl.len()).cast(pl.String)).alias(RECORD_ID)
+    ).to_arrow()
+
+
+async def lake(tmp_path: Path, **cfg: Any) -> LakeSink:
+    sink = LakeSink(
+        LakeConfig.model_validate({"type": "lake", "path": str(tmp_path / "lake"), **cfg}),
+        Context(device="d1", component="lake", data_dir=tmp_path),
+    )
+    await sink.open()
+    return sink
+
+
+def files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+async def test_lake_partitions_and_readers(tmp_path: Path) -> None:
+    sink = await lake(tmp_path)
+    df = readings([(0, "a", "t", 1.0, "C"), (86400, "a", "t", 2.0, "C"), (5, "b", "h", 50.0)])
+    await sink.write(with_ids(df, "000001-000002"), "000001-000002")
+    root = tmp_path / "lake"
+    assert files(root) == [
+        "metric=h/date=2024-01-01/part-000001-000002.parquet",
+        "metric=t/date=2024-01-01/part-000001-000002.parquet",
+        "metric=t/date=2024-01-02/part-000001-000002.parquet",
+    ]
+    back = pl.scan_parquet(str(root) + "/**/*.parquet", hive_partitioning=True).collect()
+    assert back.sort("ts").select(df.columns).equals(df.sort("ts"))
+    assert back.schema["ts"] == pl.Datetime("us", "UTC")
+    con = duckdb.connect()
+    rows = con.sql(
+        f"SELECT metric, date, sum(value) FROM read_parquet('{root}/**/*.parquet', "
+        "hive_partitioning = true) GROUP BY ALL ORDER BY ALL").fetchall()
+    assert [(m, str(d), v) for m, d, v in rows] == [
+        ("h", "2024-01-01", 50.0), ("t", "2024-01-01", 1.0), ("t", "2024-01-02", 2.0)]
+    meta = pq.ParquetFile(root / "metric=t/date=2024-01-01/part-000001-000002.parquet").metadata
+    assert meta.row_group(0).column(0).compression == "ZSTD"
+
+
+async def test_lake_replayed_batch_overwrites_instead_of_duplicating(tmp_path: Path) -> None:
+    sink = await lake(tmp_path, compression_level=9)
+    df = readings([(i, "a", "t", float(i)) for i in range(100)])
+    await sink.write(with_ids(df, "b1"), "b1")
+    await sink.write(with_ids(df, "b1"), "b1")  # the runtime retried after a crash
+    await sink.write(with_ids(df.head(3), "b2"), "b2")
+    root = tmp_path / "lake"
+    assert files(root) == ["metric=t/date=2024-01-01/part-b1.parquet",
+                           "metric=t/date=2024-01-01/part-b2.parquet"]  # no temp files left
+    back = pl.read_parquet(str(root) + "/**/*.parquet", hive_partitioning=True)
+    assert back.height == 103
+    assert back[RECORD_ID].n_unique() == 103
+
+
+async def test_lake_write_is_atomic_when_it_fails(tmp_path: Path, monkeypatch: Any) -> None:
+    sink = await lake(tmp_path)
+    df = readings([(i, "a", "t", float(i)) for i in range(10)])
+    await sink.write(with_ids(df, "b1"), "b1")
+    target = tmp_path / "lake/metric=t/date=2024-01-01/part-b1.parquet"
+    before = target.read_bytes()
+
+    def broken_replace(src: Any, dst: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(TransientSinkError, match="No space"):
+        await sink.write(with_ids(df.head(2), "b1"), "b1")
+    assert target.read_bytes() == before  # the old file is intact, no temp file left
+    assert files(tmp_path / "lake") == ["metric=t/date=2024-01-01/part-b1.parquet"]
+
+
+async def test_lake_sanitises_partition_values(tmp_path: Path) -> None:
+    sink = await lake(tmp_path, partition_by=["device", "metric"])
+    df = readings([(0, "../../escape", "t", 1.0), (1, "..", "../m", 2.0),
+                   (2, "a/b", "t", 3.0), (3, "ok", "t", 4.0)])
+    await sink.write(with_ids(df, "../b"), "../b")
+    root = (tmp_path / "lake").resolve()
+    written = [p.resolve() for p in tmp_path.rglob("*.parquet")]
+    assert len(written) == 4
+    assert all(p.is_relative_to(root) for p in written)
+    assert all(len(p.relative_to(root).parts) == 3 for p in written)  # device/metric/file
+    assert [p for p in tmp_path.iterdir() if p.name != "lake"] == []
+    back = pl.read_parquet(str(root) + "/**/*.parquet", hive_partitioning=True)
+    assert sorted(back["device"]) == ["..", "../../escape", "a/b", "ok"]
+    assert sorted(back["metric"]) == ["../m", "t", "t", "t"]
+
+
+async def test_lake_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="partition key"):
+        LakeConfig.model_validate({"type": "lake", "partition_by": ["a/b"]})
+    with pytest.raises(ValidationError, match="once"):
+        LakeConfig.model_validate({"type": "lake", "partition_by": ["metric", "metric"]})
+    sink = await lake(tmp_path, partition_by=["site", "date"])
+    with pytest.raises(PermanentSinkError, match="site"):
+        await sink.write(with_ids(readings([(0, "a", "t", 1.0)]), "b"), "b")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    sink = LakeSink(LakeConfig(type="lake", path=str(blocker / "lake")),
+                    Context(device="d1", component="lake", data_dir=tmp_path))
+    with pytest.raises(TransientSinkError):
+        await sink.write(with_ids(readings([(0, "a", "t", 1.0)]), "b"), "b")
+
+
+async def test_lake_takes_window_aggregates(tmp_path: Path) -> None:
+    sink = await lake(tmp_path)
+    table = pa.table({
+        "ts": pa.array([datetime(2024, 1, 1, tzinfo=UTC)], pa.timestamp("us", tz="UTC")),
+        "device": ["d"], "source": ["s"], "metric": ["t"], "mean": [1.5], "count": [2],
+        "partial": [True], RECORD_ID: ["w:0"]})
+    await sink.write(table, "w")
+    back = pl.read_parquet(str(tmp_path / "lake") + "/**/*.parquet", hive_partitioning=True)
+    assert back.select("mean", "count", "partial").to_dicts() == [
+        {"mean": 1.5, "count": 2, "partial": True}]
+
+
+async def test_console_prints_ndjson(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sink = ConsoleSink(ConsoleConfig(type="console"),
+                       Context(device="d1", component="screen", data_dir=tmp_path))
+    df = readings([(0.5, "a", "t", 1.5, "C"), (1, "b", "h", float("nan"))])
+    await sink.write(with_ids(df, "b"), "b")
+    await sink.write(with_ids(df.clear(), "c"), "c")
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line) for line in lines] == [
+        {"ts": "2024-01-01T00:00:00.500+00:00", "device": "a", "source": "s", "metric": "t",
+         "value": 1.5, "unit": "C"},
+        {"ts": "2024-01-01T00:00:01+00:00", "device": "b", "source": "s", "metric": "h",
+         "value": None, "unit": None},
+    ]
+    for line in lines:
+        datetime.fromisoformat(json.loads(line)["ts"])
+    sink = ConsoleSink(ConsoleConfig(type="console", record_id=True),
+                       Context(device="d1", component="screen", data_dir=tmp_path))
+    await sink.write(with_ids(df.head(1), "b"), "b")
+    assert json.loads(capsys.readouterr().out)[RECORD_ID] == "b:0"
