@@ -42,8 +42,9 @@ def generate(root: Path, days: int, devices: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     files = 0
     for day in range(days):
-        table = aggregate_table(start=START + timedelta(days=day), days=1, devices=names,
-                                seed=1000 + day, gap=None)
+        table = aggregate_table(
+            start=START + timedelta(days=day), days=1, devices=names, seed=1000 + day, gap=None
+        )
         files += write_lake(table, root, prefix=f"bench{day:02d}")
     size = sum(p.stat().st_size for p in root.rglob("*.parquet"))
     return {"files": files, "bytes": size, "seconds": round(time.perf_counter() - t0, 1)}
@@ -64,8 +65,10 @@ def page_load(root: Path, start: datetime, end: datetime, metric: str) -> dict[s
     stats = timed("scan", lambda: data.to_stats(data.lake_frame(query, files)).collect().lazy())
     rows, bucket = timed("series", lambda: data.series(stats, start=start, end=end))
     timed("latest", lambda: data.latest(stats))
-    timed("exceedances", lambda: data.exceedances(
-        stats, {metric: data.Threshold(high=30.0)}, limit=500))
+    timed(
+        "exceedances",
+        lambda: data.exceedances(stats, {metric: data.Threshold(high=30.0)}, limit=500),
+    )
     timed("histogram", lambda: data.histogram(stats))
     timed("freshness", lambda: data.freshness(stats, now=end))
     timings["total"] = sum(timings.values())
@@ -106,8 +109,11 @@ def main() -> int:
     root = args.lake or tmp / "lake"  # type: ignore[operator]
     try:
         if root.is_dir() and any(root.rglob("*.parquet")):
-            gen = {"reused": str(root), "files": len(list(root.rglob("*.parquet"))),
-                   "bytes": sum(p.stat().st_size for p in root.rglob("*.parquet"))}
+            gen = {
+                "reused": str(root),
+                "files": len(list(root.rglob("*.parquet"))),
+                "bytes": sum(p.stat().st_size for p in root.rglob("*.parquet")),
+            }
         else:
             print(f"generating {args.days} days x {args.devices} devices into {root} ...")
             gen = generate(root, args.days, args.devices)
@@ -118,14 +124,24 @@ def main() -> int:
             runs = [page_load(root, start, end, "temperature") for _ in range(args.repeat)]
             keys = runs[0]["timings"]
             results[name] = {
-                "files": runs[0]["files"], "rows": runs[0]["rows"],
-                "points": runs[0]["points"], "bucket": runs[0]["bucket"],
-                "median_s": {k: round(statistics.median(r["timings"][k] for r in runs), 4)
-                             for k in keys},
+                "files": runs[0]["files"],
+                "rows": runs[0]["rows"],
+                "points": runs[0]["points"],
+                "bucket": runs[0]["bucket"],
+                "median_s": {
+                    k: round(statistics.median(r["timings"][k] for r in runs), 4) for k in keys
+                },
             }
-        report = {"lake": gen, "days": args.days, "devices": args.devices,
-                  "metrics": 3, "repeat": args.repeat, "machine": machine(),
-                  "views": results, "when": datetime.now(UTC).isoformat(timespec="seconds")}
+        report = {
+            "lake": gen,
+            "days": args.days,
+            "devices": args.devices,
+            "metrics": 3,
+            "repeat": args.repeat,
+            "machine": machine(),
+            "views": results,
+            "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
         _print(report)
         OUT.parent.mkdir(parents=True, exist_ok=True)
         OUT.write_text(json.dumps(report, indent=2))
@@ -139,16 +155,21 @@ def main() -> int:
 def _print(report: dict[str, Any]) -> None:
     m = report["machine"]
     lake = report["lake"]
-    print(f"\nlake: {report['days']} days x {report['devices']} devices x 3 metrics, "
-          f"1-minute aggregates, {lake['files']} files, {lake['bytes'] / 1e6:.0f} MB; "
-          f"{m['cores']} cores, {m.get('ram_gb', '?')} GB RAM, polars {m['polars']}")
+    print(
+        f"\nlake: {report['days']} days x {report['devices']} devices x 3 metrics, "
+        f"1-minute aggregates, {lake['files']} files, {lake['bytes'] / 1e6:.0f} MB; "
+        f"{m['cores']} cores, {m.get('ram_gb', '?')} GB RAM, polars {m['polars']}"
+    )
     steps = list(next(iter(report["views"].values()))["median_s"])
     header = f"{'view':<10}{'files':>7}{'rows':>11}{'points':>8}{'bucket':>8}" + "".join(
-        f"{s:>12}" for s in steps)
+        f"{s:>12}" for s in steps
+    )
     print(header)
     for name, v in report["views"].items():
-        print(f"{name:<10}{v['files']:>7}{v['rows']:>11,}{v['points']:>8,}{v['bucket']:>8}"
-              + "".join(f"{v['median_s'][s] * 1000:>10.0f}ms" for s in steps))
+        print(
+            f"{name:<10}{v['files']:>7}{v['rows']:>11,}{v['points']:>8,}{v['bucket']:>8}"
+            + "".join(f"{v['median_s'][s] * 1000:>10.0f}ms" for s in steps)
+        )
 
 
 if __name__ == "__main__":

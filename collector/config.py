@@ -81,11 +81,11 @@ class CollectorConfig(Model):
     shutdown_timeout: Duration = Field(
         default="5s", description="On SIGTERM, how long sinks may keep draining their spools."
     )
-    sources: list[dict[str, Any]] = Field(min_length=1, description="Where readings come from.")
-    transforms: list[dict[str, Any]] = Field(
+    sources: list[Any] = Field(min_length=1, description="Where readings come from.")
+    transforms: list[Any] = Field(
         default_factory=list, description="Polars steps applied in order to every batch."
     )
-    sinks: list[dict[str, Any]] = Field(min_length=1, description="Where results are delivered.")
+    sinks: list[Any] = Field(min_length=1, description="Where results are delivered.")
 
 
 @dataclass
@@ -358,6 +358,14 @@ def _check_dataflow(settings: CollectorConfig, comps: dict[str, list[Component]]
             frame = None
     for c in comps["sinks"]:
         cfg: SinkConfig = c.config
+        parts = getattr(cfg, "partition_by", None)
+        if parts and frame is not None:
+            from sinks._partition import validate_partitions
+
+            try:
+                validate_partitions(parts, frame.columns)
+            except ValueError as exc:
+                loc.add(("sinks", c.index, "partition_by"), str(exc))
         if cfg.where is None:
             continue
         try:

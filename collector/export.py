@@ -128,8 +128,8 @@ def storage_options(root: str, endpoint_url: str | None = None) -> dict[str, str
     if not is_remote(root):
         return None
     opts: dict[str, str] = {}
-    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
-        "AWS_ENDPOINT_URL"
+    endpoint = (
+        endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     )
     if endpoint:
         opts["aws_endpoint_url"] = endpoint
@@ -144,8 +144,8 @@ def storage_options(root: str, endpoint_url: str | None = None) -> dict[str, str
 def _filesystem(root: str, endpoint_url: str | None) -> tuple[pafs.FileSystem, str]:
     if not is_remote(root):
         return pafs.LocalFileSystem(), str(Path(root).resolve())
-    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
-        "AWS_ENDPOINT_URL"
+    endpoint = (
+        endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     )
     kwargs: dict[str, Any] = {}
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
@@ -192,11 +192,16 @@ def _time_range(values: dict[str, str]) -> tuple[datetime, datetime] | None:
 
 def _partition_matches(values: dict[str, str], query: LakeQuery) -> bool:
     """False only when the partition values prove no row can match (unknown keys never prune)."""
-    for key, allowed in (("metric", query.metrics), ("device", query.devices),
-                         ("source", query.sources)):
-        if allowed is not None and key in values and values[key] not in {
-            sanitize(a) for a in allowed
-        }:
+    for key, allowed in (
+        ("metric", query.metrics),
+        ("device", query.devices),
+        ("source", query.sources),
+    ):
+        if (
+            allowed is not None
+            and key in values
+            and values[key] not in {sanitize(a) for a in allowed}
+        ):
             return False
     rng = _time_range(values)
     if rng is not None:
@@ -280,8 +285,11 @@ def row_filter(query: LakeQuery, columns: Iterable[str]) -> pl.Expr | None:
         preds.append(pl.col("ts") >= query.since)
     if query.until is not None:
         preds.append(pl.col("ts") < query.until)
-    for name, allowed in (("device", query.devices), ("metric", query.metrics),
-                          ("source", query.sources)):
+    for name, allowed in (
+        ("device", query.devices),
+        ("metric", query.metrics),
+        ("source", query.sources),
+    ):
         if allowed is None:
             continue
         preds.append(pl.col(name).is_in(list(allowed)) if name in cols else pl.lit(False))
@@ -433,9 +441,7 @@ class _Writer:
             if frame.height:
                 self._pq.write_table(frame.to_arrow().cast(self._schema))
         elif self._csv is not None and (frame.height or self._header):
-            frame.write_csv(
-                self._csv, include_header=self._header, datetime_format=_CSV_TIME
-            )
+            frame.write_csv(self._csv, include_header=self._header, datetime_format=_CSV_TIME)
             self._header = False
 
     def close(self) -> None:
@@ -486,9 +492,7 @@ class _progress:
 
         def advance(n: int) -> None:
             done[0] += 1
-            self._bar.update(
-                self._task, advance=n, parts=f"{done[0]}/{self.partitions} partitions"
-            )
+            self._bar.update(self._task, advance=n, parts=f"{done[0]}/{self.partitions} partitions")
 
         return advance
 

@@ -65,16 +65,21 @@ def _remote_listing(query: LakeQuery) -> tuple[LakeFile, ...]:
     return tuple(data.lake_files(query))
 
 
-def _frame(query: LakeQuery, files: Sequence[LakeFile] | None,
-           spool: Sequence[Path] | None) -> pl.LazyFrame:
+def _frame(
+    query: LakeQuery, files: Sequence[LakeFile] | None, spool: Sequence[Path] | None
+) -> pl.LazyFrame:
     if spool is not None:
         return data.to_stats(data.spool_frame(query, spool))
     return data.to_stats(data.lake_frame(query, files))
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
-def _bounds(query: LakeQuery, key: tuple[Any, ...], files: tuple[LakeFile, ...] | None,
-            spool: tuple[Path, ...] | None) -> tuple[datetime, datetime] | None:
+def _bounds(
+    query: LakeQuery,
+    key: tuple[Any, ...],
+    files: tuple[LakeFile, ...] | None,
+    spool: tuple[Path, ...] | None,
+) -> tuple[datetime, datetime] | None:
     if files is not None:
         files = _edge_partitions(files)
     return data.bounds(_frame(query, files, spool))
@@ -90,8 +95,12 @@ def _edge_partitions(files: tuple[LakeFile, ...]) -> tuple[LakeFile, ...]:
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
-def _choices(query: LakeQuery, key: tuple[Any, ...], files: tuple[LakeFile, ...] | None,
-             spool: tuple[Path, ...] | None) -> dict[str, list[str]]:
+def _choices(
+    query: LakeQuery,
+    key: tuple[Any, ...],
+    files: tuple[LakeFile, ...] | None,
+    spool: tuple[Path, ...] | None,
+) -> dict[str, list[str]]:
     return data.choices(_frame(query, files, spool))
 
 
@@ -109,8 +118,13 @@ def _view(
     now: datetime,
 ) -> dict[str, Any]:
     stats = _frame(query, files, spool).cache()
-    rows, bucket = data.series(stats, start=start, end=end, resolution=resolution,  # type: ignore[arg-type]
-                               by_device=by_device)
+    rows, bucket = data.series(
+        stats,
+        start=start,
+        end=end,
+        resolution=resolution,  # type: ignore[arg-type]
+        by_device=by_device,
+    )
     return {
         "series": rows,
         "bucket": bucket,
@@ -132,18 +146,30 @@ def _sidebar_source() -> tuple[str, LakeQuery, Path]:
     side.header("Data source")
     kinds = ["Local lake", "S3 lake", "Spool (not yet uploaded)"]
     lake_default = params.get("lake") or data.default_lake()
-    kind = side.radio("Read from", kinds, index=1 if lake_default.startswith("s3://") else 0,
-                      key="source_kind")
-    data_dir = Path(side.text_input("Collector data dir", str(data.default_data_dir()),
-                                    key="data_dir",
-                                    help="Holds spool/ and status.json"))
+    kind = side.radio(
+        "Read from", kinds, index=1 if lake_default.startswith("s3://") else 0, key="source_kind"
+    )
+    data_dir = Path(
+        side.text_input(
+            "Collector data dir",
+            str(data.default_data_dir()),
+            key="data_dir",
+            help="Holds spool/ and status.json",
+        )
+    )
     if kind == "Local lake":
-        path = side.text_input("Lake path", lake_default if not lake_default.startswith("s3://")
-                               else str(data.SAMPLE_LAKE), key="lake_path")
+        path = side.text_input(
+            "Lake path",
+            lake_default if not lake_default.startswith("s3://") else str(data.SAMPLE_LAKE),
+            key="lake_path",
+        )
         return "lake", LakeQuery(root=path), data_dir
     if kind == "S3 lake":
-        uri = side.text_input("S3 lake", lake_default if lake_default.startswith("s3://")
-                              else "s3://bucket/lake", key="s3_uri")
+        uri = side.text_input(
+            "S3 lake",
+            lake_default if lake_default.startswith("s3://") else "s3://bucket/lake",
+            key="s3_uri",
+        )
         endpoint = side.text_input(
             "Endpoint URL (optional)",
             os.environ.get("AWS_ENDPOINT_URL", ""),
@@ -158,16 +184,29 @@ def _sidebar_time(bounds: tuple[datetime, datetime]) -> tuple[datetime, datetime
     side = st.sidebar
     side.header("Time range")
     first, last = bounds
-    preset = side.selectbox("Range", [*PRESETS, "Custom"], index=2, key="preset",
-                            help="Presets end at the latest reading in the source.")
+    preset = side.selectbox(
+        "Range",
+        [*PRESETS, "Custom"],
+        index=2,
+        key="preset",
+        help="Presets end at the latest reading in the source.",
+    )
     if preset != "Custom":
         span = PRESETS[preset]
         end = last + timedelta(microseconds=1)
         return (first if span is None else max(first, end - span)), end
-    days = side.date_input("Dates (UTC)", (last.date() - timedelta(days=1), last.date()),
-                           min_value=first.date(), max_value=last.date(), key="custom_dates")
-    start_d, end_d = (days if isinstance(days, tuple) and len(days) == 2
-                      else (days[0] if isinstance(days, tuple) else days,) * 2)
+    days = side.date_input(
+        "Dates (UTC)",
+        (last.date() - timedelta(days=1), last.date()),
+        min_value=first.date(),
+        max_value=last.date(),
+        key="custom_dates",
+    )
+    start_d, end_d = (
+        days
+        if isinstance(days, tuple) and len(days) == 2
+        else (days[0] if isinstance(days, tuple) else days,) * 2
+    )
     t0 = side.time_input("From (UTC)", time(0, 0), key="custom_from")
     t1 = side.time_input("To (UTC)", time(23, 59), key="custom_to")
     start = datetime.combine(start_d, t0, tzinfo=UTC)
@@ -188,8 +227,7 @@ def _sidebar_filters(options: dict[str, list[str]], source: str) -> dict[str, li
         st.session_state["_filters_for"] = source
     chosen: dict[str, list[str]] = {}
     for name, label in (("device", "Devices"), ("source", "Sources"), ("metric", "Metrics")):
-        picked = side.multiselect(label, options[name], default=options[name],
-                                  key=f"filter_{name}")
+        picked = side.multiselect(label, options[name], default=options[name], key=f"filter_{name}")
         chosen[name] = [p for p in picked if p in options[name]] or options[name]
     return chosen
 
@@ -222,16 +260,22 @@ def _chart(rows: pl.DataFrame, metric: str, unit: str | None) -> alt.LayerChart:
     frame = rows.select("ts", "device", "mean", "min", "max", "count")
     title = f"{metric} ({unit})" if unit else metric
     base = alt.Chart(frame).encode(
-        x=alt.X("ts:T", title=None, scale=alt.Scale(type="utc"),
-                axis=alt.Axis(format="%m-%d %H:%M")),
+        x=alt.X(
+            "ts:T", title=None, scale=alt.Scale(type="utc"), axis=alt.Axis(format="%m-%d %H:%M")
+        ),
         color=alt.Color("device:N", title="device"),
     )
     band = base.mark_area(opacity=0.2).encode(y=alt.Y("min:Q", title=title), y2="max:Q")
     line = base.mark_line(strokeWidth=1.5).encode(
         y=alt.Y("mean:Q", title=title, scale=alt.Scale(zero=False)),
-        tooltip=[alt.Tooltip("ts:T", format="%Y-%m-%d %H:%M"), "device:N",
-                 alt.Tooltip("mean:Q", format=".2f"), alt.Tooltip("min:Q", format=".2f"),
-                 alt.Tooltip("max:Q", format=".2f"), "count:Q"],
+        tooltip=[
+            alt.Tooltip("ts:T", format="%Y-%m-%d %H:%M"),
+            "device:N",
+            alt.Tooltip("mean:Q", format=".2f"),
+            alt.Tooltip("min:Q", format=".2f"),
+            alt.Tooltip("max:Q", format=".2f"),
+            "count:Q",
+        ],
     )
     return alt.layer(band, line).properties(height=260)
 
@@ -240,8 +284,11 @@ def _histogram_chart(hist: pl.DataFrame, metric: str) -> alt.Chart:
     return (
         alt.Chart(hist.select("start", "end", "count"))
         .mark_bar()
-        .encode(x=alt.X("start:Q", title=metric, bin="binned"), x2="end:Q",
-                y=alt.Y("count:Q", title="rows"))
+        .encode(
+            x=alt.X("start:Q", title=metric, bin="binned"),
+            x2="end:Q",
+            y=alt.Y("count:Q", title="rows"),
+        )
         .properties(height=200)
     )
 
@@ -290,19 +337,24 @@ def _metric_section(metric: str, view: dict[str, Any]) -> None:
         if exc.is_empty():
             st.caption("None in this range (set thresholds in the sidebar).")
         else:
-            st.dataframe(exc.drop("metric"), hide_index=True, height=200,
-                         key=f"exceed_{metric}")
+            st.dataframe(exc.drop("metric"), hide_index=True, height=200, key=f"exceed_{metric}")
 
 
 def _freshness(view: dict[str, Any], now: datetime) -> None:
     st.subheader("Data freshness")
-    fresh = view["freshness"].with_columns(
-        (pl.col("age").dt.total_seconds() / 60).round(1).alias("age_min"),
-        (pl.col("typical_step").dt.total_seconds()).alias("step_s"),
-        (pl.col("longest_gap").dt.total_seconds() / 60).round(1).alias("longest_gap_min"),
-    ).select("device", "last_ts", "age_min", "timestamps", "step_s", "gaps", "longest_gap_min")
-    st.caption(f"Age relative to {now:%Y-%m-%d %H:%M:%S} UTC. A gap is a step over 3 times the "
-               "device's usual step.")
+    fresh = (
+        view["freshness"]
+        .with_columns(
+            (pl.col("age").dt.total_seconds() / 60).round(1).alias("age_min"),
+            (pl.col("typical_step").dt.total_seconds()).alias("step_s"),
+            (pl.col("longest_gap").dt.total_seconds() / 60).round(1).alias("longest_gap_min"),
+        )
+        .select("device", "last_ts", "age_min", "timestamps", "step_s", "gaps", "longest_gap_min")
+    )
+    st.caption(
+        f"Age relative to {now:%Y-%m-%d %H:%M:%S} UTC. A gap is a step over 3 times the "
+        "device's usual step."
+    )
     st.dataframe(fresh, hide_index=True, key="freshness")
 
 
@@ -310,19 +362,22 @@ def _health(data_dir: Path) -> None:
     st.subheader("Collector health")
     status = data.read_status(data_dir)
     if status is None:
-        st.info(f"No {data_dir / 'status.json'} yet: start `collector run` to see backlog, "
-                "drops and errors per sink.")
+        st.info(
+            f"No {data_dir / 'status.json'} yet: start `collector run` to see backlog, "
+            "drops and errors per sink."
+        )
     else:
         updated = status.get("updated_at")
         when = "never"
         if updated:
             when = f"{datetime.fromtimestamp(updated, UTC):%Y-%m-%d %H:%M:%S} UTC"
-        st.caption(f"Collector {'running' if status.get('alive') else 'not running'}; "
-                   f"status written {when}.")
+        st.caption(
+            f"Collector {'running' if status.get('alive') else 'not running'}; "
+            f"status written {when}."
+        )
         st.dataframe(data.status_table(status), hide_index=True, key="status")
     url = os.environ.get(data.METRICS_URL_ENV, data.DEFAULT_METRICS_URL)
-    if st.toggle("Scrape the metrics endpoint", value=False, key="scrape",
-                 help=url):
+    if st.toggle("Scrape the metrics endpoint", value=False, key="scrape", help=url):
         samples = data.scrape_metrics(url)
         if samples is None:
             st.info(f"{url} is not answering (is the collector running?).")
@@ -330,8 +385,9 @@ def _health(data_dir: Path) -> None:
             st.dataframe(samples, hide_index=True, key="prom")
 
 
-def _downloads(kind: str, query: LakeQuery, files: Sequence[LakeFile] | None,
-               spool: Sequence[Path] | None) -> None:
+def _downloads(
+    kind: str, query: LakeQuery, files: Sequence[LakeFile] | None, spool: Sequence[Path] | None
+) -> None:
     st.subheader("Download")
     st.caption("The filtered rows, produced by the same code as `collector export`.")
     cols = st.columns(2)
@@ -345,8 +401,13 @@ def _downloads(kind: str, query: LakeQuery, files: Sequence[LakeFile] | None,
         )
 
 
-def _export_callable(kind: str, query: LakeQuery, files: Sequence[LakeFile] | None,
-                     spool: Sequence[Path] | None, suffix: str) -> Callable[[], bytes]:
+def _export_callable(
+    kind: str,
+    query: LakeQuery,
+    files: Sequence[LakeFile] | None,
+    spool: Sequence[Path] | None,
+    suffix: str,
+) -> Callable[[], bytes]:
     def produce() -> bytes:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / f"export{suffix}"
@@ -383,8 +444,7 @@ def main() -> None:
             sink = st.sidebar.selectbox("Sink", sinks, key="spool_sink")
             spool_paths = tuple(data.spool_paths(data_dir, sink))
             key: tuple[Any, ...] = tuple(
-                (str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in spool_paths
-                if p.exists()
+                (str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in spool_paths if p.exists()
             )
         else:
             all_files = _listing(base)
@@ -408,25 +468,41 @@ def main() -> None:
     options = _choices(ranged, key, ranged_files, spool_paths)
     chosen = _sidebar_filters(options, f"{kind}:{base.root}")
     st.sidebar.header("Display")
-    resolution = RESOLUTIONS[st.sidebar.selectbox("Resolution", list(RESOLUTIONS),
-                                                  key="resolution")]
-    by_device = not st.sidebar.toggle("Combine devices", value=len(chosen["device"]) > 8,
-                                      key="combine")
+    resolution = RESOLUTIONS[
+        st.sidebar.selectbox("Resolution", list(RESOLUTIONS), key="resolution")
+    ]
+    by_device = not st.sidebar.toggle(
+        "Combine devices", value=len(chosen["device"]) > 8, key="combine"
+    )
     thresholds = _sidebar_thresholds(chosen["metric"])
     refresh = st.sidebar.toggle("Auto-refresh", value=False, key="autorefresh")
-    every = st.sidebar.number_input("Every (s)", min_value=2, value=10, key="refresh_every",
-                                    disabled=not refresh)
+    every = st.sidebar.number_input(
+        "Every (s)", min_value=2, value=10, key="refresh_every", disabled=not refresh
+    )
     query = LakeQuery(
-        root=base.root, endpoint_url=base.endpoint_url, since=start, until=end,
-        devices=tuple(chosen["device"]), sources=tuple(chosen["source"]),
+        root=base.root,
+        endpoint_url=base.endpoint_url,
+        since=start,
+        until=end,
+        devices=tuple(chosen["device"]),
+        sources=tuple(chosen["source"]),
         metrics=tuple(chosen["metric"]),
     )
 
     files = None if all_files is None else _listing(query)
     now = datetime.now(UTC) if refresh else lake_bounds[1]
-    view = _view(query, key, None if files is None else tuple(files), spool_paths, start, end,
-                 resolution, by_device, tuple(sorted(thresholds.items())),
-                 now.replace(microsecond=0))
+    view = _view(
+        query,
+        key,
+        None if files is None else tuple(files),
+        spool_paths,
+        start,
+        end,
+        resolution,
+        by_device,
+        tuple(sorted(thresholds.items())),
+        now.replace(microsecond=0),
+    )
     st.caption(
         f"{base.root} · {start:%Y-%m-%d %H:%M} → {end:%Y-%m-%d %H:%M} UTC · "
         f"{view['rows']:,} rows from {len(files) if files is not None else len(key)} files"
@@ -441,8 +517,14 @@ def main() -> None:
         _watch(kind, base, data_dir, spool_paths, key, float(every))
 
 
-def _watch(kind: str, base: LakeQuery, data_dir: Path, spool: tuple[Path, ...] | None,
-           key: tuple[Any, ...], every: float) -> None:
+def _watch(
+    kind: str,
+    base: LakeQuery,
+    data_dir: Path,
+    spool: tuple[Path, ...] | None,
+    key: tuple[Any, ...],
+    every: float,
+) -> None:
     """Re-run the page when the source changed; a cheap listing every ``every`` seconds."""
 
     @st.fragment(run_every=timedelta(seconds=every))

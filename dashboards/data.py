@@ -162,8 +162,28 @@ def to_stats(lf: pl.LazyFrame) -> pl.LazyFrame:
 
 NICE_BUCKETS: tuple[timedelta, ...] = tuple(
     timedelta(seconds=s)
-    for s in (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600,
-              43200, 86400, 172800, 604800)
+    for s in (
+        1,
+        2,
+        5,
+        10,
+        15,
+        30,
+        60,
+        120,
+        300,
+        600,
+        900,
+        1800,
+        3600,
+        7200,
+        10800,
+        21600,
+        43200,
+        86400,
+        172800,
+        604800,
+    )
 )
 
 
@@ -309,16 +329,26 @@ def exceedances(
                 continue
             parts.append(
                 rows.filter(beyond(pl.col(column), bound)).select(
-                    "ts", "device", "metric", pl.lit(kind).alias("kind"),
-                    pl.col(column).alias("peak"), pl.lit(float(bound)).alias("threshold"),
+                    "ts",
+                    "device",
+                    "metric",
+                    pl.lit(kind).alias("kind"),
+                    pl.col(column).alias("peak"),
+                    pl.lit(float(bound)).alias("threshold"),
                     "unit",
                 )
             )
     if not parts:
         return pl.DataFrame(
-            schema={"ts": STATS_SCHEMA["ts"], "device": pl.String(), "metric": pl.String(),
-                    "kind": pl.String(), "peak": pl.Float64(), "threshold": pl.Float64(),
-                    "unit": pl.String()}
+            schema={
+                "ts": STATS_SCHEMA["ts"],
+                "device": pl.String(),
+                "metric": pl.String(),
+                "kind": pl.String(),
+                "peak": pl.Float64(),
+                "threshold": pl.Float64(),
+                "unit": pl.String(),
+            }
         )
     out = pl.concat(parts).sort(["ts", "device", "metric"], descending=[True, False, False])
     return (out.head(limit) if limit is not None else out).collect()
@@ -336,15 +366,19 @@ def histogram(stats: pl.LazyFrame, *, bins: int = 30) -> pl.DataFrame:
         values.join(bounds, on="metric")
         .with_columns(width.alias("_w"))
         .with_columns(
-            ((pl.col("mean") - pl.col("lo")) / pl.col("_w")).floor().clip(0, bins - 1)
-            .cast(pl.Int64).alias("bin")
+            ((pl.col("mean") - pl.col("lo")) / pl.col("_w"))
+            .floor()
+            .clip(0, bins - 1)
+            .cast(pl.Int64)
+            .alias("bin")
         )
         .group_by(["metric", "bin"])
         .agg(
             pl.len().cast(pl.Int64).alias("count"),
             (pl.col("lo").first() + pl.col("bin").first() * pl.col("_w").first()).alias("start"),
-            (pl.col("lo").first() + (pl.col("bin").first() + 1) * pl.col("_w").first())
-            .alias("end"),
+            (pl.col("lo").first() + (pl.col("bin").first() + 1) * pl.col("_w").first()).alias(
+                "end"
+            ),
         )
         .select("metric", "bin", "start", "end", "count")
         .sort("metric", "bin")
@@ -352,9 +386,7 @@ def histogram(stats: pl.LazyFrame, *, bins: int = 30) -> pl.DataFrame:
     )
 
 
-def freshness(
-    stats: pl.LazyFrame, *, now: datetime, gap: timedelta | None = None
-) -> pl.DataFrame:
+def freshness(stats: pl.LazyFrame, *, now: datetime, gap: timedelta | None = None) -> pl.DataFrame:
     """Per device: last reading, its age, rows, and gaps between consecutive timestamps.
 
     A gap is a step longer than ``gap`` or, by default, three times the device's median step
@@ -438,11 +470,18 @@ def status_table(status: Mapping[str, Any]) -> pl.DataFrame:
             }
         )
     schema = {
-        "sink": pl.String(), "backlog_files": pl.Int64(), "backlog_rows": pl.Int64(),
-        "backlog_bytes": pl.Int64(), "oldest_age_s": pl.Float64(), "delivered_rows": pl.Int64(),
-        "dropped_rows": pl.Int64(), "dropped_by_reason": pl.String(),
-        "dead_lettered_rows": pl.Int64(), "dead_letter_files": pl.Int64(),
-        "last_success": pl.Datetime("us", "UTC"), "last_error": pl.String(),
+        "sink": pl.String(),
+        "backlog_files": pl.Int64(),
+        "backlog_rows": pl.Int64(),
+        "backlog_bytes": pl.Int64(),
+        "oldest_age_s": pl.Float64(),
+        "delivered_rows": pl.Int64(),
+        "dropped_rows": pl.Int64(),
+        "dropped_by_reason": pl.String(),
+        "dead_lettered_rows": pl.Int64(),
+        "dead_letter_files": pl.Int64(),
+        "last_success": pl.Datetime("us", "UTC"),
+        "last_error": pl.String(),
     }
     return pl.DataFrame(rows, schema=schema)
 
@@ -493,8 +532,9 @@ def scrape_metrics(url: str, *, timeout: float = 2.0) -> pl.DataFrame | None:
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     ]
-    return pl.DataFrame(rows, schema={"name": pl.String(), "labels": pl.String(),
-                                      "value": pl.Float64()})
+    return pl.DataFrame(
+        rows, schema={"name": pl.String(), "labels": pl.String(), "value": pl.Float64()}
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,8 +43,11 @@ def aggregate_table(
     devices: Sequence[str] = DEVICES,
     metrics: dict[str, tuple[str, float, float, float]] | None = None,
     seed: int = SEED,
-    gap: tuple[str, timedelta, timedelta] | None = ("edge-03", timedelta(days=1, hours=10),
-                                                   timedelta(hours=2)),
+    gap: tuple[str, timedelta, timedelta] | None = (
+        "edge-03",
+        timedelta(days=1, hours=10),
+        timedelta(hours=2),
+    ),
     spikes: bool = True,
 ) -> pa.Table:
     """1-minute window aggregates (mean/min/max/count) like the ``window`` transform emits.

@@ -149,7 +149,6 @@ class OpenSearchBackend(Backend):
             "max_retries": len(cfg.hosts) - 1,
             "retry_on_status": (),
             "retry_on_timeout": False,
-            "ssl_show_warn": cfg.verify_certs,
             **_common_tls(cfg),
         }
         if cfg.aws_sigv4 is not None:
@@ -244,8 +243,11 @@ async def connect(cfg: ElasticsearchSinkConfig) -> tuple[Backend, dict[str, Any]
         flavor = "opensearch"
     if flavor == "opensearch":
         backend: Backend = OpenSearchBackend(cfg)
+        if cfg.aws_sigv4 is not None and cfg.aws_sigv4.service == "aoss":
+            # OpenSearch Serverless has no `GET /`; the first bulk proves the connection.
+            return backend, {"version": {"distribution": "opensearch", "number": "serverless"}}
         info = await _probe(backend)
-        if cfg.flavor == "auto" and _distribution(info) != "opensearch":
+        if cfg.flavor == "auto" and cfg.aws_sigv4 is None and _distribution(info) != "opensearch":
             await backend.close()
             raise MissingDependencyError(PLUGIN, "elasticsearch", "es")
         return backend, info

@@ -133,6 +133,31 @@ def _non_finite_reasons(df: pl.DataFrame) -> dict[int, str]:
     return out
 
 
+def _jsonable(df: pl.DataFrame) -> pl.DataFrame:
+    """Columns as JSON-native values, so serialising a bulk request can never fail on a type.
+
+    Timestamps become ISO-8601 UTC strings (what the ``date`` mapping parses), dates and times
+    ISO strings, durations seconds, decimals floats, binary base64, categoricals strings.
+    """
+    exprs: list[pl.Expr] = []
+    for name, dtype in df.schema.items():
+        col = pl.col(name)
+        if isinstance(dtype, pl.Datetime):
+            if dtype.time_zone is None:
+                col = col.dt.replace_time_zone("UTC")
+            exprs.append(col.dt.convert_time_zone("UTC").dt.strftime(TS_FORMAT))
+        elif isinstance(dtype, pl.Duration):
+            exprs.append(col.dt.total_microseconds() / 1e6)
+        elif isinstance(dtype, pl.Decimal):
+            exprs.append(col.cast(pl.Float64))
+        elif dtype == pl.Binary:
+            exprs.append(col.bin.encode("base64"))
+        elif isinstance(dtype, pl.Date | pl.Time | pl.Categorical | pl.Enum | pl.Object):
+            exprs.append(col.cast(pl.String) if not isinstance(dtype, pl.Object)
+                         else col.map_elements(str, return_dtype=pl.String))
+    return df.with_columns(exprs) if exprs else df
+
+
 def build_actions(
     table: pa.Table,
     *,
@@ -157,11 +182,7 @@ def build_actions(
         ).to_series().to_list()
     else:
         targets = [index] * df.height
-    body = df.drop(RECORD_ID, strict=False)
-    dt_cols = [c for c, t in body.schema.items() if isinstance(t, pl.Datetime)]
-    body = body.with_columns(
-        [pl.col(c).dt.convert_time_zone("UTC").dt.strftime(TS_FORMAT) for c in dt_cols]
-    )
+    body = _jsonable(df.drop(RECORD_ID, strict=False))
     if data_stream and "ts" in body.columns:
         body = body.with_columns(pl.col("ts").alias("@timestamp"))
     body = body.with_columns(

@@ -202,6 +202,11 @@ class ElasticsearchSink(Sink):
                 "%s: connected to %s %s at %s",
                 self.ctx.component, self.backend.flavor, version, ", ".join(cfg.hosts),
             )
+            if not cfg.verify_certs:
+                self.ctx.logger.warning(
+                    "%s: TLS certificate verification is off (verify_certs: false)",
+                    self.ctx.component,
+                )
             if cfg.manage_template:
                 name = cfg.template_name or docs.default_template_name(cfg.target)
                 pattern = (
@@ -266,6 +271,7 @@ class ElasticsearchSink(Sink):
         retry: list[int] = []
         rejected: dict[int, str] = dict(built.rejected)
         retry_after: float | None = None
+        first_retry_reason = ""
         done = 0
         for row, (ok, item) in zip(built.rows, results, strict=True):
             verdict, reason, hint = self._verdict(ok, item)
@@ -273,6 +279,7 @@ class ElasticsearchSink(Sink):
                 done += 1
             elif verdict == "retry":
                 retry.append(row)
+                first_retry_reason = first_retry_reason or reason
                 if hint is not None:
                     retry_after = max(retry_after or 0.0, hint)
             else:
@@ -283,7 +290,7 @@ class ElasticsearchSink(Sink):
         if not done and not rejected:
             raise TransientSinkError(
                 f"{self.ctx.component}: no document of batch {batch_id} was accepted "
-                f"(first failure: {_first_reason(results)})",
+                f"(first failure: {first_retry_reason})",
                 retry_after=retry_after,
             )
         order = sorted(rejected)
@@ -310,7 +317,7 @@ class ElasticsearchSink(Sink):
             return "retry", _say(failure), failure.retry_after
         status = info.get("status")
         if op == "create" and status == 409:
-            return "done", "", None  # a replay: this _id is already in the data stream
+            return "retry", "", None  # a replay: this _id is already in the data stream
         if isinstance(status, int) and 400 <= status < 500 and status != 429:
             return "reject", _item_reason(status, info.get("error")), None
         return "retry", _item_reason(status, info.get("error")), None
@@ -342,10 +349,3 @@ def _item_reason(status: Any, error: Any) -> str:
         text = str(error)
     return f"{status} {text}"
 
-
-def _first_reason(results: list[tuple[bool, dict[str, Any]]]) -> str:
-    for ok, item in results:
-        if not ok:
-            _, info = next(iter(item.items()))
-            return _item_reason(info.get("status"), info.get("error"))
-    return "?"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
@@ -111,8 +111,7 @@ def test_threshold_from_the_sidebar_fills_the_table(env: Path, sample_lake: Path
     at.selectbox(key="preset").set_value("All")
     at.number_input(key="th_high_temperature").set_value(30.0)
     run(at)
-    want = lake_rows(sample_lake).filter((pl.col("metric") == "temperature")
-                                         & (pl.col("max") > 30))
+    want = lake_rows(sample_lake).filter((pl.col("metric") == "temperature") & (pl.col("max") > 30))
     tables = [d for d in at.dataframe if "peak" in d.value.columns]
     assert len(tables) == 1
     table = tables[0].value
@@ -121,8 +120,9 @@ def test_threshold_from_the_sidebar_fills_the_table(env: Path, sample_lake: Path
     assert any(f"({want.height})" in m.value for m in at.markdown)
 
 
-def test_thresholds_file_sets_the_defaults(env: Path, tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_thresholds_file_sets_the_defaults(
+    env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "thresholds.yaml"
     path.write_text("humidity: {low: 40}\n")
     monkeypatch.setenv(data.THRESHOLDS_ENV, str(path))
@@ -139,15 +139,28 @@ def _spool(path: Path, table: pa.Table) -> None:
 
 
 def test_spool_source_and_collector_health(env: Path) -> None:
-    recent = aggregate_table(start=datetime(2024, 7, 1, tzinfo=UTC), days=1, devices=("pi-7",),
-                             gap=None).slice(0, 90)  # 90 minutes of temperature
+    recent = aggregate_table(
+        start=datetime(2024, 7, 1, tzinfo=UTC), days=1, devices=("pi-7",), gap=None
+    ).slice(0, 90)  # 90 minutes of temperature
     recent = recent.append_column("record_id", pa.array([f"b:{i}" for i in range(90)]))
     _spool(env / "spool" / "cloud" / "b-0001.arrow", recent)
-    (env / "status.json").write_text(json.dumps({
-        "pid": 0, "running": False, "updated_at": 1719792000.0,
-        "sinks": {"cloud": {"delivered_rows": 5, "dropped_rows": {"spool_full": 3},
-                            "dead_lettered_rows": 1, "last_error": "ServiceUnavailable"}},
-    }))
+    (env / "status.json").write_text(
+        json.dumps(
+            {
+                "pid": 0,
+                "running": False,
+                "updated_at": 1719792000.0,
+                "sinks": {
+                    "cloud": {
+                        "delivered_rows": 5,
+                        "dropped_rows": {"spool_full": 3},
+                        "dead_lettered_rows": 1,
+                        "last_error": "ServiceUnavailable",
+                    }
+                },
+            }
+        )
+    )
     at = run()
     status = next(d.value for d in at.dataframe if "dead_lettered_rows" in d.value.columns)
     row = status.iloc[0]
@@ -166,15 +179,19 @@ def test_spool_source_and_collector_health(env: Path) -> None:
     assert [m.label for m in at.metric] == ["pi-7"]
 
 
-def test_new_batches_invalidate_the_cache(env: Path, sample_lake: Path,
-                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_new_batches_invalidate_the_cache(
+    env: Path, sample_lake: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     lake = tmp_path / "lake"
     write_lake(aggregate_table(days=1, gap=None), lake)
     monkeypatch.setenv(data.LAKE_ENV, str(lake))
     at = run()
     before = charts(at)["pressure (hPa)"]["ts"].max()
-    write_lake(aggregate_table(start=datetime(2024, 6, 2, tzinfo=UTC), days=1, gap=None), lake,
-               prefix="later")
+    write_lake(
+        aggregate_table(start=datetime(2024, 6, 2, tzinfo=UTC), days=1, gap=None),
+        lake,
+        prefix="later",
+    )
     at.toggle(key="autorefresh").set_value(True)
     run(at)
     after = charts(at)["pressure (hPa)"]["ts"].max()
@@ -182,10 +199,29 @@ def test_new_batches_invalidate_the_cache(env: Path, sample_lake: Path,
     assert after == datetime(2024, 6, 2, 23, 59, tzinfo=UTC)
 
 
-def test_missing_lake_is_a_friendly_warning(env: Path, monkeypatch: pytest.MonkeyPatch,
-                                            tmp_path: Path) -> None:
+def test_missing_lake_is_a_friendly_warning(
+    env: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv(data.LAKE_ENV, str(tmp_path / "no-such-lake"))
     at = run()
     assert any("no-such-lake" in w.value for w in at.warning)
 
 
+def test_custom_time_range(env: Path) -> None:
+    at = run()
+    at.selectbox(key="preset").set_value("Custom")
+    run(at)
+    at.date_input(key="custom_dates").set_value((date(2024, 6, 2), date(2024, 6, 2)))
+    at.multiselect(key="filter_metric").set_value(["pressure"])
+    run(at)
+    got = charts(at)["pressure (hPa)"]
+    assert got["ts"].min() == datetime(2024, 6, 2, tzinfo=UTC)
+    assert got["ts"].max() == datetime(2024, 6, 2, 23, 59, tzinfo=UTC)
+    # edge-03 was down from 10:00 to 12:00 that day
+    assert dict(got.group_by("device").len().iter_rows()) == {
+        "edge-01": 1440,
+        "edge-02": 1440,
+        "edge-03": 1320,
+    }
+    fresh = next(d.value for d in at.dataframe if "gaps" in d.value.columns)
+    assert fresh.set_index("device")["gaps"].to_dict() == {"edge-01": 0, "edge-02": 0, "edge-03": 1}

@@ -10,18 +10,23 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import polars as pl
 import pytest
 
 from dashboards import data
 
 CHROMIUM = "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parents[2]
+LAST = datetime(2024, 6, 3, 23, 59, tzinfo=UTC)
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                       reason=f"{CHROMIUM} missing (`make test` installs the chromium package)"),
+    pytest.mark.skipif(
+        not Path(CHROMIUM).exists(),
+        reason=f"{CHROMIUM} missing (`make test` installs the chromium package)",
+    ),
 ]
 
 
@@ -43,11 +48,28 @@ def dashboard(sample_lake: Path, tmp_path: Path) -> Iterator[str]:
     }
     log = (tmp_path / "streamlit.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "dashboards/app.py",
-         "--server.headless", "true", "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
-         "--server.fileWatcherType", "none"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            "dashboards/app.py",
+            "--server.headless",
+            "true",
+            "--server.port",
+            str(port),
+            "--server.address",
+            "127.0.0.1",
+            "--browser.gatherUsageStats",
+            "false",
+            "--server.fileWatcherType",
+            "none",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -74,23 +96,35 @@ def dashboard(sample_lake: Path, tmp_path: Path) -> Iterator[str]:
         log.close()
 
 
-def test_chart_tiles_and_table_render_in_chromium(dashboard: str, tmp_path: Path) -> None:
+def test_chart_tiles_and_table_render_in_chromium(
+    dashboard: str, tmp_path: Path, sample_lake: Path
+) -> None:
     from playwright.sync_api import sync_playwright
+
+    lake_rows = pl.read_parquet(sample_lake / "**" / "*.parquet", hive_partitioning=False)
 
     shot = tmp_path / "dashboard.png"
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                  "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run"],
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
         )
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(dashboard, timeout=120_000)
             # a vega chart has rendered once its canvas (or svg) has a size
-            page.wait_for_selector('[data-testid="stVegaLiteChart"] canvas, '
-                                   '[data-testid="stVegaLiteChart"] svg', timeout=120_000)
+            page.wait_for_selector(
+                '[data-testid="stVegaLiteChart"] canvas, [data-testid="stVegaLiteChart"] svg',
+                timeout=120_000,
+            )
             page.wait_for_function(
                 "document.querySelectorAll('[data-testid=\"stMetric\"]').length >= 9",
                 timeout=120_000,
@@ -110,8 +144,19 @@ def test_chart_tiles_and_table_render_in_chromium(dashboard: str, tmp_path: Path
             headings = page.locator("h3").all_inner_texts()
             assert {"temperature", "humidity", "pressure"} <= {h.strip() for h in headings}
             page.screenshot(path=str(shot), full_page=True)
+
+            # the Parquet download runs the export code on click and holds the shown rows
+            button = page.get_by_role("button", name="Download PARQUET")
+            button.scroll_into_view_if_needed()
+            with page.expect_download(timeout=120_000) as info:
+                button.click()
+            info.value.save_as(tmp_path / "export.parquet")
         finally:
             browser.close()
     assert shot.stat().st_size > 20_000
+    exported = pl.read_parquet(tmp_path / "export.parquet")
+    want = lake_rows.filter(pl.col("ts") > LAST - timedelta(days=1))
+    assert exported.height == want.height == 3 * 3 * 1440  # the default "Last 24 hours"
+    assert sorted(exported["record_id"]) == sorted(want["record_id"])
     if os.environ.get("DASHBOARD_SCREENSHOT"):  # keep a copy to look at
         Path(os.environ["DASHBOARD_SCREENSHOT"]).write_bytes(shot.read_bytes())

@@ -37,9 +37,20 @@ def _recording(path: Path) -> pl.DataFrame:
 
 def _run(config: Path, data_dir: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "collector", "run", str(config), "--once",
-         "--data-dir", str(data_dir)],
-        cwd=ROOT, capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "collector",
+            "run",
+            str(config),
+            "--once",
+            "--data-dir",
+            str(data_dir),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -47,10 +58,12 @@ def _run(config: Path, data_dir: Path) -> None:
 def _config(path: Path, csv: Path, lake: Path, window: bool) -> Path:
     transforms = (
         "transforms:\n  - type: window\n    every: 1m\n    aggs: [mean, min, max, count]\n"
-        if window else ""
+        if window
+        else ""
     )
     path.write_text(
         "device: edge-e2e\n"
+        "telemetry: {port: 0}\n"
         f"data_dir: {path.parent / 'data'}\n"
         "sources:\n"
         f"  - name: logger\n    type: replay\n    path: {csv}\n    layout: wide\n"
@@ -71,14 +84,16 @@ def test_dashboard_reads_the_lake_the_collector_wrote(tmp_path: Path) -> None:
 
     for lake in (agg_lake, raw_lake):
         folders = {f.folder for f in list_files(LakeQuery(str(lake)))}
-        assert folders == {f"metric={m}/date={d}" for m in ("temperature", "humidity")
-                           for d in ("2024-03-01", "2024-03-02")}
+        assert folders == {
+            f"metric={m}/date={d}"
+            for m in ("temperature", "humidity")
+            for d in ("2024-03-01", "2024-03-02")
+        }
 
     # raw lake: every reading, as recorded
     raw = data.lake_frame(LakeQuery(str(raw_lake))).collect()
     assert raw.height == truth.height
-    joined = truth.join(raw.select("ts", "metric", "value"), on=["ts", "metric"],
-                        suffix="_lake")
+    joined = truth.join(raw.select("ts", "metric", "value"), on=["ts", "metric"], suffix="_lake")
     assert joined.height == truth.height
     assert (joined["value"] == joined["value_lake"]).all()
 
@@ -88,14 +103,17 @@ def test_dashboard_reads_the_lake_the_collector_wrote(tmp_path: Path) -> None:
     want = (
         truth.with_columns(pl.col("ts").dt.truncate("5m"))
         .group_by("ts", "metric")
-        .agg(pl.col("value").mean().alias("mean"), pl.col("value").min().alias("min"),
-             pl.col("value").max().alias("max"), pl.len().cast(pl.Int64).alias("count"))
+        .agg(
+            pl.col("value").mean().alias("mean"),
+            pl.col("value").min().alias("min"),
+            pl.col("value").max().alias("max"),
+            pl.len().cast(pl.Int64).alias("count"),
+        )
         .sort("metric", "ts")
     )
     for lake in (agg_lake, raw_lake):
         stats = data.to_stats(data.lake_frame(LakeQuery(str(lake))))
-        got, bucket = data.series(stats, start=start, end=end,
-                                  resolution=timedelta(minutes=5))
+        got, bucket = data.series(stats, start=start, end=end, resolution=timedelta(minutes=5))
         assert bucket == timedelta(minutes=5)
         assert got["device"].unique().to_list() == ["edge-e2e"]
         got = got.select("ts", "metric", "mean", "min", "max", "count").sort("metric", "ts")
@@ -109,5 +127,4 @@ def test_dashboard_reads_the_lake_the_collector_wrote(tmp_path: Path) -> None:
     out = tmp_path / "day.csv"
     n = export(LakeQuery(str(agg_lake), since=datetime(2024, 3, 2, tzinfo=UTC)), out)
     assert n == 2 * 60  # 00:00-00:59 on March 2nd, two metrics
-    assert pl.read_csv(out, try_parse_dates=True)["ts"].min() == datetime(2024, 3, 2,
-                                                                          tzinfo=UTC)
+    assert pl.read_csv(out, try_parse_dates=True)["ts"].min() == datetime(2024, 3, 2, tzinfo=UTC)

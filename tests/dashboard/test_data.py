@@ -36,8 +36,13 @@ def stats_for(query: LakeQuery) -> pl.LazyFrame:
 
 
 def test_scan_returns_exactly_the_rows_duckdb_selects(sample_lake: Path) -> None:
-    query = LakeQuery(str(sample_lake), since=DAY2, until=DAY3, devices=("edge-02",),
-                      metrics=("temperature", "pressure"))
+    query = LakeQuery(
+        str(sample_lake),
+        since=DAY2,
+        until=DAY3,
+        devices=("edge-02",),
+        metrics=("temperature", "pressure"),
+    )
     got = data.lake_frame(query).select("record_id", "metric", "mean").collect()
     want = duck(
         sample_lake,
@@ -52,8 +57,7 @@ def test_scan_returns_exactly_the_rows_duckdb_selects(sample_lake: Path) -> None
 
 def test_listing_prunes_to_the_partitions_of_the_query(sample_lake: Path) -> None:
     every = list_files(LakeQuery(str(sample_lake)))
-    one_day = list_files(LakeQuery(str(sample_lake), since=DAY2, until=DAY3,
-                                   metrics=("humidity",)))
+    one_day = list_files(LakeQuery(str(sample_lake), since=DAY2, until=DAY3, metrics=("humidity",)))
     assert len(every) == 3 * 3 * 4  # metrics x days x 6-hour batches
     assert len(one_day) == 4
     assert {f.folder for f in one_day} == {"metric=humidity/date=2024-06-02"}
@@ -121,8 +125,9 @@ def test_series_raw_and_combined_devices(sample_lake: Path) -> None:
     query = LakeQuery(str(sample_lake), since=start, until=end, metrics=("humidity",))
     raw, bucket = data.series(stats_for(query), start=start, end=end, resolution="raw")
     assert bucket is None and raw.height == 3 * 60
-    combined, bucket = data.series(stats_for(query), start=start, end=end,
-                                   resolution=timedelta(minutes=10), by_device=False)
+    combined, bucket = data.series(
+        stats_for(query), start=start, end=end, resolution=timedelta(minutes=10), by_device=False
+    )
     assert bucket == timedelta(minutes=10)
     assert combined.height == 6 and combined["device"].unique().to_list() == ["all"]
     first = raw.filter(pl.col("ts") < start + timedelta(minutes=10))
@@ -151,13 +156,15 @@ def test_latest_and_change_agree_with_duckdb(sample_lake: Path) -> None:
         "AND l2.metric = lake.metric ORDER BY l2.ts DESC LIMIT 1 OFFSET 1) AS change "
         "FROM lake GROUP BY device, metric ORDER BY metric, device",
     )
-    assert got.select("device", "metric", "value").equals(want.select("device", "metric",
-                                                                      "value"))
+    assert got.select("device", "metric", "value").equals(want.select("device", "metric", "value"))
     np.testing.assert_allclose(got["change"].to_numpy(), want["change"].to_numpy(), atol=1e-9)
     hourly = data.latest(stats_for(LakeQuery(str(sample_lake))), compare=timedelta(hours=1))
     row = hourly.filter((pl.col("device") == "edge-01") & (pl.col("metric") == "pressure"))
-    ref = duck(sample_lake, "SELECT mean FROM lake WHERE device = 'edge-01' AND metric = "
-               "'pressure' AND ts = TIMESTAMPTZ '2024-06-03 22:59:00Z'")
+    ref = duck(
+        sample_lake,
+        "SELECT mean FROM lake WHERE device = 'edge-01' AND metric = "
+        "'pressure' AND ts = TIMESTAMPTZ '2024-06-03 22:59:00Z'",
+    )
     assert row["previous"][0] == ref["mean"][0]
 
 
@@ -197,8 +204,7 @@ def test_freshness_finds_the_outage_of_edge_03(sample_lake: Path) -> None:
     assert rows["edge-01"]["last_ts"] == datetime(2024, 6, 3, 23, 59, tzinfo=UTC)
     assert rows["edge-01"]["age"] == timedelta(hours=1, minutes=1)
     assert rows["edge-03"]["timestamps"] == 3 * 1440 - 120
-    fixed = data.freshness(stats_for(LakeQuery(str(sample_lake))), now=now,
-                           gap=timedelta(hours=3))
+    fixed = data.freshness(stats_for(LakeQuery(str(sample_lake))), now=now, gap=timedelta(hours=3))
     assert fixed["gaps"].sum() == 0
 
 
@@ -220,8 +226,9 @@ def _spool_file(path: Path, table: pa.Table) -> None:
 
 
 def test_spool_rows_are_read_and_filtered(tmp_path: Path, sample_lake: Path) -> None:
-    rows = data.lake_frame(LakeQuery(str(sample_lake), since=DAY2,
-                                     until=DAY2 + timedelta(minutes=30))).collect()
+    rows = data.lake_frame(
+        LakeQuery(str(sample_lake), since=DAY2, until=DAY2 + timedelta(minutes=30))
+    ).collect()
     folder = tmp_path / "spool" / "cloud"
     (folder / "inflight").mkdir(parents=True)
     (folder / "dead-letter").mkdir()
@@ -266,10 +273,12 @@ def test_scrape_metrics_parses_prometheus_text() -> None:
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    body = (b"# TYPE edge_collector_dropped_rows counter\n"
-            b'edge_collector_dropped_rows_total{reason="spool_full",sink="s3"} 4.0\n'
-            b"# TYPE edge_collector_spool_rows gauge\n"
-            b'edge_collector_spool_rows{sink="s3"} 120.0\n')
+    body = (
+        b"# TYPE edge_collector_dropped_rows counter\n"
+        b'edge_collector_dropped_rows_total{reason="spool_full",sink="s3"} 4.0\n'
+        b"# TYPE edge_collector_spool_rows gauge\n"
+        b'edge_collector_spool_rows{sink="s3"} 120.0\n'
+    )
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -294,14 +303,16 @@ def test_scrape_metrics_parses_prometheus_text() -> None:
     values = {(r["name"], r["labels"]): r["value"] for r in got.iter_rows(named=True)}
     assert values[("edge_collector_dropped_rows_total", "reason=spool_full, sink=s3")] == 4.0
     assert values[("edge_collector_spool_rows", "sink=s3")] == 120.0
-    assert data.scrape_metrics(f"http://127.0.0.1:{server.server_address[1]}/x",
-                               timeout=0.5) is None
+    assert (
+        data.scrape_metrics(f"http://127.0.0.1:{server.server_address[1]}/x", timeout=0.5) is None
+    )
 
 
 def test_thresholds_file(tmp_path: Path) -> None:
     path = tmp_path / "th.yaml"
-    path.write_text("thresholds:\n  temperature: {max: 28}\n  humidity: {low: 20, high: 80}\n"
-                    "  pressure: 1030\n")
+    path.write_text(
+        "thresholds:\n  temperature: {max: 28}\n  humidity: {low: 20, high: 80}\n  pressure: 1030\n"
+    )
     th = data.load_thresholds(path)
     assert th == {
         "temperature": data.Threshold(high=28.0),

@@ -32,7 +32,8 @@ def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-p", str(port), "-H", "127.0.0.1"],
-            stdout=out, stderr=subprocess.STDOUT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -58,8 +59,7 @@ def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture
-def s3_lake(moto: str, sample_lake: Path, monkeypatch: pytest.MonkeyPatch,
-            tmp_path: Path) -> str:
+def s3_lake(moto: str, sample_lake: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
     """The sample lake uploaded under ``s3://lake-test/site-a/lake``; credentials from env."""
     import boto3
 
@@ -80,19 +80,21 @@ def s3_lake(moto: str, sample_lake: Path, monkeypatch: pytest.MonkeyPatch,
     return f"s3://{bucket}/site-a/lake"
 
 
-def test_s3_lake_prunes_and_reads_like_the_local_lake(s3_lake: str, sample_lake: Path,
-                                                      tmp_path: Path) -> None:
+def test_s3_lake_prunes_and_reads_like_the_local_lake(
+    s3_lake: str, sample_lake: Path, tmp_path: Path
+) -> None:
     since = datetime(2024, 6, 2, 12, tzinfo=UTC)
     until = since + timedelta(hours=18)
-    remote_files = list_files(LakeQuery(s3_lake, since=since, until=until,
-                                        metrics=("temperature",)))
+    remote_files = list_files(
+        LakeQuery(s3_lake, since=since, until=until, metrics=("temperature",))
+    )
     assert {f.folder for f in remote_files} == {
-        "metric=temperature/date=2024-06-02", "metric=temperature/date=2024-06-03"
+        "metric=temperature/date=2024-06-02",
+        "metric=temperature/date=2024-06-03",
     }
     assert all(f.path.startswith(s3_lake + "/") for f in remote_files)
     remote = scan_lake(s3_lake, since=since, until=until, metrics=["temperature"]).collect()
-    local = scan_lake(str(sample_lake), since=since, until=until,
-                      metrics=["temperature"]).collect()
+    local = scan_lake(str(sample_lake), since=since, until=until, metrics=["temperature"]).collect()
     assert remote.height == local.height == 3 * 18 * 60
     assert remote.sort("record_id", "device").equals(local.sort("record_id", "device"))
 
@@ -101,5 +103,24 @@ def test_s3_lake_prunes_and_reads_like_the_local_lake(s3_lake: str, sample_lake:
     assert pl.read_parquet(out)["device"].unique().to_list() == ["edge-01"]
 
     stats = data.to_stats(data.lake_frame(LakeQuery(s3_lake, metrics=("pressure",))))
-    assert data.bounds(stats) == (datetime(2024, 6, 1, tzinfo=UTC),
-                                  datetime(2024, 6, 3, 23, 59, tzinfo=UTC))
+    assert data.bounds(stats) == (
+        datetime(2024, 6, 1, tzinfo=UTC),
+        datetime(2024, 6, 3, 23, 59, tzinfo=UTC),
+    )
+
+
+def test_page_reads_an_s3_lake(
+    s3_lake: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv(data.LAKE_ENV, s3_lake)
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "data"))
+    app = Path(__file__).resolve().parents[2] / "dashboards" / "app.py"
+    at = AppTest.from_file(str(app), default_timeout=120).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.radio(key="source_kind").value == "S3 lake"
+    assert at.text_input(key="s3_uri").value == s3_lake
+    assert len(at.metric) == 9
+    assert f"{s3_lake} · 2024-06-02 23:59" in at.caption[0].value
+    assert "12,960 rows from 24 files" in at.caption[0].value

@@ -59,14 +59,21 @@ def test_parse_time_rejects_with_the_accepted_forms(text: str) -> None:
 def test_export_parquet_has_exactly_the_selected_rows(lake: Path, tmp_path: Path) -> None:
     out = tmp_path / "out" / "day2.parquet"
     seen: list[tuple[str, int]] = []
-    query = LakeQuery(str(lake), since=DAY2, until=DAY2 + timedelta(days=1),
-                      devices=("edge-01", "edge-03"), metrics=("temperature",))
+    query = LakeQuery(
+        str(lake),
+        since=DAY2,
+        until=DAY2 + timedelta(days=1),
+        devices=("edge-01", "edge-03"),
+        metrics=("temperature",),
+    )
     n = export(query, out, on_partition=lambda folder, rows: seen.append((folder, rows)))
     got = pl.read_parquet(out)
     every = pl.read_parquet(lake / "**" / "*.parquet", hive_partitioning=False)
     want = every.filter(
-        (pl.col("ts") >= DAY2) & (pl.col("ts") < DAY2 + timedelta(days=1))
-        & pl.col("device").is_in(["edge-01", "edge-03"]) & (pl.col("metric") == "temperature")
+        (pl.col("ts") >= DAY2)
+        & (pl.col("ts") < DAY2 + timedelta(days=1))
+        & pl.col("device").is_in(["edge-01", "edge-03"])
+        & (pl.col("metric") == "temperature")
     )
     assert n == got.height == want.height == 1440 + 1440 - 120  # edge-03 was down 2 hours
     assert sorted(got["record_id"]) == sorted(want["record_id"])
@@ -79,8 +86,9 @@ def test_export_parquet_has_exactly_the_selected_rows(lake: Path, tmp_path: Path
 
 def test_export_csv_with_where(lake: Path, tmp_path: Path) -> None:
     out = tmp_path / "hot.csv"
-    n = run_export(str(lake), out, where="max > 30", metrics=["temperature"], progress=True,
-                   now=NOW)
+    n = run_export(
+        str(lake), out, where="max > 30", metrics=["temperature"], progress=True, now=NOW
+    )
     back = pl.read_csv(out, try_parse_dates=True)
     assert n == back.height > 0
     assert (back["max"] > 30).all()
@@ -93,12 +101,18 @@ def test_export_mixed_shapes_into_one_file(tmp_path: Path) -> None:
     """Aggregates and raw readings in one lake (even one folder) export as one table."""
     root = tmp_path / "lake"
     write_lake(aggregate_table(days=1, devices=("a",), gap=None), root)
-    raw = pa.table({
-        "ts": pa.array([datetime(2024, 6, 1, 3, tzinfo=UTC)] * 2, pa.timestamp("us", tz="UTC")),
-        "device": ["b", "b"], "source": ["s", "s"], "metric": ["temperature", "voltage"],
-        "value": [40.0, 231.5], "unit": ["C", "V"], "site": ["north", "north"],
-        "record_id": ["r:0", "r:1"],
-    })
+    raw = pa.table(
+        {
+            "ts": pa.array([datetime(2024, 6, 1, 3, tzinfo=UTC)] * 2, pa.timestamp("us", tz="UTC")),
+            "device": ["b", "b"],
+            "source": ["s", "s"],
+            "metric": ["temperature", "voltage"],
+            "value": [40.0, 231.5],
+            "unit": ["C", "V"],
+            "site": ["north", "north"],
+            "record_id": ["r:0", "r:1"],
+        }
+    )
     for folder, part in split(raw, ("metric", "date")):
         (root / folder).mkdir(parents=True, exist_ok=True)  # temperature: next to aggregates
         pq.write_table(part, root / folder / "part-raw.parquet")

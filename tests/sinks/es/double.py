@@ -31,6 +31,7 @@ import hashlib
 import itertools
 import json
 import re
+import socket
 import ssl
 import threading
 from collections import Counter
@@ -98,6 +99,7 @@ class ElasticsearchDouble:
         self._rejections: list[tuple[int, str | None]] = []
         self._ids = itertools.count(1)
         self._server: ThreadingHTTPServer | None = None
+        self._connections: set[socket.socket] = set()
         self._thread: threading.Thread | None = None
 
     # ---- fault injection -------------------------------------------------------------------
@@ -142,10 +144,17 @@ class ElasticsearchDouble:
         return self
 
     def stop(self) -> None:
+        """Stop listening and cut open keep-alive connections, like a node going away."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        with self.lock:
+            conns, self._connections = set(self._connections), set()
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
 
     def __enter__(self) -> ElasticsearchDouble:
         return self.start()
@@ -463,6 +472,17 @@ def _verify_sigv4(
 class _Handler(BaseHTTPRequestHandler):
     owner: ElasticsearchDouble
     protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        super().setup()
+        with self.owner.lock:
+            self.owner._connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.owner.lock:
+            self.owner._connections.discard(self.connection)
+        with contextlib.suppress(OSError):
+            super().finish()
 
     def log_message(self, format: str, *args: Any) -> None:
         pass

@@ -209,3 +209,51 @@ async def test_window_aggregates_are_typed_by_the_template(
     mapping = es_double.mappings["sensors-2024.01.01"]
     assert mapping["count"] == mapping["mean"] == "double"
     assert mapping["partial"] == "boolean" and mapping["site"] == "keyword"
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome"),
+    [(429, "transient"), (503, "transient"), (401, "transient"), (413, "dead-letter")],
+)
+async def test_whole_request_failures(
+    double: ElasticsearchDouble, make_sink: SinkFactory, status: int, outcome: str
+) -> None:
+    """Throttling, outages and revoked credentials keep the batch for later; a request the
+    server will never take at this size is dead-lettered with advice."""
+    sink = make_sink(double)
+    await sink.open()
+    double.reject_bulk(status=status)
+    if outcome == "transient":
+        with pytest.raises(TransientSinkError, match=str(status)) as err:
+            await sink.write(readings(3), "b1")
+        if status == 401:
+            assert "check the credentials" in str(err.value)
+    else:
+        with pytest.raises(PartialWriteError) as perr:
+            await sink.write(readings(3), "b1")
+        assert perr.value.retry_rows is None
+        assert ids(perr.value.rejected_rows) == ["b1:0", "b1:1", "b1:2"]
+        assert all("413" in r and "lower max_bytes" in r for r in perr.value.reasons)
+    assert double.all_docs() == {}
+
+
+async def test_server_gone_after_open_is_transient(
+    double: ElasticsearchDouble, make_sink: SinkFactory
+) -> None:
+    sink = make_sink(double)
+    await sink.open()
+    double.stop()
+    with pytest.raises(TransientSinkError, match="no response"):
+        await sink.write(readings(3), "b1")
+
+
+async def test_counters_split_results(es_double: ElasticsearchDouble,
+                                      make_sink: SinkFactory) -> None:
+    es_double.throttle("b1:1")
+    sink = make_sink(es_double)
+    with pytest.raises(PartialWriteError):
+        await sink.write(readings(5, bad_mean=(4,)), "b1")
+    counters = sink.ctx.counters
+    got = {r: counters.get("es_documents_total", component="search", result=r)
+           for r in ("indexed", "retry", "rejected")}
+    assert got == {"indexed": 3, "retry": 1, "rejected": 1}

@@ -118,15 +118,19 @@ def aws_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SigV4Expectation
     return expect
 
 
+@pytest.mark.parametrize("service", ["es", "aoss"])
 async def test_sigv4_signed_requests_are_accepted(
-    aws_env: SigV4Expectation, make_sink: SinkFactory
+    aws_env: SigV4Expectation, make_sink: SinkFactory, service: str
 ) -> None:
+    aws_env.service = service
     with ElasticsearchDouble("opensearch", sigv4=aws_env) as double:
-        sink = make_sink(double, aws_sigv4={"region": "eu-west-1"})
+        sink = make_sink(double, aws_sigv4={"region": "eu-west-1", "service": service})
         result = await deliver(sink, readings(3, bad_mean=(2,)), "b1")
         # every request, the bulk included, passed the signature check
         assert sorted(double.all_docs()) == ["b1:0", "b1:1"]
         assert list(result.dead_letter) == ["b1:2"]
+        # Serverless has no `GET /`: the sink must not depend on it there
+        assert (("GET", "/") in {(m, p) for m, p, _h, _b in double.requests}) == (service == "es")
 
 
 async def test_sigv4_with_the_wrong_secret_is_refused(

@@ -1,0 +1,241 @@
+"""What every benchmark shares: the machine it ran on, child-process measurement, JSON output.
+
+A figure without its machine is meaningless on edge hardware (a Pi 4 and a 2-core VM differ by
+an order of magnitude), so every JSON file carries :func:`machine` beside the numbers.
+Processes are measured with ``os.wait4``: the kernel's own peak RSS and CPU seconds of exactly
+that child, with no sampling gaps and no polling cost inside the measured window.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = Path(__file__).resolve().parent / "out"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _ram_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def machine() -> dict[str, Any]:
+    """Cores, RAM, CPU model and library versions: recorded beside every figure."""
+    import polars as pl
+    import pyarrow as pa
+
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "ram_gb": round(_ram_bytes() / 1024**3, 1),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "polars": pl.__version__,
+        "pyarrow": pa.__version__,
+    }
+
+
+def machine_line(info: dict[str, Any] | None = None) -> str:
+    """One line for the README: `2 cores, 23.5 GB RAM, Intel Xeon, Python 3.11`."""
+    m = info or machine()
+    return (f"{m['cores']} cores, {m['ram_gb']} GB RAM, {m['cpu']}, Python {m['python']}, "
+            f"Polars {m['polars']}")
+
+
+def write_json(name: str, payload: dict[str, Any]) -> Path:
+    """``benchmarks/out/<name>.json`` with the machine and the time of the run added."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    doc = {"benchmark": name, "at": datetime.now(UTC).isoformat(timespec="seconds"),
+           "machine": machine(), **payload}
+    path = OUT / f"{name}.json"
+    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    return path
+
+
+def env() -> dict[str, str]:
+    """The child's environment: this checkout first on the path, no stray AWS profile."""
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), e.get("PYTHONPATH")) if p)
+    e.pop("AWS_PROFILE", None)
+    return e
+
+
+@dataclass
+class ProcResult:
+    """How one child process ran, as the kernel accounted it."""
+
+    returncode: int
+    wall_s: float
+    user_s: float
+    sys_s: float
+    peak_rss_mb: float
+    """The kernel's high-water mark of the process's RSS (``VmHWM``), read until it exits."""
+    sampled_peak_rss_mb: float = 0.0
+    """Peak of (process + children) RSS sampled by psutil: a cross-check of ``peak_rss_mb``."""
+    stderr_tail: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cpu_s(self) -> float:
+        return self.user_s + self.sys_s
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["cpu_s"] = round(self.cpu_s, 3)
+        for k in ("wall_s", "user_s", "sys_s", "peak_rss_mb", "sampled_peak_rss_mb"):
+            d[k] = round(d[k], 3)
+        d.pop("extra")
+        return d
+
+
+def run_measured(cmd: Sequence[str], *, cwd: Path | None = None,
+                 extra_env: dict[str, str] | None = None, timeout: float = 3600.0,
+                 sample_every: float = 0.0) -> ProcResult:
+    """Run ``cmd`` to its end; wall time and CPU seconds from ``wait4``, peak RSS from VmHWM.
+
+    ``ru_maxrss`` cannot be used for the peak: Linux carries the parent's RSS at fork time over
+    ``execve``, so a child of a big benchmark process would report the parent's size. ``VmHWM``
+    in ``/proc/<pid>/status`` belongs to the new address space only and is monotonic, so
+    polling it until the process exits gives its true peak (minus at most one poll period).
+    ``sample_every`` > 0 also sums RSS over the process tree with psutil, as a cross-check.
+    """
+    e = env()
+    if extra_env:
+        e.update(extra_env)
+    err_path = OUT / f".stderr-{os.getpid()}-{threading.get_ident()}.log"
+    OUT.mkdir(parents=True, exist_ok=True)
+    sampled = [0]
+    hwm = [0]
+    with open(err_path, "wb") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(list(cmd), cwd=cwd, env=e, stdout=subprocess.DEVNULL,
+                                stderr=err)
+        stop = threading.Event()
+        sampler = None
+        if sample_every > 0:
+            sampler = threading.Thread(target=_sample_rss, args=(proc.pid, sample_every, stop,
+                                                                 sampled), daemon=True)
+            sampler.start()
+        deadline = time.monotonic() + timeout
+        status_file = f"/proc/{proc.pid}/status"
+        while True:
+            hwm[0] = max(hwm[0], _vm_hwm(status_file))
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.02)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)  # keep Popen from waiting again
+        stop.set()
+        if sampler is not None:
+            sampler.join()
+    tail = err_path.read_text(errors="replace")[-4000:]
+    err_path.unlink(missing_ok=True)
+    return ProcResult(
+        returncode=proc.returncode,
+        wall_s=wall,
+        user_s=usage.ru_utime,
+        sys_s=usage.ru_stime,
+        peak_rss_mb=hwm[0] / 1024,  # KiB
+        sampled_peak_rss_mb=sampled[0] / 1024**2,
+        stderr_tail=tail,
+    )
+
+
+def _vm_hwm(status_file: str) -> int:
+    """VmHWM in KiB, 0 once the process is gone (or a zombie)."""
+    try:
+        with open(status_file) as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _sample_rss(pid: int, every: float, stop: threading.Event, peak: list[int]) -> None:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+    except psutil.Error:
+        return
+    while not stop.is_set():
+        try:
+            procs = [root, *root.children(recursive=True)]
+            total = 0
+            for p in procs:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            peak[0] = max(peak[0], total)
+        except psutil.Error:
+            return
+        stop.wait(every)
+
+
+def check_ok(result: ProcResult, what: str) -> None:
+    """Stop the benchmark with the child's stderr when it failed: a figure of a crash is a lie."""
+    if result.returncode != 0:
+        sys.stderr.write(result.stderr_tail)
+        raise SystemExit(f"{what} exited with {result.returncode}")
+
+
+def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
+          caption: str | None = None) -> None:
+    """Print a rich table (plain text when stdout is not a terminal)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(*columns, title=title, caption=caption)
+    for row in rows:
+        t.add_row(*[str(c) for c in row])
+    Console().print(t)
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return f"{n:,.1f} TB"
+
+
+def write_yaml(path: Path, config: dict[str, Any]) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def collector_cmd(config: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "collector", "run", str(config), *args]

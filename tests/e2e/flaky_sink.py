@@ -1,0 +1,44 @@
+"""A real sink for failure-injection tests: Parquet files in a folder, down while a flag exists.
+
+Used by the end-to-end tests as ``type: tests.e2e.flaky_sink:FlakySink``. Each batch lands as
+``<path>/<batch id>.parquet`` (so a replayed batch overwrites, like the lake and S3), and the
+order of successful writes is appended to ``<path>/ORDER``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from collector.errors import PermanentSinkError, TransientSinkError
+from collector.plugin import Sink, SinkConfig
+
+
+class FlakyConfig(SinkConfig):
+    path: Path = Field(description="Folder the batches land in.")
+    down_flag: Path = Field(description="While this file exists, writes fail (transient).")
+    reject_value: float | None = Field(
+        default=None, description="Batches holding this value are rejected for good.")
+
+
+class FlakySink(Sink):
+    Config = FlakyConfig
+    description = "Test sink: folder of Parquet batches, fails while a flag file exists."
+
+    async def write(self, table: pa.Table, batch_id: str) -> None:
+        cfg: FlakyConfig = self.config
+        if cfg.down_flag.exists():
+            raise TransientSinkError("sink is down (flag file present)")
+        if cfg.reject_value is not None and "value" in table.column_names and \
+                cfg.reject_value in table.column("value").to_pylist():
+            raise PermanentSinkError(f"value {cfg.reject_value} is not accepted")
+        cfg.path.mkdir(parents=True, exist_ok=True)
+        tmp = cfg.path / f".{batch_id}.tmp"
+        pq.write_table(table, tmp)
+        os.replace(tmp, cfg.path / f"{batch_id}.parquet")
+        with open(cfg.path / "ORDER", "a") as fh:
+            fh.write(batch_id + "\n")

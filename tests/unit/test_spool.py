@@ -1,0 +1,124 @@
+"""Spool: durable queue per sink, bounds and policies, dead letters, restart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pytest
+
+from collector.plugin import Counters, SpoolConfig
+from collector.spool import Spool
+
+
+def rows(n: int, start: int = 0) -> pa.Table:
+    return pa.table({"value": pa.array([float(i) for i in range(start, start + n)]),
+                     "record_id": pa.array([f"b:{i}" for i in range(start, start + n)])})
+
+
+def make(tmp_path: Path, **kw: object) -> tuple[Spool, Counters]:
+    c = Counters()
+    return Spool(tmp_path / "s", SpoolConfig(**kw), "out", c), c
+
+
+def test_oldest_first_and_done(tmp_path: Path) -> None:
+    sp, c = make(tmp_path)
+    for i in (2, 0, 1):
+        sp.put(rows(3, i * 3), f"{i:012d}-{i:012d}")
+    got = []
+    while (item := sp.claim()) is not None:
+        got.append(Spool.read(item).column("value")[0].as_py())
+        sp.done(item)
+    assert got == [0.0, 3.0, 6.0]
+    assert sp.backlog_rows == 0
+    assert c.get("delivered_rows_total", sink="out") == 9
+
+
+def test_inflight_returns_to_ready_on_restart(tmp_path: Path) -> None:
+    sp, _ = make(tmp_path)
+    sp.put(rows(2), "000000000000-000000000001")
+    item = sp.claim()
+    assert item is not None and item.path.parent.name == "inflight"
+    sp2, _ = make(tmp_path)  # a crash while sending
+    assert sp2.backlog_rows == 2
+    again = sp2.claim()
+    assert again is not None and Spool.read(again).num_rows == 2
+
+
+def test_replayed_batch_replaces_its_file(tmp_path: Path) -> None:
+    sp, _ = make(tmp_path)
+    sp.put(rows(2), "000000000000-000000000001")
+    sp.put(rows(2), "000000000000-000000000001")
+    assert len(list((tmp_path / "s").glob("*.arrow"))) == 1
+    assert sp.backlog_rows == 2
+
+
+def test_partial_replace_keeps_only_retry_rows(tmp_path: Path) -> None:
+    sp, _ = make(tmp_path)
+    sp.put(rows(5), "000000000000-000000000001")
+    item = sp.claim()
+    assert item is not None
+    sp.replace(item, rows(5).slice(3, 2))
+    again = sp.claim()
+    assert again is not None
+    assert Spool.read(again).column("value").to_pylist() == [3.0, 4.0]
+    assert again.batch_id == item.batch_id
+
+
+def test_drop_oldest_counts_dropped_rows(tmp_path: Path) -> None:
+    one = rows(100).nbytes
+    sp, c = make(tmp_path, max_bytes=int(one * 2.5), when_full="drop_oldest")
+    for i in range(6):
+        assert sp.put(rows(100, i * 100), f"{i:012d}-{i:012d}")
+    kept = []
+    while (item := sp.claim()) is not None:
+        kept.extend(Spool.read(item).column("value").to_pylist())
+        sp.done(item)
+    dropped = c.get("dropped_rows_total", sink="out", reason="spool_full")
+    assert dropped == 600 - len(kept) and dropped > 0
+    assert kept == [float(v) for v in range(600 - len(kept), 600)]  # the newest survive
+
+
+def test_drop_newest_refuses_new_batches(tmp_path: Path) -> None:
+    one = rows(100).nbytes
+    sp, c = make(tmp_path, max_bytes=int(one * 1.5), when_full="drop_newest")
+    assert sp.put(rows(100), "000000000000-000000000000")
+    assert not sp.put(rows(100, 100), "000000000001-000000000001")
+    assert c.get("dropped_rows_total", sink="out", reason="spool_full") == 100
+    assert sp.backlog_rows == 100
+
+
+def test_ttl_expires_old_batches(tmp_path: Path) -> None:
+    sp, c = make(tmp_path, ttl="1h")
+    sp.put(rows(4), "000000000000-000000000000", created_ms=0)
+    sp.put(rows(3), "000000000001-000000000001")
+    assert sp.expire() == 4
+    assert c.get("dropped_rows_total", sink="out", reason="ttl") == 4
+    assert sp.backlog_rows == 3
+
+
+def test_dead_letter_parquet_has_reason_and_sink(tmp_path: Path) -> None:
+    sp, c = make(tmp_path)
+    path = sp.dead_letter(rows(2), ["mapper_parsing_exception", "bad"], "b1")
+    df = pl.read_parquet(path)
+    assert df["dead_letter_reason"].to_list() == ["mapper_parsing_exception", "bad"]
+    assert df["dead_letter_sink"].to_list() == ["out", "out"]
+    assert df["value"].to_list() == [0.0, 1.0]
+    assert c.get("dead_letter_rows_total", sink="out") == 2
+
+
+def test_corrupt_file_is_set_aside(tmp_path: Path) -> None:
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "000000000000-000000000000.arrow").write_bytes(b"garbage")
+    sp, _ = make(tmp_path)
+    assert sp.claim() is None
+    assert (tmp_path / "s" / "000000000000-000000000000.corrupt").exists()
+
+
+@pytest.mark.parametrize("policy", ["block"])
+def test_block_reports_no_room(tmp_path: Path, policy: str) -> None:
+    one = rows(100).nbytes
+    sp, _ = make(tmp_path, max_bytes=int(one * 1.5), when_full=policy)
+    sp.put(rows(100), "000000000000-000000000000")
+    assert not sp.has_room(one)
