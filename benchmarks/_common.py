@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -113,7 +113,8 @@ class ProcResult:
 
 def run_measured(cmd: Sequence[str], *, cwd: Path | None = None,
                  extra_env: dict[str, str] | None = None, timeout: float = 3600.0,
-                 sample_every: float = 0.0) -> ProcResult:
+                 sample_every: float = 0.0,
+                 on_start: Callable[[int], None] | None = None) -> ProcResult:
     """Run ``cmd`` to its end; wall time and CPU seconds from ``wait4``, peak RSS from VmHWM.
 
     ``ru_maxrss`` cannot be used for the peak: Linux carries the parent's RSS at fork time over
@@ -121,6 +122,7 @@ def run_measured(cmd: Sequence[str], *, cwd: Path | None = None,
     in ``/proc/<pid>/status`` belongs to the new address space only and is monotonic, so
     polling it until the process exits gives its true peak (minus at most one poll period).
     ``sample_every`` > 0 also sums RSS over the process tree with psutil, as a cross-check.
+    ``on_start(pid)`` is called right after the process started (e.g. to sample it later).
     """
     e = env()
     if extra_env:
@@ -133,6 +135,8 @@ def run_measured(cmd: Sequence[str], *, cwd: Path | None = None,
         t0 = time.perf_counter()
         proc = subprocess.Popen(list(cmd), cwd=cwd, env=e, stdout=subprocess.DEVNULL,
                                 stderr=err)
+        if on_start is not None:
+            on_start(proc.pid)
         stop = threading.Event()
         sampler = None
         if sample_every > 0:

@@ -20,13 +20,21 @@ log = logging.getLogger("collector")
 
 
 def _setup_logging(level: str) -> None:
-    from rich.logging import RichHandler
+    """Rich on a terminal; plain one-line records for files, journald and pipes."""
+    handler: logging.Handler
+    if sys.stderr.isatty():
+        from rich.console import Console
+        from rich.logging import RichHandler
 
-    handler = RichHandler(show_path=False, rich_tracebacks=False,
-                          console=__import__("rich.console").console.Console(stderr=True))
-    logging.basicConfig(level=level.upper(), format="%(message)s", handlers=[handler],
-                        force=True)
-    for noisy in ("apscheduler", "botocore", "aiobotocore", "urllib3", "elastic_transport"):
+        handler = RichHandler(show_path=False, console=Console(stderr=True))
+        fmt = "%(message)s"
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    handler.setFormatter(logging.Formatter(fmt))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    for noisy in ("apscheduler", "botocore", "aiobotocore", "urllib3", "elastic_transport",
+                  "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -59,17 +67,27 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("config_file", type=click.Path(dir_okay=False))
-@click.option("--once", is_flag=True,
-              help="One tick of every scheduled source (finite streams run to their end), a "
-                   "full flush, deliver, exit. Exit 1 if rows had to stay in the spool.")
-@click.option("--for", "duration", metavar="DURATION",
-              help="Run this long (e.g. 30s, 5m), then stop cleanly.")
-@click.option("--data-dir", type=click.Path(file_okay=False),
-              help="Override `data_dir` of the config.")
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]))
-def run(config_file: str, once: bool, duration: str | None, data_dir: str | None,
-        log_level: str) -> None:
+@click.option(
+    "--once",
+    is_flag=True,
+    help="One tick of every scheduled source (finite streams run to their end), a "
+    "full flush, deliver, exit. Exit 1 if rows had to stay in the spool.",
+)
+@click.option(
+    "--for", "duration", metavar="DURATION", help="Run this long (e.g. 30s, 5m), then stop cleanly."
+)
+@click.option(
+    "--data-dir", type=click.Path(file_okay=False), help="Override `data_dir` of the config."
+)
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
+def run(
+    config_file: str, once: bool, duration: str | None, data_dir: str | None, log_level: str
+) -> None:
     """Run the collector on CONFIG_FILE.
 
     SIGINT/SIGTERM stop sources, flush windows and batches and exit 0 (data a sink could not
@@ -84,12 +102,14 @@ def run(config_file: str, once: bool, duration: str | None, data_dir: str | None
             seconds = parse_duration(duration)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--for") from None
-    sys.exit(asyncio.run(_run(config_file, cfg, once, seconds,
-                              Path(data_dir) if data_dir else None)))
+    sys.exit(
+        asyncio.run(_run(config_file, cfg, once, seconds, Path(data_dir) if data_dir else None))
+    )
 
 
-async def _run(path: str, cfg: Any, once: bool, duration: float | None,
-               data_dir: Path | None) -> int:
+async def _run(
+    path: str, cfg: Any, once: bool, duration: float | None, data_dir: Path | None
+) -> int:
     from collector import config
     from collector.runner import Runtime, pid_lock
 
@@ -121,9 +141,14 @@ async def _run(path: str, cfg: Any, once: bool, duration: float | None,
     try:
         while True:
             runtime = Runtime(cfg, data_dir)
-            log.info("collector %s: %d source(s), %d transform(s), %d sink(s), data in %s",
-                     cfg.settings.device, len(cfg.sources), len(cfg.transforms),
-                     len(cfg.sinks), runtime.data_dir)
+            log.info(
+                "collector %s: %d source(s), %d transform(s), %d sink(s), data in %s",
+                cfg.settings.device,
+                len(cfg.sources),
+                len(cfg.transforms),
+                len(cfg.sinks),
+                runtime.data_dir,
+            )
             code = await runtime.run(once=once, duration=duration, stop=stop)
             if "cfg" not in reload_to:
                 return code
@@ -135,17 +160,22 @@ async def _run(path: str, cfg: Any, once: bool, duration: float | None,
 
 @cli.command()
 @click.argument("config_file", type=click.Path(dir_okay=False))
-@click.option("--estimate", is_flag=True,
-              help="Also print Firehose records, calls and billable bytes per day for the "
-                   "config's rates, against one record per reading.")
+@click.option(
+    "--estimate",
+    is_flag=True,
+    help="Also print Firehose records, calls and billable bytes per day for the "
+    "config's rates, against one record per reading.",
+)
 def check(config_file: str, estimate: bool) -> None:
     """Validate CONFIG_FILE without touching network or devices.
 
     Errors print as FILE:LINE path.to.field: message; the exit code is 2.
     """
     cfg = _load_or_exit(config_file)
-    click.echo(f"{config_file}: OK ({len(cfg.sources)} source(s), {len(cfg.transforms)} "
-               f"transform(s), {len(cfg.sinks)} sink(s))")
+    click.echo(
+        f"{config_file}: OK ({len(cfg.sources)} source(s), {len(cfg.transforms)} "
+        f"transform(s), {len(cfg.sinks)} sink(s))"
+    )
     if estimate:
         from collector.estimate import print_estimate
 
@@ -161,8 +191,9 @@ def schema() -> None:
 
 
 @cli.command()
-@click.option("--kind", type=click.Choice(["sources", "transforms", "sinks"]),
-              help="Only this kind.")
+@click.option(
+    "--kind", type=click.Choice(["sources", "transforms", "sinks"]), help="Only this kind."
+)
 def plugins(kind: str | None) -> None:
     """List plugins with a one-line description and an example."""
     from rich.console import Console
@@ -187,10 +218,19 @@ def plugins(kind: str | None) -> None:
 
 
 @cli.command()
-@click.option("--data-dir", default="./data", show_default=True,
-              type=click.Path(file_okay=False), help="The collector's data_dir.")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False),
-              help="Take data_dir from this config instead.")
+@click.option(
+    "--data-dir",
+    default="./data",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="The collector's data_dir.",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    help="Take data_dir from this config instead.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(data_dir: str, config_file: str | None, as_json: bool) -> None:
     """Backlog, oldest data, last success and last error per sink.
@@ -211,10 +251,20 @@ def status(data_dir: str, config_file: str | None, as_json: bool) -> None:
         return
     console = Console()
     state = "running" if st.get("alive") else "not running"
-    console.print(f"collector in {data_dir}: [bold]{state}[/] "
-                  f"(status written {fmt_time(st.get('updated_at'))})")
-    table = Table("sink", "backlog", "oldest", "delivered", "dead-lettered", "dropped",
-                  "last success", "last error")
+    console.print(
+        f"collector in {data_dir}: [bold]{state}[/] "
+        f"(status written {fmt_time(st.get('updated_at'))})"
+    )
+    table = Table(
+        "sink",
+        "backlog",
+        "oldest",
+        "delivered",
+        "dead-lettered",
+        "dropped",
+        "last success",
+        "last error",
+    )
     for name, s in sorted(st.get("sinks", {}).items()):
         dropped = s.get("dropped_rows") or {}
         age = s.get("oldest_file_age_s")
@@ -229,6 +279,43 @@ def status(data_dir: str, config_file: str | None, as_json: bool) -> None:
             (s.get("last_error") or "-")[:80],
         )
     console.print(table)
+
+
+@cli.command("export")
+@click.option("--lake", required=True, help="Lake root: a folder or s3://bucket/prefix.")
+@click.option("--since", help="Start, inclusive: 2024-06-01, 2024-06-01T12:00Z, now, today, "
+              "yesterday, -1d, -2h30m.")
+@click.option("--until", help="End, exclusive; same forms as --since.")
+@click.option("--device", "devices", multiple=True, help="Only this device (repeatable).")
+@click.option("--metric", "metrics", multiple=True, help="Only this metric (repeatable).")
+@click.option("--source", "sources", multiple=True, help="Only this source (repeatable).")
+@click.option("--where", help="Polars SQL condition on the rows, e.g. 'max > 28'.")
+@click.option("--endpoint-url", help="S3 endpoint (default: $AWS_ENDPOINT_URL).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="FILE.parquet or FILE.csv (format from the suffix).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def export_cmd(lake: str, since: str | None, until: str | None, devices: tuple[str, ...],
+               metrics: tuple[str, ...], sources: tuple[str, ...], where: str | None,
+               endpoint_url: str | None, out: Path, no_progress: bool) -> None:
+    """Write lake rows matching the filters to Parquet or CSV.
+
+    Only the partitions the filters can match are read (partition pruning), so a day out of a
+    year-long lake is quick. Example:
+
+    \b
+      collector export --lake ./data/lake --since -1d --metric temperature --out today.parquet
+    """
+    from collector.export import run_export
+
+    try:
+        n = run_export(lake, out, since=since, until=until, devices=devices, metrics=metrics,
+                       sources=sources, where=where, endpoint_url=endpoint_url,
+                       progress=not no_progress)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{n} rows -> {out}")
 
 
 def main() -> None:

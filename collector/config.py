@@ -130,8 +130,13 @@ def _interpolate(text: str, loc: Loc, problems: list[tuple[Loc, str]]) -> str:
         value = os.environ.get(name)
         if value is None or (value == "" and default is not None):
             if default is None:
-                problems.append((loc, f"environment variable {name} is not set "
-                                      f"(write ${{{name}:-default}} to give a default)"))
+                problems.append(
+                    (
+                        loc,
+                        f"environment variable {name} is not set "
+                        f"(write ${{{name}:-default}} to give a default)",
+                    )
+                )
                 return ""
             return default
         return value
@@ -189,7 +194,9 @@ class _Locator:
         node: Any = self.data
         out: list[str | int] = []
         for i, part in enumerate(loc):
-            if (isinstance(node, Mapping) and part in node) or (isinstance(node, list) and isinstance(part, int) and part < len(node)):
+            if (isinstance(node, Mapping) and part in node) or (
+                isinstance(node, list) and isinstance(part, int) and part < len(node)
+            ):
                 node = node[part]
                 out.append(part)
             elif i == len(loc) - 1 and isinstance(node, Mapping):
@@ -207,7 +214,9 @@ class _Locator:
 
     def add_validation(self, prefix: Loc, err: ValidationError) -> None:
         for e in err.errors(include_url=False):
-            loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+            loc = tuple(
+                p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-"))
+            )
             msg = e["msg"].removeprefix("Value error, ")
             if e["type"] == "extra_forbidden":
                 msg = "unknown field (check the spelling; `collector schema` lists the fields)"
@@ -229,8 +238,9 @@ def load_text(text: str, file: str = "<config>") -> LoadedConfig:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
-        raise ConfigError([ConfigIssue("", f"invalid YAML: {getattr(exc, 'problem', exc)}",
-                                       line, file)]) from None
+        raise ConfigError(
+            [ConfigIssue("", f"invalid YAML: {getattr(exc, 'problem', exc)}", line, file)]
+        ) from None
     data = {} if root is None else _construct(root, (), lines, problems)
     loc = _Locator(file, data, lines)
     for where, msg in problems:
@@ -245,17 +255,22 @@ def load_text(text: str, file: str = "<config>") -> LoadedConfig:
         raise ConfigError(loc.issues) from None
 
     comps: dict[str, list[Component]] = {}
-    for kind, items in (("sources", settings.sources), ("transforms", settings.transforms),
-                        ("sinks", settings.sinks)):
-        comps[kind] = [c for i, item in enumerate(items)
-                       if (c := _component(kind, i, item, loc)) is not None]
+    for kind, items in (
+        ("sources", settings.sources),
+        ("transforms", settings.transforms),
+        ("sinks", settings.sinks),
+    ):
+        comps[kind] = [
+            c for i, item in enumerate(items) if (c := _component(kind, i, item, loc)) is not None
+        ]
     _name_components(comps, loc)
     if not loc.issues:
         _check_dataflow(settings, comps, loc)
     if loc.issues:
         raise ConfigError(loc.issues)
-    return LoadedConfig(settings, comps["sources"], comps["transforms"], comps["sinks"],
-                        file=file, raw=data)
+    return LoadedConfig(
+        settings, comps["sources"], comps["transforms"], comps["sinks"], file=file, raw=data
+    )
 
 
 def load(path: str | Path) -> LoadedConfig:
@@ -264,8 +279,9 @@ def load(path: str | Path) -> LoadedConfig:
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError([ConfigIssue("", f"cannot read config: {exc.strerror}", None,
-                                       str(path))]) from None
+        raise ConfigError(
+            [ConfigIssue("", f"cannot read config: {exc.strerror}", None, str(path))]
+        ) from None
     return load_text(text, str(path))
 
 
@@ -288,8 +304,10 @@ def _component(kind: str, index: int, item: Any, loc: _Locator) -> Component | N
         else:
             cls = registry.load(kind, type_name)  # type: ignore[arg-type]
     except KeyError:
-        loc.add((*where, "type"),
-                f"unknown {kind[:-1]} type {type_name!r}; known: {', '.join(sorted(known))}")
+        loc.add(
+            (*where, "type"),
+            f"unknown {kind[:-1]} type {type_name!r}; known: {', '.join(sorted(known))}",
+        )
         return None
     except (ImportError, AttributeError) as exc:
         loc.add((*where, "type"), f"cannot load plugin {type_name!r}: {exc}")
@@ -300,8 +318,11 @@ def _component(kind: str, index: int, item: Any, loc: _Locator) -> Component | N
         loc.add_validation(where, err)
         return None
     for module, extra in registry.missing_requirements(cls):
-        loc.add((*where, "type"), f"{type_name!r} needs the Python package {module!r}: "
-                                  f"pip install 'edge-collector[{extra}]'")
+        loc.add(
+            (*where, "type"),
+            f"{type_name!r} needs the Python package {module!r}: "
+            f"pip install 'edge-collector[{extra}]'",
+        )
     return Component(kind, index, cls, config)
 
 
@@ -314,13 +335,19 @@ def _name_components(comps: dict[str, list[Component]], loc: _Locator) -> None:
                 same = [o for o in items if o.config.type == c.config.type]
                 c.config.name = base if len(same) == 1 else f"{base}-{same.index(c)}"
             if c.config.name in seen:
-                loc.add((kind, c.index, "name"),
-                        f"duplicate name {c.config.name!r} (also {kind}[{seen[c.config.name]}])")
+                loc.add(
+                    (kind, c.index, "name"),
+                    f"duplicate name {c.config.name!r} (also {kind}[{seen[c.config.name]}])",
+                )
             seen[c.config.name] = c.index
         if kind == "sources":
             for c in items:
-                if not getattr(c.cls, "long_lived", False) and not _maybe_long_lived(c) and \
-                        c.config.every is None and c.config.cron is None:
+                if (
+                    not getattr(c.cls, "long_lived", False)
+                    and not _maybe_long_lived(c)
+                    and c.config.every is None
+                    and c.config.cron is None
+                ):
                     c.config.every = 5.0
 
 
@@ -329,8 +356,9 @@ def _maybe_long_lived(c: Component) -> bool:
     return bool(getattr(c.cls, "maybe_long_lived", False))
 
 
-def _check_dataflow(settings: CollectorConfig, comps: dict[str, list[Component]],
-                    loc: _Locator) -> None:
+def _check_dataflow(
+    settings: CollectorConfig, comps: dict[str, list[Component]], loc: _Locator
+) -> None:
     """Run the chain on empty frames: unknown columns and bad SQL become config errors."""
     tags: set[str] = set()
     for c in comps["sources"]:
@@ -353,8 +381,11 @@ def _check_dataflow(settings: CollectorConfig, comps: dict[str, list[Component]]
         try:
             frame = t.apply(frame.clear())
         except Exception as exc:
-            loc.add(("transforms", c.index), f"fails on columns [{', '.join(frame.columns)}]: "
-                                             f"{str(exc).strip().splitlines()[0]}")
+            loc.add(
+                ("transforms", c.index),
+                f"fails on columns [{', '.join(frame.columns)}]: "
+                f"{str(exc).strip().splitlines()[0]}",
+            )
             frame = None
     for c in comps["sinks"]:
         cfg: SinkConfig = c.config
@@ -380,8 +411,11 @@ def json_schema() -> dict[str, Any]:
     """The JSON schema of a config: the top level plus every plugin's model under $defs."""
     schema = CollectorConfig.model_json_schema()
     defs = schema.setdefault("$defs", {})
-    for kind, base in (("sources", SourceConfig), ("transforms", TransformConfig),
-                       ("sinks", SinkConfig)):
+    for kind, base in (
+        ("sources", SourceConfig),
+        ("transforms", TransformConfig),
+        ("sinks", SinkConfig),
+    ):
         variants = []
         for name in sorted(registry.available(kind)):  # type: ignore[arg-type]
             try:
@@ -394,6 +428,7 @@ def json_schema() -> dict[str, Any]:
             sub["title"] = title
             defs[title] = sub
             variants.append({"$ref": f"#/$defs/{title}"})
-        schema["properties"][kind]["items"] = {"anyOf": variants} if variants else \
-            base.model_json_schema()
+        schema["properties"][kind]["items"] = (
+            {"anyOf": variants} if variants else base.model_json_schema()
+        )
     return schema

@@ -71,8 +71,12 @@ def firehose_costs(
     max_records_per_call: int = MAX_RECORDS_PER_CALL,
     max_request_bytes: int = MAX_REQUEST_BYTES,
     readings_per_batch: float | None = None,
+    compression_ratio: float = 1.0,
 ) -> dict[str, Any]:
     """Records, calls and billable bytes per day, packed vs one record per reading.
+
+    ``compression_ratio`` (raw/compressed, measured) models the sink's ``compression: gzip``;
+    it applies to the packed plan only: a lone gzip'ed reading is still billed 5 KB.
 
     ``readings_per_batch`` (rows per batch the runtime cuts, e.g. rate x ``batch.max_age``)
     counts the last, partly filled record of every batch; ``None`` models one endless batch.
@@ -81,9 +85,12 @@ def firehose_costs(
     """
     if bytes_per_reading <= 0:
         raise ValueError("bytes_per_reading must be positive")
-    lines_per_record = max(1, int(record_target_bytes // bytes_per_reading))
+    if compression_ratio < 1:
+        raise ValueError("compression_ratio is raw/compressed, at least 1")
+    wire = bytes_per_reading / compression_ratio
+    lines_per_record = max(1, int(record_target_bytes // wire))
     packed = _plan(
-        readings_per_day, bytes_per_reading, lines_per_record, max_records_per_call,
+        readings_per_day, wire, lines_per_record, max_records_per_call,
         max_request_bytes, readings_per_batch,
     )
     naive = _plan(
@@ -94,6 +101,7 @@ def firehose_costs(
         "readings_per_day": readings_per_day,
         "bytes_per_reading": bytes_per_reading,
         "readings_per_record": lines_per_record,
+        "compression_ratio": compression_ratio,
         "packed": packed,
         "per_reading": naive,
         "billable_ratio": naive["billable_bytes"] / packed["billable_bytes"]

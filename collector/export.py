@@ -391,7 +391,7 @@ def export(
     writer = _Writer(tmp, suffix, schema)
     total = 0
     try:
-        with _progress(progress, len(partitions), sum(f.size for f in files)) as advance:
+        with _Progress(progress, len(partitions), sum(f.size for f in files)) as advance:
             for folder, part_files in partitions.items():
                 frame = scan_files(part_files, query).collect()
                 frame = frame.select(
@@ -453,7 +453,7 @@ class _Writer:
             self._csv = None
 
 
-class _progress:
+class _Progress:
     """A rich progress bar over bytes of input, or nothing when disabled or not a terminal."""
 
     def __init__(self, enabled: bool, partitions: int, total_bytes: int) -> None:

@@ -123,8 +123,9 @@ class DeviceLog:
 
     # -- writing ------------------------------------------------------------------------------
 
-    def append(self, table: pa.Table | None, kind: Kind = Kind.DATA,
-               wall_us: int | None = None) -> int:
+    def append(
+        self, table: pa.Table | None, kind: Kind = Kind.DATA, wall_us: int | None = None
+    ) -> int:
         """Append one record durably (per the fsync policy); returns its offset."""
         payload = encode_table(table) if table is not None else b""
         wall = wall_us if wall_us is not None else time.time_ns() // 1000

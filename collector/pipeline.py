@@ -70,8 +70,11 @@ class Route:
         p = self.pending
         if p.first_offset is None:
             return False
-        return (p.rows >= self.batch.max_rows or p.nbytes >= self.batch.max_bytes
-                or wall_us - (p.first_wall_us or wall_us) >= self.batch.max_age * 1e6)
+        return (
+            p.rows >= self.batch.max_rows
+            or p.nbytes >= self.batch.max_bytes
+            or wall_us - (p.first_wall_us or wall_us) >= self.batch.max_age * 1e6
+        )
 
     def cut(self, last_offset: int, wall_us: int) -> list[Batch]:
         p = self.pending
@@ -149,13 +152,18 @@ class Pipeline:
 
     def snapshot(self, fingerprint: str) -> bytes:
         return pickle.dumps(
-            {"offset": self.offset, "fingerprint": fingerprint,
-             "transforms": self.transforms, "routes": {r.sink: r.pending for r in self.routes}},
+            {
+                "offset": self.offset,
+                "fingerprint": fingerprint,
+                "transforms": self.transforms,
+                "routes": {r.sink: r.pending for r in self.routes},
+            },
             protocol=pickle.HIGHEST_PROTOCOL,
         )
 
-    def restore(self, blob: bytes, fingerprint: str, contexts: list[Context],
-                configs: list[Any]) -> bool:
+    def restore(
+        self, blob: bytes, fingerprint: str, contexts: list[Context], configs: list[Any]
+    ) -> bool:
         """Load a snapshot; False (and only the offset kept) when the chain changed."""
         state = pickle.loads(blob)
         self.offset = state["offset"]

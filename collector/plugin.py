@@ -168,8 +168,12 @@ class Context:
         self.counters.inc("source_rejected_total", component=self.component)
         folder = self.data_dir / "dead-letter"
         folder.mkdir(parents=True, exist_ok=True)
-        rec = {"ts": self.clock().isoformat(), "component": self.component, "reason": reason,
-               "raw": raw}
+        rec = {
+            "ts": self.clock().isoformat(),
+            "component": self.component,
+            "reason": reason,
+            "raw": raw,
+        }
         with open(folder / f"{self.component}.ndjson", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(rec) + "\n")
             fh.flush()

@@ -65,7 +65,5 @@ def load(kind: Kind, name: str) -> type[Plugin]:
 def missing_requirements(cls: type[Plugin]) -> list[tuple[str, str]]:
     """(import name, extra) pairs of ``cls.requires`` that are not installed."""
     return [
-        (mod, extra)
-        for mod, extra in cls.requires.items()
-        if importlib.util.find_spec(mod) is None
+        (mod, extra) for mod, extra in cls.requires.items() if importlib.util.find_spec(mod) is None
     ]

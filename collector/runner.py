@@ -80,23 +80,25 @@ class Runtime:
         self.data_dir = Path(data_dir or s.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.counters = Counters()
-        self.log = DeviceLog(self.data_dir / "log", s.log.fsync, s.log.fsync_interval,
-                             s.log.segment_bytes)
-        self.telemetry = Telemetry(self.counters, self.data_dir, s.telemetry.unhealthy_after,
-                                   log_bytes=self.log.size_bytes)
+        self.log = DeviceLog(
+            self.data_dir / "log", s.log.fsync, s.log.fsync_interval, s.log.segment_bytes
+        )
+        self.telemetry = Telemetry(
+            self.counters, self.data_dir, s.telemetry.unhealthy_after, log_bytes=self.log.size_bytes
+        )
         self.sources = [(c, c.cls(c.config, self._ctx(c.name))) for c in cfg.sources]
         self.transform_ctx = [self._ctx(c.name) for c in cfg.transforms]
         transforms: list[Transform] = [
-            c.cls(c.config, ctx) for c, ctx in zip(cfg.transforms, self.transform_ctx,
-                                                    strict=True)]  # type: ignore[misc]
+            c.cls(c.config, ctx) for c, ctx in zip(cfg.transforms, self.transform_ctx, strict=True)
+        ]  # type: ignore[misc]
         self.sinks: dict[str, _SinkRun] = {}
         routes = []
         for c in cfg.sinks:
             self.telemetry.sinks[c.name] = state = SinkState()
-            spool = Spool(self.data_dir / "spool" / c.name, c.config.spool, c.name,
-                          self.counters)
-            self.sinks[c.name] = _SinkRun(c, c.cls(c.config, self._ctx(c.name)), spool, state,
-                                          asyncio.Event())  # type: ignore[arg-type]
+            spool = Spool(self.data_dir / "spool" / c.name, c.config.spool, c.name, self.counters)
+            self.sinks[c.name] = _SinkRun(
+                c, c.cls(c.config, self._ctx(c.name)), spool, state, asyncio.Event()
+            )  # type: ignore[arg-type]
             routes.append(Route(c.name, c.config.where, c.config.batch))
         self.pipeline = Pipeline(transforms, routes)
         self.checkpoint_path = self.data_dir / "state" / "checkpoint.pkl"
@@ -109,34 +111,52 @@ class Runtime:
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def _ctx(self, component: str) -> Context:
-        return Context(device=self.cfg.settings.device, component=component,
-                       data_dir=self.data_dir, counters=self.counters)
+        return Context(
+            device=self.cfg.settings.device,
+            component=component,
+            data_dir=self.data_dir,
+            counters=self.counters,
+        )
 
     # -- checkpoints ------------------------------------------------------------------------
 
     def _restore(self) -> None:
         if not self.checkpoint_path.exists():
             return
-        same = self.pipeline.restore(self.checkpoint_path.read_bytes(),
-                                     self.cfg.transforms_fingerprint, self.transform_ctx,
-                                     [c.config for c in self.cfg.transforms])
+        same = self.pipeline.restore(
+            self.checkpoint_path.read_bytes(),
+            self.cfg.transforms_fingerprint,
+            self.transform_ctx,
+            [c.config for c in self.cfg.transforms],
+        )
         if not same:
             log.warning("transforms changed since the last run: their state starts empty")
         log.info("resuming after log offset %d", self.pipeline.offset)
 
     def _checkpoint(self) -> None:
-        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-        blob = self.pipeline.snapshot(self.cfg.transforms_fingerprint)
-        atomic_write(self.checkpoint_path, lambda tmp: Path(tmp).write_bytes(blob))
-        self.log.truncate_before(self.pipeline.offset + 1)
+        """Commit transform state + offset; then the log below it can go."""
         self._last_checkpoint = time.monotonic()
+        blob = self.pipeline.snapshot(self.cfg.transforms_fingerprint)
+        try:
+            self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.checkpoint_path, lambda tmp: Path(tmp).write_bytes(blob))
+        except OSError as exc:  # disk full: keep the log, the next checkpoint may succeed
+            log.error("cannot write checkpoint: %s", exc)
+            return
+        self.log.truncate_before(self.pipeline.offset + 1)
 
     # -- sources ----------------------------------------------------------------------------
 
     def _append(self, data: Any, source: Component) -> int:
         cfg = source.config
-        df = normalize(data, device=self.cfg.settings.device, source=source.name,
-                       now=self._ctx(source.name).clock(), units=cfg.units, tags=cfg.tags)
+        df = normalize(
+            data,
+            device=self.cfg.settings.device,
+            source=source.name,
+            now=self._ctx(source.name).clock(),
+            units=cfg.units,
+            tags=cfg.tags,
+        )
         if df.height == 0:
             return 0
         try:
@@ -203,24 +223,28 @@ class Runtime:
             self._new_data.wait(0.5)
 
     def _spool(self, batch: Batch) -> None:
+        """Hand a batch to its spool; with `when_full: block` wait here (the log holds data)."""
         run = self.sinks[batch.sink]
-        nbytes = batch.table.nbytes
         waited = 0.0
-        while run.spool.settings.when_full == "block" and not run.spool.has_room(nbytes):
-            if self._stop.is_set() and waited > self.cfg.settings.shutdown_timeout:
+        while True:
+            try:
+                result = run.spool.put(
+                    batch.table, batch.batch_id, created_ms=batch.wall_us // 1000, wait_if_full=True
+                )
+            except OSError as exc:
+                log.error(
+                    "spool %s: cannot write batch %s (%s); retrying",
+                    batch.sink,
+                    batch.batch_id,
+                    exc,
+                )
+                result = "full"
+            if result != "full":
+                break
+            if self._stop.is_set() and waited >= self.cfg.settings.shutdown_timeout:
                 raise _Abort  # the log keeps these rows; the next start replays them
             time.sleep(0.2)
             waited += 0.2
-        while True:
-            try:
-                run.spool.put(batch.table, batch.batch_id, created_ms=batch.wall_us // 1000)
-                break
-            except OSError as exc:
-                log.error("spool %s: cannot write batch %s (%s); retrying",
-                          batch.sink, batch.batch_id, exc)
-                if self._stop.is_set():
-                    raise _Abort from exc
-                time.sleep(1.0)
         if self.loop is not None:
             self.loop.call_soon_threadsafe(run.wake.set)
 
@@ -230,9 +254,11 @@ class Runtime:
         me = run.component.config.spool.priority
         now = time.monotonic()
         return any(
-            o.component.config.spool.priority < me and o.spool.has_ready()
+            o.component.config.spool.priority < me
+            and o.spool.has_ready()
             and o.backoff_until <= now
-            for o in self.sinks.values() if o is not run
+            for o in self.sinks.values()
+            if o is not run
         )
 
     def _backoff(self, run: _SinkRun, hint: float | None = None) -> float:
@@ -317,10 +343,16 @@ class Runtime:
 
     def _partial(self, run: _SinkRun, item: Any, table: pa.Table, exc: PartialWriteError) -> None:
         retry = exc.retry_rows if exc.retry_rows is not None and exc.retry_rows.num_rows else None
-        rejected = exc.rejected_rows if exc.rejected_rows is not None and \
-            exc.rejected_rows.num_rows else None
-        delivered = table.num_rows - (retry.num_rows if retry else 0) - \
-            (rejected.num_rows if rejected else 0)
+        rejected = (
+            exc.rejected_rows
+            if exc.rejected_rows is not None and exc.rejected_rows.num_rows
+            else None
+        )
+        delivered = (
+            table.num_rows
+            - (retry.num_rows if retry else 0)
+            - (rejected.num_rows if rejected else 0)
+        )
         self.counters.inc("delivered_rows_total", delivered, sink=run.component.name)
         if rejected is not None:
             run.spool.dead_letter(rejected, exc.reasons or str(exc), item.batch_id)
@@ -337,9 +369,11 @@ class Runtime:
             return
         item = run.spool.claim()
         if item is not None:
-            run.spool.dead_letter(run.spool.read(item),
-                                  f"gave up after {limit} retries: {run.state.last_error}",
-                                  item.batch_id)
+            run.spool.dead_letter(
+                run.spool.read(item),
+                f"gave up after {limit} retries: {run.state.last_error}",
+                item.batch_id,
+            )
             run.spool.done(item, delivered_rows=0)
         run.state.consecutive_failures = 0
         run.backoff_until = 0
@@ -385,8 +419,13 @@ class Runtime:
 
     # -- life cycle -------------------------------------------------------------------------
 
-    async def run(self, *, once: bool = False, duration: float | None = None,
-                  stop: asyncio.Event | None = None) -> int:
+    async def run(
+        self,
+        *,
+        once: bool = False,
+        duration: float | None = None,
+        stop: asyncio.Event | None = None,
+    ) -> int:
         """Run until ``stop`` is set (or once / for ``duration``); returns the exit code."""
         self.loop = asyncio.get_running_loop()
         stop = stop or asyncio.Event()
@@ -395,8 +434,10 @@ class Runtime:
             self.telemetry.serve(tele.host, tele.port)
         consumer = asyncio.create_task(asyncio.to_thread(self._consume))
         draining = {"on": False}
-        workers = [asyncio.create_task(self._worker(r, lambda: draining["on"]),
-                                       name=f"sink:{n}") for n, r in self.sinks.items()]
+        workers = [
+            asyncio.create_task(self._worker(r, lambda: draining["on"]), name=f"sink:{n}")
+            for n, r in self.sinks.items()
+        ]
         housekeeping = asyncio.create_task(self._housekeeping())
         opened: list[Source] = []
         tasks: list[asyncio.Task[Any]] = []
@@ -466,17 +507,32 @@ class Runtime:
                 tasks.append(asyncio.create_task(self._stream(comp, src), name=comp.name))
                 continue
             cfg = comp.config
-            trigger = CronTrigger.from_crontab(cfg.cron, timezone="UTC") if cfg.cron else \
-                IntervalTrigger(seconds=cfg.every or 5.0, timezone="UTC")
-            scheduler.add_job(self._tick, trigger, args=[comp, src], id=comp.name,
-                              max_instances=1, coalesce=True, misfire_grace_time=1,
-                              next_run_time=None if cfg.cron else _now())
+            trigger = (
+                CronTrigger.from_crontab(cfg.cron, timezone="UTC")
+                if cfg.cron
+                else IntervalTrigger(seconds=cfg.every or 5.0, timezone="UTC")
+            )
+            scheduler.add_job(
+                self._tick,
+                trigger,
+                args=[comp, src],
+                id=comp.name,
+                max_instances=1,
+                coalesce=True,
+                misfire_grace_time=1,
+                next_run_time=None if cfg.cron else _now(),
+            )
         scheduler.start()
         return scheduler
 
-    async def _shutdown(self, consumer: asyncio.Task[Any], workers: list[asyncio.Task[Any]],
-                        housekeeping: asyncio.Task[Any], draining: dict[str, bool],
-                        once: bool) -> int:
+    async def _shutdown(
+        self,
+        consumer: asyncio.Task[Any],
+        workers: list[asyncio.Task[Any]],
+        housekeeping: asyncio.Task[Any],
+        draining: dict[str, bool],
+        once: bool,
+    ) -> int:
         timeout = self.cfg.settings.shutdown_timeout
         try:
             await asyncio.to_thread(self._append_marker, Kind.FLUSH)
@@ -511,8 +567,10 @@ class Runtime:
         self.telemetry.close()
         left = {n: r.spool.backlog_rows for n, r in self.sinks.items() if r.spool.backlog_rows}
         if left:
-            log.warning("rows kept in the spool for the next run: %s",
-                        ", ".join(f"{n}={v}" for n, v in left.items()))
+            log.warning(
+                "rows kept in the spool for the next run: %s",
+                ", ".join(f"{n}={v}" for n, v in left.items()),
+            )
             return 1 if once else 0
         return 0
 

@@ -111,9 +111,7 @@ def rows_to_frame(
                 continue
             if isinstance(value, Mapping | list):
                 continue
-            out.append(
-                {**base, "metric": key, "value": _as_float(value), "unit": units.get(key)}
-            )
+            out.append({**base, "metric": key, "value": _as_float(value), "unit": units.get(key)})
     schema = dict(POLARS_SCHEMA)
     schema.update({t: pl.String() for t in tags})
     if not out:
@@ -169,8 +167,11 @@ def conform(
         cols.append(pl.lit(now).cast(POLARS_SCHEMA["ts"]).alias("ts"))
     for name, default in (("device", device), ("source", source)):
         cols.append(
-            (pl.col(name).cast(pl.String).fill_null(default) if name in df.columns
-             else pl.lit(default)).alias(name)
+            (
+                pl.col(name).cast(pl.String).fill_null(default)
+                if name in df.columns
+                else pl.lit(default)
+            ).alias(name)
         )
     cols.append(pl.col("metric").cast(pl.String))
     cols.append(
@@ -178,14 +179,20 @@ def conform(
         .fill_nan(None)
         .alias("value")
     )
-    unit_map = pl.col("metric").replace_strict(dict(units or {}), default=None, return_dtype=pl.String)
+    unit_map = pl.col("metric").replace_strict(
+        dict(units or {}), default=None, return_dtype=pl.String
+    )
     cols.append(
-        (pl.col("unit").cast(pl.String).fill_null(unit_map) if "unit" in df.columns else unit_map)
-        .alias("unit")
+        (
+            pl.col("unit").cast(pl.String).fill_null(unit_map) if "unit" in df.columns else unit_map
+        ).alias("unit")
     )
     for tag, default in tags.items():
         cols.append(
-            (pl.col(tag).cast(pl.String).fill_null(default) if tag in df.columns
-             else pl.lit(default, pl.String)).alias(tag)
+            (
+                pl.col(tag).cast(pl.String).fill_null(default)
+                if tag in df.columns
+                else pl.lit(default, pl.String)
+            ).alias(tag)
         )
     return df.select(cols)

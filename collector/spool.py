@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from collector.log import fsync_dir
+from collector.log import encode_table, fsync_dir
 from collector.plugin import Counters, SpoolConfig
 
 _META_ROWS = b"edge_collector.rows"
@@ -62,8 +62,9 @@ def atomic_write(path: Path, write: object) -> None:
 class Spool:
     """Bounded, durable queue of batches for one sink."""
 
-    def __init__(self, folder: Path, settings: SpoolConfig, sink: str,
-                 counters: Counters | None = None) -> None:
+    def __init__(
+        self, folder: Path, settings: SpoolConfig, sink: str, counters: Counters | None = None
+    ) -> None:
         self.folder = Path(folder)
         self.settings = settings
         self.sink = sink
@@ -89,8 +90,13 @@ class Spool:
         try:
             with pa.OSFile(str(path)) as f:
                 meta = ipc.open_stream(f).schema.metadata or {}
-            return SpoolItem(path.stem, int(meta.get(_META_ROWS, b"0")), path.stat().st_size,
-                             int(meta.get(_META_CREATED, b"0")), path)
+            return SpoolItem(
+                path.stem,
+                int(meta.get(_META_ROWS, b"0")),
+                path.stat().st_size,
+                int(meta.get(_META_CREATED, b"0")),
+                path,
+            )
         except (OSError, pa.ArrowInvalid):
             path.rename(path.with_suffix(".corrupt"))  # keep it for a human, out of the queue
             return None
@@ -124,37 +130,49 @@ class Spool:
 
     # -- writing ----------------------------------------------------------------------------
 
-    def put(self, table: pa.Table, batch_id: str, created_ms: int | None = None) -> bool:
-        """Spool a batch; False when the `when_full` policy dropped it (counted)."""
+    def put(
+        self,
+        table: pa.Table,
+        batch_id: str,
+        created_ms: int | None = None,
+        wait_if_full: bool = False,
+    ) -> str:
+        """Spool a batch: ``"ok"``, ``"dropped"`` (by `when_full`, counted) or ``"full"``.
+
+        ``"full"`` is only returned with `when_full: block` and ``wait_if_full``: the caller
+        holds the batch back and tries again. Room is judged on the exact file size.
+        """
         created = created_ms if created_ms is not None else int(time.time() * 1000)
         meta = dict(table.schema.metadata or {})
-        meta.update({_META_ROWS: str(table.num_rows).encode(),
-                     _META_CREATED: str(created).encode()})
+        meta.update(
+            {_META_ROWS: str(table.num_rows).encode(), _META_CREATED: str(created).encode()}
+        )
         table = table.replace_schema_metadata(meta)
         with self._lock:
             if batch_id in self._inflight:
-                return True  # a replay of the batch being sent right now: same rows, same id
-        nbytes = table.nbytes
+                return "ok"  # a replay of the batch being sent right now: same rows, same id
+            replaced = self._ready.get(batch_id)
+        data = encode_table(table)
+        nbytes = len(data) - (replaced.nbytes if replaced else 0)
         if not self.has_room(nbytes):
-            if self.settings.when_full == "drop_newest":
-                self.counters.inc("dropped_rows_total", table.num_rows, sink=self.sink,
-                                  reason="spool_full")
-                return False
-            if self.settings.when_full == "drop_oldest":
+            policy = self.settings.when_full
+            if policy == "block" and wait_if_full:
+                return "full"
+            if policy == "drop_newest":
+                self.counters.inc(
+                    "dropped_rows_total", table.num_rows, sink=self.sink, reason="spool_full"
+                )
+                return "dropped"
+            if policy == "drop_oldest":
                 while not self.has_room(nbytes) and self._drop_oldest("spool_full"):
                     pass
         path = self.folder / f"{batch_id}.arrow"
-
-        def write(tmp: Path) -> None:
-            with pa.OSFile(str(tmp), "wb") as f, ipc.new_stream(f, table.schema) as w:
-                w.write_table(table)
-
-        atomic_write(path, write)
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
         with self._lock:
-            self._ready[batch_id] = SpoolItem(batch_id, table.num_rows, path.stat().st_size,
-                                              created, path)
-        self.counters.inc("spooled_rows_total", table.num_rows, sink=self.sink)
-        return True
+            self._ready[batch_id] = SpoolItem(batch_id, table.num_rows, len(data), created, path)
+        if replaced is None:
+            self.counters.inc("spooled_rows_total", table.num_rows, sink=self.sink)
+        return "ok"
 
     def _drop_oldest(self, reason: str) -> bool:
         with self._lock:
@@ -169,8 +187,9 @@ class Spool:
         """Drop ready batches older than `ttl`; returns rows dropped."""
         if self.settings.ttl is None:
             return 0
-        limit = (now_ms if now_ms is not None else int(time.time() * 1000)) - \
-            int(self.settings.ttl * 1000)
+        limit = (now_ms if now_ms is not None else int(time.time() * 1000)) - int(
+            self.settings.ttl * 1000
+        )
         with self._lock:
             old = [i for i in self._ready.values() if i.created_ms < limit]
             for i in old:
@@ -198,8 +217,11 @@ class Spool:
     def read(item: SpoolItem) -> pa.Table:
         with pa.memory_map(str(item.path)) as f:
             table = ipc.open_stream(f).read_all()
-        meta = {k: v for k, v in (table.schema.metadata or {}).items()
-                if k not in (_META_ROWS, _META_CREATED)}
+        meta = {
+            k: v
+            for k, v in (table.schema.metadata or {}).items()
+            if k not in (_META_ROWS, _META_CREATED)
+        }
         return table.replace_schema_metadata(meta or None)
 
     def done(self, item: SpoolItem, delivered_rows: int | None = None) -> None:
@@ -224,8 +246,8 @@ class Spool:
         with self._lock:
             self._inflight.pop(item.batch_id, None)
         self.counters.inc("spooled_rows_total", -retry.num_rows, sink=self.sink)
-        self.put(retry, item.batch_id, created_ms=item.created_ms)
         item.path.unlink(missing_ok=True)
+        self.put(retry, item.batch_id, created_ms=item.created_ms)
 
     def dead_letter(self, table: pa.Table, reasons: str | list[str], batch_id: str) -> Path:
         """Keep rejected rows as Parquet beside the spool, with reason and sink name."""
@@ -236,8 +258,9 @@ class Spool:
         now = datetime.now(UTC)
         table = table.append_column("dead_letter_reason", pa.array(reason_col, pa.string()))
         table = table.append_column("dead_letter_sink", pa.array([self.sink] * n, pa.string()))
-        table = table.append_column("dead_letter_ts",
-                                    pa.array([now] * n, pa.timestamp("us", tz="UTC")))
+        table = table.append_column(
+            "dead_letter_ts", pa.array([now] * n, pa.timestamp("us", tz="UTC"))
+        )
         path = self.dead_dir / f"{batch_id}-{time.time_ns()}.parquet"
         atomic_write(path, lambda tmp: pq.write_table(table, str(tmp), compression="zstd"))
         self.counters.inc("dead_letter_rows_total", n, sink=self.sink)

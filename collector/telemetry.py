@@ -65,26 +65,31 @@ class _CountersCollector(Collector):
             "spool_bytes": ("bytes waiting in the spool", lambda s: s.spool_backlog_bytes),
             "spool_oldest_age_seconds": (
                 "age of the oldest spooled batch",
-                lambda s: (now - s.spool_oldest_ms / 1000) if s.spool_oldest_ms else 0.0),
+                lambda s: (now - s.spool_oldest_ms / 1000) if s.spool_oldest_ms else 0.0,
+            ),
             "sink_latency_seconds_sum": ("total time in sink writes", lambda s: s.latency_sum),
             "sink_latency_seconds_count": ("sink writes timed", lambda s: s.latency_count),
-            "sink_up": ("1 when the last write succeeded",
-                        lambda s: 0.0 if s.failing_since else 1.0),
+            "sink_up": (
+                "1 when the last write succeeded",
+                lambda s: 0.0 if s.failing_since else 1.0,
+            ),
         }
         for gname, (doc, fn) in gauges.items():
             g = GaugeMetricFamily(PREFIX + gname, doc, labels=["sink"])
             for sink, state in self.t.sinks.items():
                 g.add_metric([sink], float(fn(state)))
             yield g
-        yield GaugeMetricFamily(PREFIX + "log_bytes", "size of the device log",
-                                value=float(self.t.log_bytes()))
+        yield GaugeMetricFamily(
+            PREFIX + "log_bytes", "size of the device log", value=float(self.t.log_bytes())
+        )
 
 
 class Telemetry:
     """Owns counters and per-sink state; serves them and writes the status file."""
 
-    def __init__(self, counters: Counters, data_dir: Path, unhealthy_after: float,
-                 log_bytes: Any = lambda: 0) -> None:
+    def __init__(
+        self, counters: Counters, data_dir: Path, unhealthy_after: float, log_bytes: Any = lambda: 0
+    ) -> None:
         self.counters = counters
         self.data_dir = Path(data_dir)
         self.unhealthy_after = unhealthy_after
@@ -109,9 +114,11 @@ class Telemetry:
         c = self.counters
         sinks = {}
         for name, s in self.sinks.items():
-            dropped = {dict(labels).get("reason", ""): v
-                       for (n, labels), v in c.values.items()
-                       if n == "dropped_rows_total" and dict(labels).get("sink") == name}
+            dropped = {
+                dict(labels).get("reason", ""): v
+                for (n, labels), v in c.values.items()
+                if n == "dropped_rows_total" and dict(labels).get("sink") == name
+            }
             sinks[name] = {
                 "spooled_rows": c.get("spooled_rows_total", sink=name),
                 "delivered_rows": c.get("delivered_rows_total", sink=name),
@@ -120,11 +127,15 @@ class Telemetry:
                 "retries": c.get("retries_total", sink=name),
                 **{k: v for k, v in asdict(s).items() if k != "extra"},
             }
-        return {"pid": os.getpid(), "running": running, "updated_at": time.time(),
-                "started_at": self.started, "sinks": sinks,
-                "rows_in": sum(v for (n, _), v in c.values.items() if n == "rows_in_total"),
-                "missed_ticks": sum(v for (n, _), v in c.values.items()
-                                    if n == "missed_ticks_total")}
+        return {
+            "pid": os.getpid(),
+            "running": running,
+            "updated_at": time.time(),
+            "started_at": self.started,
+            "sinks": sinks,
+            "rows_in": sum(v for (n, _), v in c.values.items() if n == "rows_in_total"),
+            "missed_ticks": sum(v for (n, _), v in c.values.items() if n == "missed_ticks_total"),
+        }
 
     def write_status(self, running: bool = True) -> None:
         path = self.data_dir / "status.json"
@@ -163,12 +174,15 @@ class Telemetry:
         try:
             self._server = ThreadingHTTPServer((host, port), Handler)
         except OSError as exc:
-            log.warning("metrics endpoint %s:%s unavailable (%s); running without it",
-                        host, port, exc.strerror)
+            log.warning(
+                "metrics endpoint %s:%s unavailable (%s); running without it",
+                host,
+                port,
+                exc.strerror,
+            )
             return
         self.port = self._server.server_address[1]
-        threading.Thread(target=self._server.serve_forever, daemon=True,
-                         name="telemetry").start()
+        threading.Thread(target=self._server.serve_forever, daemon=True, name="telemetry").start()
         log.info("metrics on http://%s:%s/metrics, health on /health", host, self.port)
 
     def close(self) -> None:

@@ -479,30 +479,46 @@ def main() -> None:
     every = st.sidebar.number_input(
         "Every (s)", min_value=2, value=10, key="refresh_every", disabled=not refresh
     )
-    query = LakeQuery(
-        root=base.root,
-        endpoint_url=base.endpoint_url,
-        since=start,
-        until=end,
-        devices=tuple(chosen["device"]),
-        sources=tuple(chosen["source"]),
-        metrics=tuple(chosen["metric"]),
+    where = st.sidebar.text_input(
+        "Row filter (SQL)",
+        key="where",
+        placeholder="max > 28",
+        help="A Polars SQL condition on the stored columns, as `collector export --where`.",
     )
+    fields: dict[str, Any] = {
+        "root": base.root,
+        "endpoint_url": base.endpoint_url,
+        "since": start,
+        "until": end,
+        "devices": tuple(chosen["device"]),
+        "sources": tuple(chosen["source"]),
+        "metrics": tuple(chosen["metric"]),
+    }
+    try:
+        query = LakeQuery(**fields, where=where.strip() or None)
+    except ValueError as exc:
+        st.sidebar.error(str(exc))
+        query = LakeQuery(**fields)
 
     files = None if all_files is None else _listing(query)
     now = datetime.now(UTC) if refresh else lake_bounds[1]
-    view = _view(
-        query,
-        key,
-        None if files is None else tuple(files),
-        spool_paths,
-        start,
-        end,
-        resolution,
-        by_device,
-        tuple(sorted(thresholds.items())),
-        now.replace(microsecond=0),
-    )
+    try:
+        view = _view(
+            query,
+            key,
+            None if files is None else tuple(files),
+            spool_paths,
+            start,
+            end,
+            resolution,
+            by_device,
+            tuple(sorted(thresholds.items())),
+            now.replace(microsecond=0),
+        )
+    except pl.exceptions.PolarsError as exc:  # e.g. a row filter naming a missing column
+        st.error(f"The query failed: {str(exc).splitlines()[0]}")
+        _health(data_dir)
+        return
     st.caption(
         f"{base.root} · {start:%Y-%m-%d %H:%M} → {end:%Y-%m-%d %H:%M} UTC · "
         f"{view['rows']:,} rows from {len(files) if files is not None else len(key)} files"

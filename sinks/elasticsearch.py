@@ -317,7 +317,7 @@ class ElasticsearchSink(Sink):
             return "retry", _say(failure), failure.retry_after
         status = info.get("status")
         if op == "create" and status == 409:
-            return "retry", "", None  # a replay: this _id is already in the data stream
+            return "done", "", None  # a replay: this _id is already in the data stream
         if isinstance(status, int) and 400 <= status < 500 and status != 429:
             return "reject", _item_reason(status, info.get("error")), None
         return "retry", _item_reason(status, info.get("error")), None

@@ -3,11 +3,18 @@
 Pure Python (no numpy) so a bare install gets anomaly flags, and every piece of state is a plain
 object that pickles, because the runtime checkpoints transforms with pickle.
 
-Two choices make the detector usable on real signals:
+Methods: ``zscore`` compares a reading with the mean and standard deviation of the last
+``window`` accepted readings (steady signals); ``ewma`` compares it with an exponentially
+weighted level that follows the signal at ``alpha``, and with the spread of past one-step errors
+averaged over about ``window`` readings (drifting signals such as a random walk).
+
+Three choices make the detector usable on real signals:
 
 - A flagged value does not enter the statistics, so one spike does not inflate the spread and
   hide the next one. After ``reset_after`` flags in a row the series is taken to have moved to a
   new level and the detector warms up again instead of flagging forever.
+- The ewma spread is averaged much slower than the level moves: with one fast weight for both,
+  the spread would come from two or three points and flag plain noise.
 - ``confidence`` is ``1 - exp(-| |z| - threshold |)``: near 1 far from the threshold on either
   side, near 0 for readings right at the boundary, which are the ones worth a human look.
 """

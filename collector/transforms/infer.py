@@ -17,6 +17,8 @@ Rules every model kind follows:
 - A candidate the model cannot score (warm-up, missing history, a null value, a pivot row with a
   metric missing) gets ``prediction`` null and ``confidence`` 0: it is the model being unsure, so
   it routes with the doubtful rows and never falls between two complementary ``where:``s.
+- A model that raises on a batch leaves that batch unscored (same rule) and counts
+  ``model_errors_total``; the collector keeps running.
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ class BuiltinModelConfig(Model):
     )
     window: int = Field(
         default=60, ge=2,
-        description="zscore: readings in the rolling window; both: length of `window_column`.",
+        description="zscore: readings in the rolling window; ewma: readings the spread is "
+        "averaged over; both: previous readings kept in `window_column`.",
     )
     threshold: float = Field(default=4.0, gt=0, description="Flag when |z| is above this.")
     warmup: int = Field(
@@ -272,6 +275,7 @@ class InferTransform(Transform):
         self._loaded_sig: Signature | None = None
         self._failed_sig: Signature | None = None
         self._next_check: datetime | None = None
+        self._last_error: str | None = None
 
     # -- model lifecycle ---------------------------------------------------------------------
 
@@ -385,8 +389,15 @@ class InferTransform(Transform):
         key_cols = [scored[c].to_list() for c in key_columns(scored)]
         keys = list(zip(*key_cols, strict=True)) if key_cols else [()] * scored.height
         verdicts = self._detector.score(keys, scored[v].cast(pl.Float64).to_list())
-        return self._results(candidates, scored[ROW], _outputs_of(verdicts),
-                             [vd.window for vd in verdicts])
+        windows = None
+        if self.config.window_column:
+            windows = pl.DataFrame({
+                ROW: scored[ROW],
+                _TMP["window"]: pl.Series([vd.window for vd in verdicts],
+                                          dtype=pl.List(pl.Float64)),
+            })
+        preds = self._frame_of(_outputs_of(verdicts), scored.height)
+        return self._results(candidates, scored[ROW], preds, windows)
 
     def _score_rows(self, candidates: pl.DataFrame) -> pl.DataFrame:
         spec = self.config.features
@@ -400,37 +411,61 @@ class InferTransform(Transform):
             if win:
                 built = built.with_columns(pl.concat_list(spec.value_column).alias(win))
         complete = built.drop_nulls(names)
-        windows = complete[win].to_list() if win else None
-        outputs = self._predict(complete.select(names))
-        return self._results(candidates, complete[ROW], outputs, windows)
+        preds = self._predict(complete.select(names))
+        # Rows short of history still carry their window: they are the ones retraining wants.
+        windows = built.select(ROW, pl.col(win).alias(_TMP["window"])) if win else None
+        return self._results(candidates, complete[ROW], preds, windows)
 
     def _score_pivot(self, candidates: pl.DataFrame) -> pl.DataFrame:
         spec = self.config.features
         names = feature_names(spec)
-        wide = pivot_frame(candidates, spec).drop_nulls(names)
-        outputs = self._predict(wide.select(names))
-        per_key = wide.select(
-            "device",
-            "ts",
-            _series(outputs.prediction, self._prediction_dtype()).alias(_TMP["prediction"]),
-            _series(outputs.confidence, pl.Float64(), wide.height).alias(_TMP["confidence"]),
-            _series(outputs.score, pl.Float64(), wide.height).alias(_TMP["score"]),
-            *([pl.concat_list(names).alias(_TMP["window"])] if self.config.window_column else []),
-        )
+        wide = pivot_frame(candidates, spec)
+        complete = wide.drop_nulls(names)
+        preds = self._predict(complete.select(names))
+        per_key = complete.select("device", "ts").hstack(preds)
+        if self.config.window_column:
+            # The raw vector of the (device, ts) row, also when a metric is missing from it.
+            per_key = wide.select("device", "ts", pl.concat_list(names).alias(_TMP["window"])
+                                  ).join(per_key, on=["device", "ts"], how="left")
         joined = candidates.select(ROW, "device", "ts").join(
             per_key, on=["device", "ts"], how="left", maintain_order="left"
         )
         return joined.drop("device", "ts")
 
-    def _predict(self, features: pl.DataFrame) -> Outputs:
-        if features.height == 0:
-            return Outputs(prediction=[], confidence=[], score=[])
+    def _predict(self, features: pl.DataFrame) -> pl.DataFrame:
+        """The model's outputs as typed columns; a model error leaves the batch unscored.
+
+        A model that fails on one batch (an input it cannot take, a bug in user code) must not
+        stop the collector: its rows come out unscored (confidence 0, so they route with the
+        doubtful ones), the failure is counted as ``model_errors_total`` and logged once per
+        distinct message. Only a model that never loaded is an error.
+        """
+        n = features.height
+        if n == 0:
+            return self._frame_of(Outputs(prediction=[]), 0)
+        model = self._model_for_batch()
         try:
-            return self._model_for_batch().predict(features)
-        except TransformError:
-            raise
+            preds = self._frame_of(model.predict(features), n)
         except Exception as exc:
-            raise TransformError(f"model failed on {features.height} rows: {exc}") from exc
+            self.ctx.counters.inc("model_errors_total", component=self.ctx.component)
+            message = f"{type(exc).__name__}: {exc}"
+            if message != self._last_error:
+                self._log(logging.WARNING, "model failed on %d rows, left unscored: %s", n,
+                          message)
+            self._last_error = message
+            return self._frame_of(Outputs(prediction=[None] * n), n)
+        self._last_error = None
+        return preds
+
+    def _frame_of(self, outputs: Outputs, n: int) -> pl.DataFrame:
+        if len(outputs.prediction) != n:
+            raise ValueError(f"the model returned {len(outputs.prediction)} predictions for "
+                             f"{n} rows")
+        return pl.DataFrame([
+            _series(outputs.prediction, self._prediction_dtype()).alias(_TMP["prediction"]),
+            _series(outputs.confidence, pl.Float64(), n).alias(_TMP["confidence"]),
+            _series(outputs.score, pl.Float64(), n).alias(_TMP["score"]),
+        ])
 
     def _prediction_dtype(self) -> pl.DataType:
         return pl.String() if self.config.prediction_type == "string" else pl.Float64()
@@ -439,22 +474,21 @@ class InferTransform(Transform):
         self,
         candidates: pl.DataFrame,
         rows: pl.Series,
-        outputs: Outputs,
-        windows: list[list[float]] | None,
+        preds: pl.DataFrame,
+        windows: pl.DataFrame | None,
     ) -> pl.DataFrame:
-        """Outputs of the scored rows, joined onto every candidate (unscored ones get nulls)."""
-        n = rows.len()
-        scored = pl.DataFrame({
-            ROW: rows,
-            _TMP["prediction"]: _series(outputs.prediction, self._prediction_dtype()),
-            _TMP["confidence"]: _series(outputs.confidence, pl.Float64(), n),
-            _TMP["score"]: _series(outputs.score, pl.Float64(), n),
-        })
+        """Outputs of the scored rows, joined onto every candidate (unscored ones get nulls).
+
+        ``windows`` (row id, window list) may cover more rows than were scored.
+        """
+        scored = preds.with_columns(rows.alias(ROW))
+        out = candidates.select(ROW).join(scored, on=ROW, how="left", maintain_order="left")
         if self.config.window_column:
-            scored = scored.with_columns(
-                pl.Series(_TMP["window"], windows or [None] * n, dtype=pl.List(pl.Float64))
-            )
-        return candidates.select(ROW).join(scored, on=ROW, how="left", maintain_order="left")
+            if windows is None:
+                windows = pl.DataFrame(schema={ROW: rows.dtype,
+                                               _TMP["window"]: pl.List(pl.Float64())})
+            out = out.join(windows, on=ROW, how="left", maintain_order="left")
+        return out
 
     def _empty_results(self, frame: pl.DataFrame) -> pl.DataFrame:
         schema: dict[str, pl.DataType] = {

@@ -225,3 +225,22 @@ def test_custom_time_range(env: Path) -> None:
     }
     fresh = next(d.value for d in at.dataframe if "gaps" in d.value.columns)
     assert fresh.set_index("device")["gaps"].to_dict() == {"edge-01": 0, "edge-02": 0, "edge-03": 1}
+
+
+def test_row_filter_and_its_errors(env: Path, sample_lake: Path) -> None:
+    at = run()
+    at.selectbox(key="preset").set_value("All")
+    at.text_input(key="where").set_value("max - min > 3.5")
+    at.multiselect(key="filter_metric").set_value(["temperature"])
+    run(at)
+    got = charts(at)["temperature (C)"]
+    want = lake_rows(sample_lake).filter(
+        (pl.col("metric") == "temperature") & (pl.col("max") - pl.col("min") > 3.5)
+    )
+    assert got["count"].sum() == want["count"].sum() > 0
+    at.text_input(key="where").set_value("max >")
+    run(at)
+    assert any("invalid SQL" in e.value for e in at.sidebar.error)
+    at.text_input(key="where").set_value("value > 3")  # an aggregate lake has no `value`
+    run(at)
+    assert any("query failed" in e.value for e in at.error)

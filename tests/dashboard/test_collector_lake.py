@@ -123,6 +123,14 @@ def test_dashboard_reads_the_lake_the_collector_wrote(tmp_path: Path) -> None:
         assert got["max"].to_list() == want["max"].to_list()
         np.testing.assert_allclose(got["mean"].to_numpy(), want["mean"].to_numpy(), rtol=1e-9)
 
+    # collector health as the page shows it, from what the runtime wrote
+    status = data.read_status(tmp_path / "d1")
+    assert status is not None
+    row = data.status_table(status).row(0, named=True)
+    assert row["sink"] == "lake"
+    assert row["delivered_rows"] == 2 * 120  # two metrics, 120 one-minute windows
+    assert row["backlog_files"] == 0 and row["dropped_rows"] == 0
+
     # the export of one day of the aggregate lake holds that day's windows only
     out = tmp_path / "day.csv"
     n = export(LakeQuery(str(agg_lake), since=datetime(2024, 3, 2, tzinfo=UTC)), out)

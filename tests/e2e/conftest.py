@@ -31,9 +31,10 @@ class Collector:
         self.out = config.with_suffix(f".{time.time_ns()}.log")
         self.fh = open(self.out, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "collector", "run", str(config), "--log-level", "debug",
-             *args],
-            cwd=ROOT, stdout=self.fh, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "collector", "run", str(config), "--log-level", "debug", *args],
+            cwd=ROOT,
+            stdout=self.fh,
+            stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
         )
 
@@ -56,8 +57,9 @@ class Collector:
         return code
 
 
-def wait_for(cond: Callable[[], Any], timeout: float = 60, interval: float = 0.1,
-             what: str = "condition") -> Any:
+def wait_for(
+    cond: Callable[[], Any], timeout: float = 60, interval: float = 0.1, what: str = "condition"
+) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = cond()
@@ -75,8 +77,13 @@ def read_lake(path: Path) -> pl.DataFrame:
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "collector", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "collector", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture

@@ -21,8 +21,9 @@ from collector.plugin import Sink, SinkConfig
 class FlakyConfig(SinkConfig):
     path: Path = Field(description="Folder the batches land in.")
     down_flag: Path = Field(description="While this file exists, writes fail (transient).")
-    reject_value: float | None = Field(
-        default=None, description="Batches holding this value are rejected for good.")
+    reject_every: int | None = Field(
+        default=None, description="Reject for good the batches whose first offset % N == 0."
+    )
 
 
 class FlakySink(Sink):
@@ -33,9 +34,8 @@ class FlakySink(Sink):
         cfg: FlakyConfig = self.config
         if cfg.down_flag.exists():
             raise TransientSinkError("sink is down (flag file present)")
-        if cfg.reject_value is not None and "value" in table.column_names and \
-                cfg.reject_value in table.column("value").to_pylist():
-            raise PermanentSinkError(f"value {cfg.reject_value} is not accepted")
+        if cfg.reject_every and int(batch_id.split("-")[0]) % cfg.reject_every == 0:
+            raise PermanentSinkError(f"batch {batch_id} is not accepted")
         cfg.path.mkdir(parents=True, exist_ok=True)
         tmp = cfg.path / f".{batch_id}.tmp"
         pq.write_table(table, tmp)

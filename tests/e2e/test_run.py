@@ -20,9 +20,14 @@ START = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
 
 
 def sim_source(every: float = 0.1, seed: int = 7) -> dict:
-    return {"name": "room", "type": "simulated", "every": f"{int(every * 1000)}ms",
-            "seed": seed, "start": START.isoformat(),
-            "metrics": {"temperature": {"kind": "uniform", "min": 0, "max": 30, "unit": "C"}}}
+    return {
+        "name": "room",
+        "type": "simulated",
+        "every": f"{int(every * 1000)}ms",
+        "seed": seed,
+        "start": START.isoformat(),
+        "metrics": {"temperature": {"kind": "uniform", "min": 0, "max": 30, "unit": "C"}},
+    }
 
 
 def expected_windows(n_ticks: int, source: dict, window_s: float) -> dict[datetime, dict]:
@@ -32,30 +37,46 @@ def expected_windows(n_ticks: int, source: dict, window_s: float) -> dict[dateti
     for tick in range(n_ticks):
         for row in generate(cfg, "dev-e2e", tick, START):
             ts = row["ts"]
-            start = START + timedelta(
-                seconds=((ts - START).total_seconds() // window_s) * window_s)
+            start = START + timedelta(seconds=((ts - START).total_seconds() // window_s) * window_s)
             groups[start].append(row["value"])
-    return {k: {"mean": statistics.fmean(v), "min": min(v), "max": max(v), "count": len(v)}
-            for k, v in groups.items()}
+    return {
+        k: {"mean": statistics.fmean(v), "min": min(v), "max": max(v), "count": len(v)}
+        for k, v in groups.items()
+    }
 
 
 def test_sigterm_flushes_and_windows_match_independent_computation(
-        tmp_path: Path, collectors: list[Collector]) -> None:
+    tmp_path: Path, collectors: list[Collector]
+) -> None:
     source = sim_source()
-    cfg = write_config(tmp_path / "c.yaml", {
-        "device": "dev-e2e",
-        "data_dir": str(tmp_path / "data"),
-        "sources": [source],
-        "transforms": [{"type": "filter", "where": "value BETWEEN -40 AND 85"},
-                       {"type": "window", "every": "1s", "aggs": ["mean", "min", "max", "count"]}],
-        "sinks": [{"name": "lake", "type": "lake", "path": str(tmp_path / "lake"),
-                   "batch": {"max_age": "500ms"}}],
-    })
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        {
+            "device": "dev-e2e",
+            "data_dir": str(tmp_path / "data"),
+            "sources": [source],
+            "transforms": [
+                {"type": "filter", "where": "value BETWEEN -40 AND 85"},
+                {"type": "window", "every": "1s", "aggs": ["mean", "min", "max", "count"]},
+            ],
+            "sinks": [
+                {
+                    "name": "lake",
+                    "type": "lake",
+                    "path": str(tmp_path / "lake"),
+                    "batch": {"max_age": "500ms"},
+                }
+            ],
+        },
+    )
     c = Collector(cfg)
     collectors.append(c)
     # a closed window reaches the lake while running, before any shutdown flush
-    wait_for(lambda: list((tmp_path / "lake").glob("**/*.parquet")), timeout=60,
-             what="first closed window in the lake")
+    wait_for(
+        lambda: list((tmp_path / "lake").glob("**/*.parquet")),
+        timeout=60,
+        what="first closed window in the lake",
+    )
     time.sleep(1.0)
     t0 = time.monotonic()
     assert c.stop(signal.SIGTERM) == 0, c.output()
@@ -79,11 +100,15 @@ def test_sigterm_flushes_and_windows_match_independent_computation(
 
 
 def test_once_processes_one_tick_and_exits(tmp_path: Path) -> None:
-    cfg = write_config(tmp_path / "c.yaml", {
-        "device": "d1", "data_dir": str(tmp_path / "data"),
-        "sources": [sim_source()],
-        "sinks": [{"name": "lake", "type": "lake", "path": str(tmp_path / "lake")}],
-    })
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        {
+            "device": "d1",
+            "data_dir": str(tmp_path / "data"),
+            "sources": [sim_source()],
+            "sinks": [{"name": "lake", "type": "lake", "path": str(tmp_path / "lake")}],
+        },
+    )
     res = run_cli("run", str(cfg), "--once")
     assert res.returncode == 0, res.stderr
     lake = read_lake(tmp_path / "lake")
@@ -96,11 +121,15 @@ def test_once_processes_one_tick_and_exits(tmp_path: Path) -> None:
 
 
 def test_for_duration_stops_cleanly(tmp_path: Path) -> None:
-    cfg = write_config(tmp_path / "c.yaml", {
-        "device": "d1", "data_dir": str(tmp_path / "data"),
-        "sources": [sim_source(every=0.2)],
-        "sinks": [{"name": "lake", "type": "lake", "path": str(tmp_path / "lake")}],
-    })
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        {
+            "device": "d1",
+            "data_dir": str(tmp_path / "data"),
+            "sources": [sim_source(every=0.2)],
+            "sinks": [{"name": "lake", "type": "lake", "path": str(tmp_path / "lake")}],
+        },
+    )
     t0 = time.monotonic()
     res = run_cli("run", str(cfg), "--for", "2s")
     assert res.returncode == 0, res.stderr
@@ -109,10 +138,16 @@ def test_for_duration_stops_cleanly(tmp_path: Path) -> None:
 
 
 def test_second_collector_on_same_data_dir_is_refused(
-        tmp_path: Path, collectors: list[Collector]) -> None:
-    cfg = write_config(tmp_path / "c.yaml", {
-        "data_dir": str(tmp_path / "data"), "sources": [sim_source(every=1)],
-        "sinks": [{"type": "console"}]})
+    tmp_path: Path, collectors: list[Collector]
+) -> None:
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        {
+            "data_dir": str(tmp_path / "data"),
+            "sources": [sim_source(every=1)],
+            "sinks": [{"type": "console"}],
+        },
+    )
     c = Collector(cfg)
     collectors.append(c)
     wait_for(lambda: (tmp_path / "data" / "log").exists(), what="first collector up")
@@ -123,13 +158,20 @@ def test_second_collector_on_same_data_dir_is_refused(
 
 @pytest.mark.slow
 def test_make_run_config_writes_parquet_within_one_window(
-        tmp_path: Path, collectors: list[Collector]) -> None:
+    tmp_path: Path, collectors: list[Collector]
+) -> None:
     """The README's `make run`: sample_data/temp.yaml on a fresh data dir, no cloud account."""
-    c = Collector(ROOT / "sample_data" / "temp.yaml",
-                  env={"DATA_DIR": str(tmp_path / "data"), "DEVICE_ID": "fresh-clone"})
+    c = Collector(
+        ROOT / "sample_data" / "temp.yaml",
+        env={"DATA_DIR": str(tmp_path / "data"), "DEVICE_ID": "fresh-clone"},
+    )
     collectors.append(c)
-    files = wait_for(lambda: list((tmp_path / "data" / "lake").glob("**/*.parquet")),
-                     timeout=120, interval=1, what="the first 1-minute window in the lake")
+    files = wait_for(
+        lambda: list((tmp_path / "data" / "lake").glob("**/*.parquet")),
+        timeout=120,
+        interval=1,
+        what="the first 1-minute window in the lake",
+    )
     assert c.alive()
     assert c.stop() == 0
     df = pl.read_parquet(files[0])

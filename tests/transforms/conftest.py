@@ -22,6 +22,16 @@ from collector.testing import FakeClock
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 
 
+@pytest.fixture(autouse=True)
+def _forget_user_modules() -> Iterator[None]:
+    """Python models import from tmp folders: leave no path or module behind for other tests."""
+    path = list(sys.path)
+    yield
+    sys.path[:] = path
+    for name in [m for m in sys.modules if m.startswith("infer_test_")]:
+        del sys.modules[name]
+
+
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock(T0)
@@ -88,10 +98,10 @@ def moto_endpoint(tmp_path: Path) -> Iterator[str]:
 
 def labelled_readings(seed: int, per_device: int, devices: tuple[str, ...] = ("d1", "d2"),
                       metric: str = "temperature") -> pl.DataFrame:
-    """Readings around 20 ± 1 with events of random size; ``label`` = 1 when |shift| ≥ 4σ.
+    """Readings around 20 (sd 1) with events of random size; ``label`` = 1 when |shift| >= 4 sd.
 
-    ``magnitude`` is the shift in σ, so tests can tell clear anomalies (≥ 6σ) from the
-    borderline ones (around 4σ) a model should be unsure about.
+    ``magnitude`` is the shift in sd, so tests can tell clear anomalies (>= 6 sd) from the
+    borderline ones (around 4 sd) a model should be unsure about.
     """
     import numpy as np
 

@@ -119,7 +119,7 @@ def test_onnx_export_gives_the_same_verdicts(
 def test_python_model_and_score_column(
     tmp_path: Path, make_ctx: Callable[[str], Context]
 ) -> None:
-    (tmp_path / "rules.py").write_text(
+    (tmp_path / "infer_test_rules.py").write_text(
         "import polars as pl\n"
         "def judge(features: pl.DataFrame):\n"
         "    dev = (features['value'] - features['mean_10']).abs() / features['std_10']\n"
@@ -127,7 +127,8 @@ def test_python_model_and_score_column(
         "            'confidence': (dev - 4).abs().clip(0, 1)}\n"
     )
     t = InferTransform(
-        config(model={"kind": "python", "function": "rules:judge", "path": str(tmp_path)}),
+        config(model={"kind": "python", "function": "infer_test_rules:judge",
+                      "path": str(tmp_path)}),
         make_ctx("infer"),
     )
     t.open()
@@ -146,7 +147,7 @@ def test_python_model_and_score_column(
 def test_pivot_scores_one_row_per_device_and_time(
     tmp_path: Path, make_ctx: Callable[[str], Context]
 ) -> None:
-    (tmp_path / "hvac.py").write_text(
+    (tmp_path / "infer_test_hvac.py").write_text(
         "def dew_risk(f):\n"
         "    return (f['humidity'] > 80) & (f['temperature'] < 10)\n"
     )
@@ -166,7 +167,7 @@ def test_pivot_scores_one_row_per_device_and_time(
     df = pl.DataFrame(rows).cast({"ts": pl.Datetime("us", "UTC")})
     cfg = InferConfig.model_validate({
         "type": "infer",
-        "model": {"kind": "python", "function": "hvac:dew_risk", "path": str(tmp_path)},
+        "model": {"kind": "python", "function": "infer_test_hvac:dew_risk", "path": str(tmp_path)},
         "features": {"pivot": ["temperature", "humidity"]},
         "window_column": "window_values",
     })
@@ -176,7 +177,7 @@ def test_pivot_scores_one_row_per_device_and_time(
     assert got[(0, "temperature")] == (1.0, None, [5.0, 90.0])
     assert got[(0, "humidity")] == (1.0, None, [5.0, 90.0])
     assert got[(1, "humidity")][0] == 0.0
-    assert got[(2, "temperature")] == (None, 0.0, None)  # humidity missing: unscored, unsure
+    assert got[(2, "temperature")] == (None, 0.0, [5.0, None])  # unscored, unsure
     assert got[(3, "humidity")][0] == 1.0
     assert got[(0, "pressure")] == (None, None, None)  # not a model input
 
@@ -265,14 +266,14 @@ def test_hot_swap_and_a_bad_new_file_keeps_the_old_model(
 
 def test_python_model_hot_swap(tmp_path: Path, make_ctx: Callable[[str], Context],
                                clock: FakeClock) -> None:
-    _python_model(tmp_path, "swapmodel", "def f(x):\n    return [0.0] * x.height\n")
+    _python_model(tmp_path, "infer_test_swap", "def f(x):\n    return [0.0] * x.height\n")
     t = InferTransform(InferConfig.model_validate({
-        "type": "infer", "model": {"kind": "python", "function": "swapmodel:f",
+        "type": "infer", "model": {"kind": "python", "function": "infer_test_swap:f",
                                    "path": str(tmp_path)}, "reload_every": 0,
     }), make_ctx("infer"))
     stream = labelled_readings(seed=7, per_device=20).select(CANONICAL)
     assert set(t.apply(stream)["prediction"]) == {0.0}
-    _python_model(tmp_path, "swapmodel", "def f(x):\n    return [1.0] * x.height  # v2\n")
+    _python_model(tmp_path, "infer_test_swap", "def f(x):\n    return [1.0] * x.height  # v2\n")
     assert set(t.apply(stream)["prediction"]) == {1.0}
 
 
@@ -335,3 +336,32 @@ def test_chained_infers_keep_each_others_verdicts(make_ctx: Callable[[str], Cont
         assert rows["prediction"].null_count() == 30  # warm-up only
         hits = rows.filter(pl.col("anomaly") == "1")["prediction"].fill_null(0.0)
         assert hits.mean() >= 0.8
+
+
+def test_a_model_error_leaves_the_batch_unscored_not_the_collector_down(
+    tmp_path: Path, make_ctx: Callable[[str], Context], caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "infer_test_fragile.py").write_text(
+        "def judge(f):\n"
+        "    if (f['value'] > 1000).any():\n"
+        "        raise ValueError('sensor value out of the training range')\n"
+        "    return [0.0] * f.height\n"
+    )
+    ctx = make_ctx("scorer")
+    t = InferTransform(InferConfig.model_validate({
+        "type": "infer", "model": {"kind": "python", "function": "infer_test_fragile:judge",
+                                   "path": str(tmp_path)},
+    }), ctx)
+    t.open()
+    stream = labelled_readings(seed=10, per_device=30).select(CANONICAL)
+    good = stream.slice(0, 20)
+    bad = stream.slice(20, 20).with_columns(pl.lit(5000.0).alias("value"))
+    with caplog.at_level(logging.WARNING, logger="collector"):
+        failed = [t.apply(bad), t.apply(bad)]
+    for out in failed:
+        assert out["prediction"].null_count() == out.height
+        assert (out["confidence"] == 0.0).all()  # routes with the doubtful rows
+        assert out.select(CANONICAL).equals(bad)  # nothing lost
+    assert ctx.counters.get("model_errors_total", component="scorer") == 2
+    assert caplog.text.count("out of the training range") == 1  # logged once, counted twice
+    assert t.apply(good)["prediction"].to_list() == [0.0] * 20

@@ -55,7 +55,8 @@ def test_env_interpolation_with_default(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("DEV_ID", "gw-7")
     monkeypatch.delenv("NOPE", raising=False)
     text = GOOD.replace("device: dev-1", "device: ${DEV_ID}").replace(
-        "path: ./data/lake", "path: ${NOPE:-/tmp/x}/lake")
+        "path: ./data/lake", "path: ${NOPE:-/tmp/x}/lake"
+    )
     cfg = load_text(text)
     assert cfg.settings.device == "gw-7"
     assert str(cfg.sinks[0].config.path) == "/tmp/x/lake"
@@ -63,54 +64,137 @@ def test_env_interpolation_with_default(monkeypatch: pytest.MonkeyPatch) -> None
 
 BAD = [
     # (name, replace old -> new in GOOD, expected line, expected path, message fragment)
-    ("unknown source type", ("type: simulated", "type: simulatd"), 4, "sources[0].type",
-     "unknown source type 'simulatd'; known: "),
-    ("unknown sink type", ("type: lake", "type: lak"), 16, "sinks[0].type",
-     "unknown sink type 'lak'"),
-    ("unknown transform type", ("type: window", "type: windw"), 11, "transforms[1].type",
-     "unknown transform type 'windw'"),
-    ("unknown top-level field", ("device: dev-1", "device: dev-1\ndevcie: x"), 2, "devcie",
-     "unknown field"),
-    ("unknown plugin field", ("    every: 5s\n", "    every: 5s\n    evry: 5s\n"), 6,
-     "sources[0].evry", "unknown field"),
-    ("bad duration", ("every: 5s", "every: 5 parsecs"), 5, "sources[0].every",
-     "is not a duration"),
+    (
+        "unknown source type",
+        ("type: simulated", "type: simulatd"),
+        4,
+        "sources[0].type",
+        "unknown source type 'simulatd'; known: ",
+    ),
+    (
+        "unknown sink type",
+        ("type: lake", "type: lak"),
+        16,
+        "sinks[0].type",
+        "unknown sink type 'lak'",
+    ),
+    (
+        "unknown transform type",
+        ("type: window", "type: windw"),
+        11,
+        "transforms[1].type",
+        "unknown transform type 'windw'",
+    ),
+    (
+        "unknown top-level field",
+        ("device: dev-1", "device: dev-1\ndevcie: x"),
+        2,
+        "devcie",
+        "unknown field",
+    ),
+    (
+        "unknown plugin field",
+        ("    every: 5s\n", "    every: 5s\n    evry: 5s\n"),
+        6,
+        "sources[0].evry",
+        "unknown field",
+    ),
+    ("bad duration", ("every: 5s", "every: 5 parsecs"), 5, "sources[0].every", "is not a duration"),
     ("negative duration", ("every: 1m", "every: -1m"), 12, "transforms[1].every", "duration"),
-    ("bad SQL in filter", ("value BETWEEN -40 AND 85", "value BETWEN -40 AND 85"), 10,
-     "transforms[0].where", "invalid SQL expression"),
-    ("unknown column in filter", ("value BETWEEN -40 AND 85", "valu > 3"), 9,
-     "transforms[0]", "valu"),
-    ("sink where on a column the window removed",
-     ("    path: ./data/lake\n", "    path: ./data/lake\n    where: \"value > 3\"\n"), 18,
-     "sinks[0].where", "value"),
-    ("sink where not boolean", ("    path: ./data/lake\n",
-                                "    path: ./data/lake\n    where: \"mean + 1\"\n"), 18,
-     "sinks[0].where", "not a boolean"),
-    ("unknown aggregation", ("aggs: [mean, min, max, count]", "aggs: [mean, median9]"), 13,
-     "transforms[1].aggs[1]", "Input should be 'mean'"),
-    ("no sinks", ("sinks:\n  - name: lake\n    type: lake\n    path: ./data/lake\n", "sinks: []\n"),
-     14, "sinks", "at least 1"),
+    (
+        "bad SQL in filter",
+        ("value BETWEEN -40 AND 85", "value BETWEN -40 AND 85"),
+        10,
+        "transforms[0].where",
+        "invalid SQL expression",
+    ),
+    (
+        "unknown column in filter",
+        ("value BETWEEN -40 AND 85", "valu > 3"),
+        9,
+        "transforms[0]",
+        "valu",
+    ),
+    (
+        "sink where on a column the window removed",
+        ("    path: ./data/lake\n", '    path: ./data/lake\n    where: "value > 3"\n'),
+        18,
+        "sinks[0].where",
+        "value",
+    ),
+    (
+        "sink where not boolean",
+        ("    path: ./data/lake\n", '    path: ./data/lake\n    where: "mean + 1"\n'),
+        18,
+        "sinks[0].where",
+        "not a boolean",
+    ),
+    (
+        "unknown aggregation",
+        ("aggs: [mean, min, max, count]", "aggs: [mean, median9]"),
+        13,
+        "transforms[1].aggs[1]",
+        "Input should be 'mean'",
+    ),
+    (
+        "no sinks",
+        ("sinks:\n  - name: lake\n    type: lake\n    path: ./data/lake\n", "sinks: []\n"),
+        14,
+        "sinks",
+        "at least 1",
+    ),
     ("missing sources", ("sources:", "sorces:"), 2, "sorces", "unknown field"),
-    ("duplicate sink names", ("    path: ./data/lake\n",
-                              "    path: ./data/lake\n  - name: lake\n    type: console\n"), 18,
-     "sinks[1].name", "duplicate name 'lake'"),
-    ("bad size", ("    path: ./data/lake\n",
-                  "    path: ./data/lake\n    spool: {max_bytes: lots}\n"), 18,
-     "sinks[0].spool.max_bytes", "is not a size"),
-    ("bad when_full", ("    path: ./data/lake\n",
-                       "    path: ./data/lake\n    spool: {when_full: panic}\n"), 18,
-     "sinks[0].spool.when_full", "pattern"),
-    ("missing env var", ("device: dev-1", "device: ${EDGE_TEST_UNSET_VAR}"), 1, "device",
-     "environment variable EDGE_TEST_UNSET_VAR is not set"),
-    ("every and cron both", ("    every: 5s\n", "    every: 5s\n    cron: '* * * * *'\n"), 3,
-     "sources[0]", "either `every` or `cron`"),
+    (
+        "duplicate sink names",
+        ("    path: ./data/lake\n", "    path: ./data/lake\n  - name: lake\n    type: console\n"),
+        18,
+        "sinks[1].name",
+        "duplicate name 'lake'",
+    ),
+    (
+        "bad size",
+        ("    path: ./data/lake\n", "    path: ./data/lake\n    spool: {max_bytes: lots}\n"),
+        18,
+        "sinks[0].spool.max_bytes",
+        "is not a size",
+    ),
+    (
+        "bad when_full",
+        ("    path: ./data/lake\n", "    path: ./data/lake\n    spool: {when_full: panic}\n"),
+        18,
+        "sinks[0].spool.when_full",
+        "pattern",
+    ),
+    (
+        "missing env var",
+        ("device: dev-1", "device: ${EDGE_TEST_UNSET_VAR}"),
+        1,
+        "device",
+        "environment variable EDGE_TEST_UNSET_VAR is not set",
+    ),
+    (
+        "every and cron both",
+        ("    every: 5s\n", "    every: 5s\n    cron: '* * * * *'\n"),
+        3,
+        "sources[0]",
+        "either `every` or `cron`",
+    ),
     ("bad cron", ("    every: 5s\n", "    cron: 'every tuesday'\n"), 3, "sources[0]", "cron"),
-    ("entry not a mapping", ("  - type: filter\n    where: \"value BETWEEN -40 AND 85\"\n",
-                             "  - filter\n"), 9, "transforms[0]", "mapping"),
+    (
+        "entry not a mapping",
+        ('  - type: filter\n    where: "value BETWEEN -40 AND 85"\n', "  - filter\n"),
+        9,
+        "transforms[0]",
+        "mapping",
+    ),
     ("type missing", ("    type: simulated\n", ""), 3, "sources[0].type", "field required"),
-    ("bad partition key", ("    path: ./data/lake\n",
-                           "    path: ./data/lake\n    partition_by: [metric, week]\n"), 18,
-     "sinks[0].partition_by", "week"),
+    (
+        "bad partition key",
+        ("    path: ./data/lake\n", "    path: ./data/lake\n    partition_by: [metric, week]\n"),
+        18,
+        "sinks[0].partition_by",
+        "week",
+    ),
 ]
 
 
@@ -135,8 +219,13 @@ def test_all_problems_reported_not_just_first() -> None:
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "collector", *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "collector", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+    )
 
 
 def test_check_cli_exit_2_with_file_line_field(tmp_path: Path) -> None:

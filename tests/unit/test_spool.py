@@ -6,15 +6,18 @@ from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
-import pytest
 
 from collector.plugin import Counters, SpoolConfig
 from collector.spool import Spool
 
 
 def rows(n: int, start: int = 0) -> pa.Table:
-    return pa.table({"value": pa.array([float(i) for i in range(start, start + n)]),
-                     "record_id": pa.array([f"b:{i}" for i in range(start, start + n)])})
+    return pa.table(
+        {
+            "value": pa.array([float(i) for i in range(start, start + n)]),
+            "record_id": pa.array([f"b:{i}" for i in range(start, start + n)]),
+        }
+    )
 
 
 def make(tmp_path: Path, **kw: object) -> tuple[Spool, Counters]:
@@ -70,7 +73,7 @@ def test_drop_oldest_counts_dropped_rows(tmp_path: Path) -> None:
     one = rows(100).nbytes
     sp, c = make(tmp_path, max_bytes=int(one * 2.5), when_full="drop_oldest")
     for i in range(6):
-        assert sp.put(rows(100, i * 100), f"{i:012d}-{i:012d}")
+        assert sp.put(rows(100, i * 100), f"{i:012d}-{i:012d}") == "ok"
     kept = []
     while (item := sp.claim()) is not None:
         kept.extend(Spool.read(item).column("value").to_pylist())
@@ -83,8 +86,8 @@ def test_drop_oldest_counts_dropped_rows(tmp_path: Path) -> None:
 def test_drop_newest_refuses_new_batches(tmp_path: Path) -> None:
     one = rows(100).nbytes
     sp, c = make(tmp_path, max_bytes=int(one * 1.5), when_full="drop_newest")
-    assert sp.put(rows(100), "000000000000-000000000000")
-    assert not sp.put(rows(100, 100), "000000000001-000000000001")
+    assert sp.put(rows(100), "000000000000-000000000000") == "ok"
+    assert sp.put(rows(100, 100), "000000000001-000000000001") == "dropped"
     assert c.get("dropped_rows_total", sink="out", reason="spool_full") == 100
     assert sp.backlog_rows == 100
 
@@ -116,9 +119,13 @@ def test_corrupt_file_is_set_aside(tmp_path: Path) -> None:
     assert (tmp_path / "s" / "000000000000-000000000000.corrupt").exists()
 
 
-@pytest.mark.parametrize("policy", ["block"])
-def test_block_reports_no_room(tmp_path: Path, policy: str) -> None:
-    one = rows(100).nbytes
-    sp, _ = make(tmp_path, max_bytes=int(one * 1.5), when_full=policy)
+def test_block_holds_batches_back_and_never_passes_max_bytes(tmp_path: Path) -> None:
+    sp, c = make(tmp_path)
     sp.put(rows(100), "000000000000-000000000000")
-    assert not sp.has_room(one)
+    size = sp.backlog_bytes
+    sp.settings.max_bytes = int(size * 1.5)
+    assert sp.put(rows(100, 100), "000000000001-000000000001", wait_if_full=True) == "full"
+    assert sp.backlog_rows == 100 and sp.backlog_bytes <= sp.settings.max_bytes
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "s").glob("*.arrow"))
+    assert on_disk == sp.backlog_bytes
+    assert c.get("dropped_rows_total", sink="out", reason="spool_full") == 0

@@ -21,9 +21,9 @@ from sinks.s3 import S3Config
 class _Credentials(BaseHTTPRequestHandler):
     """Serves credential JSON like Greengrass's token exchange service, if the token matches."""
 
-    requests: list[dict[str, str]] = []  # noqa: RUF012 - per-server list set in the fixture
+    requests: list[dict[str, str]] = []
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server API
+    def do_GET(self) -> None:
         self.requests.append({"path": self.path, "auth": self.headers.get("Authorization", "")})
         if self.headers.get("Authorization") != "gg-token-123":
             self.send_response(403)

@@ -13,6 +13,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from collector.sources.simulated import SimulatedConfig, generate
 from tests.sinks.es.double import ElasticsearchDouble
@@ -33,31 +34,21 @@ SOURCE: dict[str, Any] = {
         "pressure": {"kind": "walk", "start": 1000, "step": 0.5, "unit": "hPa"},
     },
 }
-CONFIG = """\
-device: edge-01
-data_dir: {data_dir}
-telemetry: {{port: 0, unhealthy_after: 5m}}
-log: {{segment_bytes: 64MiB, fsync_interval: 1s, checkpoint_every: 2s}}
-shutdown_timeout: 5s
-sources:
-  - name: room
-    type: simulated
-    every: 30s
-    seed: 7
-    start: "2024-01-01T23:59:30Z"
-    devices: 4
-    metrics:
-      temperature: {{kind: uniform, min: 0, max: 30, unit: C}}
-      pressure: {{kind: walk, start: 1000, step: 0.5, unit: hPa}}
-sinks:
-  - name: search
-    type: {sink_type}
-    hosts: [{url}]
-    index: sensors-%Y.%m.%d
-    api_key: ${{ES_API_KEY}}
-    batch: {{max_rows: 1000, max_bytes: 4MiB, max_age: 1s}}
-    spool: {{max_bytes: 64MiB, retry_base: 0.1s, retry_cap: 0.5s}}
-"""
+
+
+def _config(data_dir: Path, url: str) -> str:
+    """The collector config; the API key comes from the environment through `${ES_API_KEY}`."""
+    return yaml.safe_dump({
+        "device": "edge-01",
+        "data_dir": str(data_dir),
+        "telemetry": {"port": 0},
+        "sources": [SOURCE],
+        "sinks": [{
+            "name": "search", "type": "elasticsearch", "hosts": [url],
+            "index": "sensors-%Y.%m.%d", "api_key": "${ES_API_KEY}",
+            "spool": {"retry_base": "0.1s", "retry_cap": "0.5s"},
+        }],
+    })
 
 
 def _rules(double: ElasticsearchDouble) -> None:
@@ -90,8 +81,7 @@ def test_collector_run_once_delivers_each_reading_once(flavor: str, tmp_path: Pa
         _rules(double)
         config = tmp_path / "collector.yaml"
         data_dir = tmp_path / "data"
-        config.write_text(CONFIG.format(data_dir=data_dir, url=double.url,
-                                        sink_type="elasticsearch"))
+        config.write_text(_config(data_dir, double.url))
         proc = _run(config, tmp_path)
         docs = double.all_docs("sensors-*")
         attempts = dict(double.attempts)

@@ -1,0 +1,264 @@
+"""Nothing is lost: kill -9, sink outages, full spools, full disks, reloads (real processes)."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from collector.log import DeviceLog, Kind
+from tests.e2e.conftest import Collector, read_lake, run_cli, wait_for, write_config
+
+KEY = ["ts", "device", "metric"]
+
+
+def fast_source(every: str = "50ms", metrics: int = 2) -> dict:
+    names = ["temperature", "humidity", "pressure"][:metrics]
+    return {"name": "sim", "type": "simulated", "every": every, "seed": 3,
+            "metrics": {m: {"kind": "uniform", "min": 0, "max": 30} for m in names}}
+
+
+def logged_readings(data_dir: Path) -> pl.DataFrame:
+    """Every reading in the device log (nothing is truncated with one segment)."""
+    frames = [pl.from_arrow(e.table) for e in DeviceLog(data_dir / "log").read(0)
+              if e.kind == Kind.DATA and e.table is not None]
+    return pl.concat(frames).select(KEY) if frames else pl.DataFrame()
+
+
+def status(data_dir: Path) -> dict:
+    return json.loads((data_dir / "status.json").read_text())
+
+
+def test_kill_9_many_times_loses_nothing_and_duplicates_nothing(
+        tmp_path: Path, collectors: list[Collector]) -> None:
+    data, lake = tmp_path / "data", tmp_path / "lake"
+    cfg = write_config(tmp_path / "c.yaml", {
+        "device": "gw", "data_dir": str(data),
+        "log": {"checkpoint_every": "300ms"},
+        "sources": [fast_source()],
+        "sinks": [{"name": "lake", "type": "lake", "path": str(lake),
+                   "batch": {"max_rows": 7, "max_age": "200ms"}}],
+    })
+    rng = random.Random(1234)
+    for _ in range(10):
+        c = Collector(cfg)
+        collectors.append(c)
+        wait_for(lambda: (data / "log").exists(), what="collector start")  # noqa: B023
+        time.sleep(rng.uniform(0.4, 1.6))
+        c.proc.kill()  # SIGKILL: no flush, no checkpoint, maybe mid-write
+        c.proc.wait()
+        c.fh.close()
+    before = logged_readings(data)
+    assert before.height > 50
+    res = run_cli("run", str(cfg), "--once")  # recover: replay from the last checkpoint
+    assert res.returncode == 0, res.stderr
+    landed = read_lake(lake)
+    dupes = landed.group_by(KEY).len().filter(pl.col("len") > 1)
+    assert dupes.height == 0, f"duplicated readings: {dupes}"
+    missing = before.join(landed.select(KEY), on=KEY, how="anti")
+    assert missing.height == 0, f"{missing.height} logged readings never reached the lake"
+    assert landed.height == logged_readings(data).height  # nothing extra either
+
+
+def test_outage_then_recovery_delivers_everything_in_order_within_spool_bound(
+        tmp_path: Path, collectors: list[Collector]) -> None:
+    data, out, flag = tmp_path / "data", tmp_path / "out", tmp_path / "DOWN"
+    flag.touch()
+    max_bytes = 20_000
+    cfg = write_config(tmp_path / "c.yaml", {
+        "device": "gw", "data_dir": str(data),
+        "sources": [fast_source("20ms")],
+        "sinks": [{"name": "flaky", "type": "tests.e2e.flaky_sink:FlakySink",
+                   "path": str(out), "down_flag": str(flag),
+                   "batch": {"max_rows": 10, "max_age": "100ms"},
+                   "spool": {"max_bytes": max_bytes, "when_full": "block",
+                             "retry_base": "100ms", "retry_cap": "300ms"}}],
+    })
+    c = Collector(cfg)
+    collectors.append(c)
+    spool = data / "spool" / "flaky"
+    peak = 0
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:  # down: the spool fills up to its bound, not past it
+        files = [*spool.glob("*.arrow"), *spool.glob("inflight/*.arrow")]
+        peak = max(peak, sum(f.stat().st_size for f in files if f.exists()))
+        time.sleep(0.05)
+    assert 0.5 * max_bytes < peak <= max_bytes
+    flag.unlink()  # the service is back
+    wait_for(lambda: not list(spool.glob("*.arrow")), timeout=60, what="spool drained")
+    assert c.stop() == 0, c.output()
+    order = (out / "ORDER").read_text().split()
+    assert order == sorted(order), "batches were delivered out of order"
+    landed = read_lake(out)
+    logged = logged_readings(data)
+    assert landed.group_by(KEY).len()["len"].max() == 1
+    assert logged.join(landed, on=KEY, how="anti").height == 0
+    s = status(data)["sinks"]["flaky"]
+    assert s["delivered_rows"] == landed.height == s["spooled_rows"]
+    assert s["retries"] > 0 and not s["dropped_rows"]
+
+
+def test_drop_oldest_counts_exactly_what_is_missing(
+        tmp_path: Path, collectors: list[Collector]) -> None:
+    data, out, flag = tmp_path / "data", tmp_path / "out", tmp_path / "DOWN"
+    flag.touch()
+    cfg = write_config(tmp_path / "c.yaml", {
+        "device": "gw", "data_dir": str(data),
+        "sources": [fast_source("20ms")],
+        "sinks": [{"name": "flaky", "type": "tests.e2e.flaky_sink:FlakySink",
+                   "path": str(out), "down_flag": str(flag),
+                   "batch": {"max_rows": 10, "max_age": "100ms"},
+                   "spool": {"max_bytes": 15_000, "when_full": "drop_oldest",
+                             "retry_base": "100ms", "retry_cap": "300ms"}}],
+    })
+    c = Collector(cfg)
+    collectors.append(c)
+    time.sleep(4)
+    flag.unlink()
+    spool = data / "spool" / "flaky"
+    wait_for(lambda: not list(spool.glob("*.arrow")), timeout=60, what="spool drained")
+    assert c.stop() == 0, c.output()
+    assert not list(spool.glob("**/*.arrow")), "rows left in the spool after shutdown"
+    landed = read_lake(out)
+    logged = logged_readings(data)
+    s = status(data)["sinks"]["flaky"]
+    dropped = s["dropped_rows"].get("spool_full", 0)
+    assert dropped > 0
+    assert logged.height - landed.height == dropped
+    # what survived is the newest: every delivered batch is newer than every dropped one
+    assert landed.group_by(KEY).len()["len"].max() == 1
+
+
+def test_reconciliation_in_equals_delivered_plus_dead_plus_dropped(tmp_path: Path) -> None:
+    data, out = tmp_path / "data", tmp_path / "out"
+    cfg = write_config(tmp_path / "c.yaml", {
+        "device": "gw", "data_dir": str(data),
+        "sources": [{"name": "replay", "type": "python",
+                     "function": "tests.e2e.user_code:burst"}],
+        "sinks": [
+            {"name": "flaky", "type": "tests.e2e.flaky_sink:FlakySink", "path": str(out),
+             "down_flag": str(tmp_path / "never"), "reject_every": 3,
+             "batch": {"max_rows": 25}},
+            {"name": "lake", "type": "lake", "path": str(tmp_path / "lake"),
+             "where": "value >= 50"},
+        ],
+    })
+    res = run_cli("run", str(cfg), "--once")
+    assert res.returncode == 0, res.stderr
+    st = status(data)["sinks"]
+    for name, s in st.items():
+        accounted = s["delivered_rows"] + s["dead_lettered_rows"] + sum(
+            s["dropped_rows"].values()) + s["spool_backlog_rows"]
+        assert s["spooled_rows"] == accounted, (name, s)
+    assert st["flaky"]["spooled_rows"] == 200 and st["lake"]["spooled_rows"] == 150
+    dead = pl.read_parquet(data / "spool" / "flaky" / "dead-letter" / "*.parquet")
+    assert dead.height == st["flaky"]["dead_lettered_rows"] > 0
+    assert set(dead["dead_letter_sink"]) == {"flaky"}
+    assert dead["dead_letter_reason"][0].startswith("batch ")
+    assert read_lake(out).height + dead.height == 200
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                         capture_output=True)
+    return res.returncode == 0
+
+
+def test_disk_full_does_not_crash(tmp_path: Path, collectors: list[Collector]) -> None:
+    small = tmp_path / "small"
+    if not _mount_tmpfs(small, "600k"):
+        pytest.skip("cannot mount a tmpfs here (needs root); no disk-full simulation")
+    try:
+        cfg = write_config(tmp_path / "c.yaml", {
+            "device": "gw", "data_dir": str(small / "data"),
+            "sources": [fast_source("10ms", metrics=3)],
+            "sinks": [{"name": "lake", "type": "lake", "path": str(small / "lake"),
+                       "batch": {"max_age": "100ms"}}],
+        })
+        c = Collector(cfg)
+        collectors.append(c)
+        wait_for(lambda: "No space left on device" in c.output(), timeout=60,
+                 what="the disk to fill up")
+        time.sleep(1)
+        assert c.alive(), c.output()
+        assert c.stop() == 0, c.output()
+        assert "Traceback" not in c.output()
+    finally:
+        subprocess.run(["umount", "-l", str(small)], capture_output=True)
+
+
+def test_sighup_reload_rejects_bad_config_and_applies_good_one(
+        tmp_path: Path, collectors: list[Collector]) -> None:
+    data = tmp_path / "data"
+    conf = {"device": "gw", "data_dir": str(data), "sources": [fast_source("100ms", 1)],
+            "sinks": [{"name": "a", "type": "lake", "path": str(tmp_path / "a"),
+                       "batch": {"max_age": "100ms"}}]}
+    cfg = write_config(tmp_path / "c.yaml", conf)
+    c = Collector(cfg)
+    collectors.append(c)
+    wait_for(lambda: list((tmp_path / "a").glob("**/*.parquet")), what="first files")
+    cfg.write_text(cfg.read_text().replace("type: lake", "type: lakee"))
+    c.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reload rejected" in c.output(), what="rejection in the log")
+    assert c.alive()
+    conf["sinks"][0]["path"] = str(tmp_path / "b")
+    write_config(cfg, conf)
+    c.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: list((tmp_path / "b").glob("**/*.parquet")), what="files of new config")
+    assert c.stop() == 0
+    assert "unknown sink type 'lakee'" in c.output()
+
+
+def test_metrics_health_and_status(tmp_path: Path, collectors: list[Collector]) -> None:
+    data, flag = tmp_path / "data", tmp_path / "DOWN"
+    conf = {"device": "gw", "data_dir": str(data), "sources": [fast_source("100ms", 1)],
+            "telemetry": {"enabled": True, "port": 0, "unhealthy_after": "1s"},
+            "sinks": [{"name": "flaky", "type": "tests.e2e.flaky_sink:FlakySink",
+                       "path": str(tmp_path / "out"), "down_flag": str(flag),
+                       "batch": {"max_age": "100ms"},
+                       "spool": {"retry_base": "200ms", "retry_cap": "500ms"}}]}
+    cfg = write_config(tmp_path / "c.yaml", conf)
+    c = Collector(cfg)
+    collectors.append(c)
+    port = int(wait_for(lambda: _port(c.output()), what="metrics port"))
+
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    wait_for(lambda: "edge_collector_delivered_rows" in get("/metrics")[1], what="deliveries")
+    code, text = get("/metrics")
+    assert code == 200 and 'edge_collector_rows_in_total{source="sim"}' in text
+    assert get("/health")[0] == 200
+    flag.touch()
+    wait_for(lambda: get("/health")[0] == 503, timeout=30, what="unhealthy")
+    assert "flaky" in json.loads(get("/health")[1])["failing"]
+    res = run_cli("status", "--data-dir", str(data), "--json")
+    live = json.loads(res.stdout)
+    assert live["alive"] is True and live["sinks"]["flaky"]["last_error"]
+    c.proc.kill()
+    c.proc.wait()
+    dead = json.loads(run_cli("status", "--data-dir", str(data), "--json").stdout)
+    assert dead["alive"] is False
+    assert dead["sinks"]["flaky"]["backlog_files"] >= 1  # the backlog waits for the next start
+    table = run_cli("status", "--data-dir", str(data)).stdout
+    assert "flaky" in table and "not running" in table
+
+
+def _port(output: str) -> str | None:
+    import re
+
+    m = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", output.replace("\n", " "))
+    return m.group(1) if m else None
