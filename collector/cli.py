@@ -138,9 +138,21 @@ async def _run(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_stop)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    previous = None
     try:
         while True:
-            runtime = Runtime(cfg, data_dir)
+            try:
+                runtime = Runtime(cfg, data_dir)
+            except ConfigError as exc:
+                for issue in exc.issues:
+                    issue.file = issue.file or path
+                    log.error("%s", issue)
+                if previous is None:
+                    return EXIT_CONFIG
+                log.error("new config cannot start; going back to the running one")
+                cfg, previous = previous, None
+                continue
+            previous = cfg
             log.info(
                 "collector %s: %d source(s), %d transform(s), %d sink(s), data in %s",
                 cfg.settings.device,

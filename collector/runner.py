@@ -103,6 +103,10 @@ class Runtime:
         self.pipeline = Pipeline(transforms, routes)
         self.checkpoint_path = self.data_dir / "state" / "checkpoint.pkl"
         self._restore()
+        for t in self.pipeline.transforms:  # after restore: it replaces the objects
+            opener = getattr(t, "open", None)
+            if callable(opener):
+                opener()  # e.g. loads a model; a ConfigError here stops the start (exit 2)
         self._new_data = threading.Event()
         self._stop = threading.Event()
         self._consumer_done = threading.Event()
@@ -286,6 +290,12 @@ class Runtime:
         bucket = TokenBucket(cfg.bandwidth) if cfg.bandwidth else None
         opened = False
         while True:
+            if draining() and self._gave_up(run):
+                return
+            wait = run.backoff_until - time.monotonic()
+            if wait > 0:  # short steps, so a stop is noticed during a long backoff
+                await asyncio.sleep(min(wait, 0.5))
+                continue
             if not opened:
                 try:
                     await run.sink.open()
@@ -293,12 +303,8 @@ class Runtime:
                 except Exception as exc:
                     self._failed(run, exc)
                     log.warning("sink %s cannot open: %s", name, exc)
-                    await self._sleep_or_wake(run, self._backoff(run))
+                    self._backoff(run)
                     continue
-            wait = run.backoff_until - time.monotonic()
-            if wait > 0:
-                await self._sleep_or_wake(run, wait, ignore_wake=True)
-                continue
             if self._blocked_by_priority(run):
                 await self._sleep_or_wake(run, 0.2)
                 continue
@@ -363,6 +369,11 @@ class Runtime:
         else:
             run.spool.done(item, delivered_rows=0)
 
+    def _gave_up(self, run: _SinkRun) -> bool:
+        """While stopping: a sink failing for longer than `shutdown_timeout` keeps its spool."""
+        since = run.state.failing_since
+        return since is not None and time.time() - since > self.cfg.settings.shutdown_timeout
+
     def _give_up_if_needed(self, run: _SinkRun) -> None:
         limit = run.component.config.spool.max_retries
         if limit is None or run.state.consecutive_failures <= limit:
@@ -379,10 +390,7 @@ class Runtime:
         run.backoff_until = 0
 
     @staticmethod
-    async def _sleep_or_wake(run: _SinkRun, seconds: float, ignore_wake: bool = False) -> None:
-        if ignore_wake:
-            await asyncio.sleep(seconds)
-            return
+    async def _sleep_or_wake(run: _SinkRun, seconds: float) -> None:
         run.wake.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(run.wake.wait(), timeout=seconds)
@@ -546,8 +554,9 @@ class Runtime:
         for run in self.sinks.values():
             run.wake.set()
         draining["on"] = True
-        drain_for = max(timeout, 60.0) if once else timeout
-        done, pending = await asyncio.wait(workers, timeout=drain_for)
+        # --once delivers the whole backlog (giving up only on failing sinks); a signal gives
+        # sinks `shutdown_timeout` and leaves the rest in the spool for the next start
+        done, pending = await asyncio.wait(workers, timeout=None if once else timeout)
         for w in pending:
             w.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
@@ -558,7 +567,7 @@ class Runtime:
         await asyncio.gather(housekeeping, return_exceptions=True)
         for run in self.sinks.values():
             try:
-                await run.sink.close()
+                await asyncio.wait_for(run.sink.close(), timeout=10)
             except Exception as exc:
                 log.warning("sink %s close: %s", run.component.name, exc)
         self._refresh_sink_state()

@@ -317,7 +317,7 @@ class ReplaySource(Source):
 
     def _batches(self, lf: pl.LazyFrame, width: int) -> Iterator[pl.DataFrame]:
         chunk = max(1, self.config.chunk_rows // max(1, width))
-        return iter(lf.collect_batches(chunk_size=chunk))
+        return iter(lf.collect_batches(chunk_size=chunk, lazy=True))
 
     async def stream(self) -> AsyncIterator[pl.DataFrame]:
         cfg = self.config

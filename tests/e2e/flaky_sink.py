@@ -41,4 +41,4 @@ class FlakySink(Sink):
         pq.write_table(table, tmp)
         os.replace(tmp, cfg.path / f"{batch_id}.parquet")
         with open(cfg.path / "ORDER", "a") as fh:
-            fh.write(batch_id + "\n")
+            fh.write(f"{self.ctx.component} {batch_id}\n")

@@ -95,7 +95,7 @@ def test_outage_then_recovery_delivers_everything_in_order_within_spool_bound(
     flag.unlink()  # the service is back
     wait_for(lambda: not list(spool.glob("*.arrow")), timeout=60, what="spool drained")
     assert c.stop() == 0, c.output()
-    order = (out / "ORDER").read_text().split()
+    order = [line.split()[1] for line in (out / "ORDER").read_text().splitlines()]
     assert order == sorted(order), "batches were delivered out of order"
     landed = read_lake(out)
     logged = logged_readings(data)
@@ -262,3 +262,29 @@ def _port(output: str) -> str | None:
 
     m = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", output.replace("\n", " "))
     return m.group(1) if m else None
+
+
+def test_priority_drains_the_important_sink_first(tmp_path: Path) -> None:
+    data, out, flag = tmp_path / "data", tmp_path / "out", tmp_path / "DOWN"
+
+    def conf(function: str) -> dict:
+        return {
+            "device": "gw", "data_dir": str(data), "shutdown_timeout": "1s",
+            "sources": [{"name": "src", "type": "python",
+                         "function": f"tests.e2e.user_code:{function}"}],
+            "sinks": [{"name": name, "type": "tests.e2e.flaky_sink:FlakySink",
+                       "path": str(out), "down_flag": str(flag),
+                       "batch": {"max_rows": 20},
+                       "spool": {"priority": prio, "retry_base": "100ms"}}
+                      for name, prio in (("bulk", 5), ("alerts", 0))],
+        }
+
+    flag.touch()  # both services down: the backlog builds up in both spools
+    res = run_cli("run", str(write_config(tmp_path / "a.yaml", conf("burst"))), "--once")
+    assert res.returncode == 1, res.stderr  # rows kept in the spool, said so
+    assert "kept in the spool" in res.stderr
+    flag.unlink()
+    res = run_cli("run", str(write_config(tmp_path / "b.yaml", conf("nothing"))), "--once")
+    assert res.returncode == 0, res.stderr
+    order = [line.split()[0] for line in (out / "ORDER").read_text().splitlines()]
+    assert order == ["alerts"] * 10 + ["bulk"] * 10

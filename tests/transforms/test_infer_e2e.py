@@ -143,11 +143,6 @@ def test_doubtful_rows_go_to_s3_for_retraining_the_rest_to_the_lake(
     assert clear.height >= 10 and (clear["prediction"] == 1.0).mean() >= 0.9
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the runtime does not call Transform.open() at start yet (issue 8 note): today the "
-    "first batch raises TransformError instead; remove this marker once it does",
-)
 def test_bad_model_file_stops_the_start_with_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "forest.joblib").write_bytes(b"not a model at all")
     labelled_readings(seed=12, per_device=20).select(
@@ -158,4 +153,4 @@ def test_bad_model_file_stops_the_start_with_a_clear_error(tmp_path: Path) -> No
     done = collector_run(config, aws_env(tmp_path))
     assert done.returncode == 2, done.stdout + done.stderr
     assert "cannot load model" in done.stderr and "forest.joblib" in done.stderr
-    assert not (tmp_path / "lake").exists()  # nothing ran half-way
+    assert not list(tmp_path.glob("lake/**/*.parquet"))  # nothing ran half-way

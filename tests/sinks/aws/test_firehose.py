@@ -264,3 +264,28 @@ def test_config_rejects_settings_above_service_limits(field: str, value: Any, me
         FirehoseConfig(type="firehose", stream="s", **{field: value})
     FirehoseConfig(type="firehose", stream="s", max_records_per_call=500,
                    max_request_bytes="4MiB", record_target_bytes=1_024_000)
+
+
+async def test_gzip_records_land_as_a_valid_gzip_stream(moto_url: str, stream, ctx: Context):
+    import gzip
+
+    name, bucket = stream
+    table = readings(3_000)
+    sink = sink_for(moto_url, name, ctx, compression="gzip", record_target_bytes=4_900)
+    await sink.open()
+    sizes: list[int] = []
+    sink.client.meta.events.register(
+        "before-send.firehose.PutRecordBatch",
+        lambda request, **_: sizes.extend(
+            len(base64.b64decode(r["Data"])) for r in json.loads(request.body)["Records"]
+        ),
+    )
+    await sink.write(table, "b")
+    await sink.close()
+    assert sizes and all(s <= 4_900 for s in sizes)
+    assert sum(sizes) < sum(len(x) for x in ndjson_lines(table)) / 4  # really compressed
+    s3 = admin("s3", moto_url)
+    blobs = [s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+             for o in s3.list_objects_v2(Bucket=bucket, Prefix="raw/")["Contents"]]
+    rows = from_ndjson([gzip.decompress(b) for b in blobs])  # multi-member gzip per object
+    assert canon(rows) == canon(as_json_rows(table))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -79,7 +80,7 @@ def test_walk_is_a_walk_and_cache_does_not_change_it(tmp_path: Path) -> None:
     cache: dict[tuple[int, str], tuple[int, float]] = {}
     seq = [walk_value(config, 0, "p", t, cache) for t in range(200)]
     assert seq[0] == 1000
-    steps = [abs(b - a) for a, b in zip(seq, seq[1:], strict=False)]
+    steps = [abs(b - a) for a, b in itertools.pairwise(seq)]
     assert max(steps) <= 0.5 and max(steps) > 0.3
     assert walk_value(config, 0, "p", 150) == pytest.approx(seq[150], abs=1e-9)
 
