@@ -8,6 +8,7 @@ that child, with no sampling gaps and no polling cost inside the measured window
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -69,7 +70,8 @@ def write_json(name: str, payload: dict[str, Any]) -> Path:
     """``benchmarks/out/<name>.json`` with the machine and the time of the run added."""
     OUT.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": name, "at": datetime.now(UTC).isoformat(timespec="seconds"),
-           "machine": machine(), **payload}
+           "machine": machine(), "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
+           **payload}
     path = OUT / f"{name}.json"
     path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     return path
@@ -93,6 +95,8 @@ class ProcResult:
     sys_s: float
     peak_rss_mb: float
     """The kernel's high-water mark of the process's RSS (``VmHWM``), read until it exits."""
+    peak_anon_mb: float = 0.0
+    """Peak of the process's private (anonymous) RSS, polled: RSS minus mapped libraries."""
     sampled_peak_rss_mb: float = 0.0
     """Peak of (process + children) RSS sampled by psutil: a cross-check of ``peak_rss_mb``."""
     stderr_tail: str = ""
@@ -105,7 +109,8 @@ class ProcResult:
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["cpu_s"] = round(self.cpu_s, 3)
-        for k in ("wall_s", "user_s", "sys_s", "peak_rss_mb", "sampled_peak_rss_mb"):
+        for k in ("wall_s", "user_s", "sys_s", "peak_rss_mb", "peak_anon_mb",
+                  "sampled_peak_rss_mb"):
             d[k] = round(d[k], 3)
         d.pop("extra")
         return d
@@ -131,6 +136,7 @@ def run_measured(cmd: Sequence[str], *, cwd: Path | None = None,
     OUT.mkdir(parents=True, exist_ok=True)
     sampled = [0]
     hwm = [0]
+    anon = [0]
     with open(err_path, "wb") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(list(cmd), cwd=cwd, env=e, stdout=subprocess.DEVNULL,
@@ -146,7 +152,9 @@ def run_measured(cmd: Sequence[str], *, cwd: Path | None = None,
         deadline = time.monotonic() + timeout
         status_file = f"/proc/{proc.pid}/status"
         while True:
-            hwm[0] = max(hwm[0], _vm_hwm(status_file))
+            now_hwm, now_anon = _vm_status(status_file)
+            hwm[0] = max(hwm[0], now_hwm)
+            anon[0] = max(anon[0], now_anon)
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
@@ -168,21 +176,25 @@ def run_measured(cmd: Sequence[str], *, cwd: Path | None = None,
         user_s=usage.ru_utime,
         sys_s=usage.ru_stime,
         peak_rss_mb=hwm[0] / 1024,  # KiB
+        peak_anon_mb=anon[0] / 1024,
         sampled_peak_rss_mb=sampled[0] / 1024**2,
         stderr_tail=tail,
     )
 
 
-def _vm_hwm(status_file: str) -> int:
-    """VmHWM in KiB, 0 once the process is gone (or a zombie)."""
+def _vm_status(status_file: str) -> tuple[int, int]:
+    """(VmHWM, RssAnon) in KiB; zeros once the process is gone (or a zombie)."""
+    hwm = anon = 0
     try:
         with open(status_file) as fh:
             for line in fh:
                 if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
+                    hwm = int(line.split()[1])
+                elif line.startswith("RssAnon:"):
+                    anon = int(line.split()[1])
     except (OSError, ValueError):
         pass
-    return 0
+    return hwm, anon
 
 
 def _sample_rss(pid: int, every: float, stop: threading.Event, peak: list[int]) -> None:
@@ -197,10 +209,8 @@ def _sample_rss(pid: int, every: float, stop: threading.Event, peak: list[int]) 
             procs = [root, *root.children(recursive=True)]
             total = 0
             for p in procs:
-                try:
+                with contextlib.suppress(psutil.Error):
                     total += p.memory_info().rss
-                except psutil.Error:
-                    pass
             peak[0] = max(peak[0], total)
         except psutil.Error:
             return
@@ -223,7 +233,7 @@ def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
     t = Table(*columns, title=title, caption=caption)
     for row in rows:
         t.add_row(*[str(c) for c in row])
-    Console().print(t)
+    Console(width=max(120, Console().width)).print(t)
 
 
 def fmt_bytes(n: float) -> str:

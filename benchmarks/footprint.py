@@ -76,17 +76,17 @@ if stage == 'runtime':
     cfg = config.load(sys.argv[2])
     Runtime(cfg, Path(sys.argv[3]))
     out['runtime_mb'] = rss()
-heavy = %r
+heavy = sys.argv[-1].split(',')
 out['heavy_loaded'] = sorted(h for h in heavy if h in sys.modules)
 out['modules'] = len(sys.modules)
 print(json.dumps(out))
-""" % (HEAVY,)
+"""
 
 
 def probe(*args: str) -> dict[str, Any]:
     """RSS and imported heavy modules of a fresh interpreter at a given stage."""
-    proc = subprocess.run([sys.executable, "-c", _PROBE, *args], env=env(), capture_output=True,
-                          text=True, timeout=120, check=True)
+    proc = subprocess.run([sys.executable, "-c", _PROBE, *args, ",".join(HEAVY)], env=env(),
+                          capture_output=True, text=True, timeout=120, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ["measure", "value", "target"],
         [
             ("peak RSS (VmHWM)", f"{res.peak_rss_mb:.0f} MB", f"≤ {TARGET_RSS_MB} MB"),
+            ("  of which private (RssAnon)", f"{res.peak_anon_mb:.0f} MB", ""),
             ("CPU, whole run", f"{res.cpu_s:.2f} s = {whole_pct:.2f} % of one core",
              f"≤ {TARGET_CPU_PCT} %"),
             ("CPU, steady state", "-" if steady_pct is None else f"{steady_pct:.2f} % of one core",

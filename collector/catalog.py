@@ -222,13 +222,17 @@ def ddl_for_sink(
 
 
 def ddl_for_config(config: Any, **kwargs: Any) -> str:
-    """DDL for every ``s3`` sink of a whole config (model or mapping), separated by blank lines.
+    """DDL for every ``s3`` sink of a config, separated by blank lines.
+
+    ``config`` is the loaded config (``collector.config.load``: its ``sinks`` are components
+    whose ``.config`` is the validated model) or the raw mapping from YAML.
 
     Column partitions stay ``injected`` unless ``enums`` is given: metric names cannot be
     derived safely from sources, since transforms may add metrics and a missing enum value
     would hide data silently.
     """
-    sinks = [s for s in (_get(config, "sinks", None) or []) if _get(s, "type") == "s3"]
+    entries = [getattr(s, "config", s) for s in (_get(config, "sinks", None) or [])]
+    sinks = [s for s in entries if _get(s, "type") == "s3"]
     if not sinks:
         raise ValueError("the config has no `s3` sink")
     return "\n".join(ddl_for_sink(s, **kwargs) for s in sinks)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -33,8 +34,14 @@ def _setup_logging(level: str) -> None:
         fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     handler.setFormatter(logging.Formatter(fmt))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
-    for noisy in ("apscheduler", "botocore", "aiobotocore", "urllib3", "elastic_transport",
-                  "asyncio"):
+    for noisy in (
+        "apscheduler",
+        "botocore",
+        "aiobotocore",
+        "urllib3",
+        "elastic_transport",
+        "asyncio",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -102,9 +109,28 @@ def run(
             seconds = parse_duration(duration)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--for") from None
-    sys.exit(
-        asyncio.run(_run(config_file, cfg, once, seconds, Path(data_dir) if data_dir else None))
-    )
+    code = _run_loop(_run(config_file, cfg, once, seconds, Path(data_dir) if data_dir else None))
+    # Everything durable is fsynced by now. A plugin thread stuck in a device read must not keep
+    # the process alive (interpreter exit would join it forever), so leave directly.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _run_loop(main: Any) -> int:
+    """asyncio.run without its final wait on executor threads (a hung read would block it)."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(main)
+    finally:
+        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for t in pending:
+            t.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.wait(pending, timeout=5))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
 
 
 async def _run(
@@ -293,22 +319,85 @@ def status(data_dir: str, config_file: str | None, as_json: bool) -> None:
     console.print(table)
 
 
+@cli.command()
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    help="Print the DDL of every s3 sink in this config.",
+)
+@click.option("--s3", "s3_url", metavar="s3://BUCKET/PREFIX", help="Or: a lake location.")
+@click.option(
+    "--partition-by",
+    default="metric,date",
+    show_default=True,
+    help="With --s3: the partition keys, outermost first.",
+)
+@click.option("--database", help="Glue database to create the table in.")
+@click.option("--table", help="Table name (default: the sink's name, or `readings`).")
+def catalog(
+    config_file: str | None, s3_url: str | None, partition_by: str, database: str | None, table: str
+) -> None:
+    """Print Athena/Glue DDL for the S3 lake (partition projection: no crawler, no MSCK).
+
+    The documented replacement for IoT Analytics datastores: paste the output into Athena.
+
+    \b
+      collector catalog --config collector.yaml
+      collector catalog --s3 s3://my-sensor-lake/readings --partition-by device,date,hour
+    """
+    from collector import catalog as cat
+
+    if bool(config_file) == bool(s3_url):
+        raise click.UsageError("give exactly one of --config and --s3")
+    try:
+        if config_file:
+            cfg = _load_or_exit(config_file)
+            columns = None
+            if cfg.output is not None:  # the columns the sinks really receive
+                columns = {
+                    **cat.columns_from_schema(cfg.output.to_arrow().schema),
+                    "record_id": "string",
+                }
+            click.echo(cat.ddl_for_config(cfg, columns=columns, table=table, database=database))
+        else:
+            parts = [p.strip() for p in partition_by.split(",") if p.strip()]
+            click.echo(cat.ddl(s3_url, parts, None, table or "readings", database))  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
 @cli.command("export")
 @click.option("--lake", required=True, help="Lake root: a folder or s3://bucket/prefix.")
-@click.option("--since", help="Start, inclusive: 2024-06-01, 2024-06-01T12:00Z, now, today, "
-              "yesterday, -1d, -2h30m.")
+@click.option(
+    "--since",
+    help="Start, inclusive: 2024-06-01, 2024-06-01T12:00Z, now, today, yesterday, -1d, -2h30m.",
+)
 @click.option("--until", help="End, exclusive; same forms as --since.")
 @click.option("--device", "devices", multiple=True, help="Only this device (repeatable).")
 @click.option("--metric", "metrics", multiple=True, help="Only this metric (repeatable).")
 @click.option("--source", "sources", multiple=True, help="Only this source (repeatable).")
 @click.option("--where", help="Polars SQL condition on the rows, e.g. 'max > 28'.")
 @click.option("--endpoint-url", help="S3 endpoint (default: $AWS_ENDPOINT_URL).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="FILE.parquet or FILE.csv (format from the suffix).")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="FILE.parquet or FILE.csv (format from the suffix).",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def export_cmd(lake: str, since: str | None, until: str | None, devices: tuple[str, ...],
-               metrics: tuple[str, ...], sources: tuple[str, ...], where: str | None,
-               endpoint_url: str | None, out: Path, no_progress: bool) -> None:
+def export_cmd(
+    lake: str,
+    since: str | None,
+    until: str | None,
+    devices: tuple[str, ...],
+    metrics: tuple[str, ...],
+    sources: tuple[str, ...],
+    where: str | None,
+    endpoint_url: str | None,
+    out: Path,
+    no_progress: bool,
+) -> None:
     """Write lake rows matching the filters to Parquet or CSV.
 
     Only the partitions the filters can match are read (partition pruning), so a day out of a
@@ -320,9 +409,18 @@ def export_cmd(lake: str, since: str | None, until: str | None, devices: tuple[s
     from collector.export import run_export
 
     try:
-        n = run_export(lake, out, since=since, until=until, devices=devices, metrics=metrics,
-                       sources=sources, where=where, endpoint_url=endpoint_url,
-                       progress=not no_progress)
+        n = run_export(
+            lake,
+            out,
+            since=since,
+            until=until,
+            devices=devices,
+            metrics=metrics,
+            sources=sources,
+            where=where,
+            endpoint_url=endpoint_url,
+            progress=not no_progress,
+        )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     except FileNotFoundError as exc:

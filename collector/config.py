@@ -112,6 +112,8 @@ class LoadedConfig:
     sinks: list[Component]
     file: str = "<config>"
     raw: dict[str, Any] = field(default_factory=dict)
+    output: pl.DataFrame | None = None
+    """Empty frame with the columns the sinks receive (None after user code: unknown)."""
 
     @property
     def transforms_fingerprint(self) -> str:
@@ -264,12 +266,12 @@ def load_text(text: str, file: str = "<config>") -> LoadedConfig:
             c for i, item in enumerate(items) if (c := _component(kind, i, item, loc)) is not None
         ]
     _name_components(comps, loc)
-    if not loc.issues:
-        _check_dataflow(settings, comps, loc)
+    output = _check_dataflow(settings, comps, loc) if not loc.issues else None
     if loc.issues:
         raise ConfigError(loc.issues)
     return LoadedConfig(
-        settings, comps["sources"], comps["transforms"], comps["sinks"], file=file, raw=data
+        settings, comps["sources"], comps["transforms"], comps["sinks"], file=file, raw=data,
+        output=output,
     )
 
 
@@ -405,6 +407,7 @@ def _check_dataflow(
                 sqlexpr.check_on(expr, cfg.where, frame, boolean=True)
         except ValueError as exc:
             loc.add(("sinks", c.index, "where"), str(exc))
+    return frame
 
 
 def json_schema() -> dict[str, Any]:

@@ -14,6 +14,7 @@ Pure arithmetic, no I/O. Feed it the measured size of real NDJSON lines
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 MAX_RECORDS_PER_CALL = 500
@@ -121,7 +122,7 @@ def format_estimate(costs: dict[str, Any], name: str = "firehose") -> str:
     return "\n".join(
         [
             f"{name}: {costs['readings_per_day']:,.0f} readings/day x "
-            f"{costs['bytes_per_reading']:.0f} B, {costs['readings_per_record']} per record",
+            f"{costs['bytes_per_reading']:.0f} B, {costs['readings_per_record']:.0f} per record",
             f"  packed:      {p['records']:>14,.0f} records {p['calls']:>12,.0f} calls "
             f"{gb(p['billable_bytes']):>14} billable/day",
             f"  one/reading: {n['records']:>14,.0f} records {n['calls']:>12,.0f} calls "
@@ -130,3 +131,81 @@ def format_estimate(costs: dict[str, Any], name: str = "firehose") -> str:
             f"makes {costs['calls_ratio']:.0f}x fewer calls",
         ]
     )
+
+
+def estimate_sink(
+    sink_config: Any,
+    readings_per_second: float,
+    *,
+    device: str = "edge-01",
+    source: str = "room",
+    metrics: Sequence[str] = ("temperature",),
+    unit: str | None = "C",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """`collector check --estimate` for one ``firehose`` sink, measured rather than modelled.
+
+    Builds one batch of canonical readings as the runtime would cut it for this sink
+    (``min(batch.max_rows, rate x batch.max_age)`` rows, random values, real record ids),
+    packs it with the sink's own packer and settings (``record_target_bytes``,
+    ``compression``, call limits), and scales to a day. Same keys as ``firehose_costs``.
+    """
+    import random
+    from datetime import UTC, datetime, timedelta
+
+    import pyarrow as pa
+
+    from collector.schema import READING_SCHEMA, RECORD_ID
+    from sinks.firehose import calls, ndjson_lines, pack, pack_gzip
+
+    per_day = readings_per_second * SECONDS_PER_DAY
+    batch = sink_config.batch
+    rows = max(1, min(int(batch.max_rows), round(readings_per_second * batch.max_age)))
+    rows = min(rows, max(1, round(per_day)))
+    rnd = random.Random(seed)
+    start = datetime(2024, 1, 1, tzinfo=UTC)
+    batch_id = f"{0:012d}-{rows - 1:012d}"
+    table = pa.table(
+        {
+            "ts": [start + timedelta(seconds=i / max(readings_per_second, 1e-9))
+                   for i in range(rows)],
+            "device": [device] * rows,
+            "source": [source] * rows,
+            "metric": [metrics[i % len(metrics)] for i in range(rows)],
+            "value": [rnd.uniform(0, 30) for _ in range(rows)],
+            "unit": [unit] * rows,
+            RECORD_ID: [f"{batch_id}:{i}" for i in range(rows)],
+        },
+        schema=READING_SCHEMA.append(pa.field(RECORD_ID, pa.string())),
+    )
+    lines = ndjson_lines(table)
+    packer = pack_gzip if getattr(sink_config, "compression", "none") == "gzip" else pack
+    packed = packer(lines, sink_config.record_target_bytes)
+    n_calls = len(calls(packed, sink_config.max_records_per_call, sink_config.max_request_bytes))
+    naive_calls = -(-rows // sink_config.max_records_per_call)
+    batches = per_day / rows
+    raw = sum(map(len, lines))
+    sent = sum(len(p.data) for p in packed)
+    packed_plan = {
+        "records": len(packed) * batches,
+        "calls": n_calls * batches,
+        "bytes": sent * batches,
+        "billable_bytes": sum(billable(len(p.data)) for p in packed) * batches,
+    }
+    naive = {
+        "records": rows * batches,
+        "calls": naive_calls * batches,
+        "bytes": raw * batches,
+        "billable_bytes": sum(billable(len(x)) for x in lines) * batches,
+    }
+    return {
+        "readings_per_day": per_day,
+        "bytes_per_reading": raw / rows,
+        "readings_per_record": rows / len(packed),
+        "readings_per_batch": rows,
+        "compression_ratio": raw / sent,
+        "packed": packed_plan,
+        "per_reading": naive,
+        "billable_ratio": naive["billable_bytes"] / packed_plan["billable_bytes"],
+        "calls_ratio": naive["calls"] / packed_plan["calls"],
+    }

@@ -13,6 +13,7 @@ replayed exactly after a crash.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import struct
 import threading
@@ -112,12 +113,12 @@ class DeviceLog:
                 fh.truncate(good_end)
                 os.fsync(fh.fileno())
         self.next_offset = next_offset
-        self._fh = open(last, "ab")  # noqa: SIM115 - kept open for appends
+        self._fh = open(last, "ab", buffering=0)  # noqa: SIM115 - kept open for appends
         self._segment_first = int(last.stem)
 
     def _open_segment(self, first: int) -> None:
         path = self.folder / f"{first:020d}{_SUFFIX}"
-        self._fh = open(path, "ab")  # noqa: SIM115 - kept open for appends
+        self._fh = open(path, "ab", buffering=0)  # noqa: SIM115 - kept open for appends
         self._segment_first = first
         fsync_dir(self.folder)
 
@@ -136,11 +137,26 @@ class DeviceLog:
             if self._fh.tell() >= self.segment_bytes:
                 self._fh.close()
                 self._open_segment(offset)
-            self._fh.write(head + body)
-            self._fh.flush()
+            self._write_all(head + body)
             self._sync()
             self.next_offset = offset + 1
         return offset
+
+    def _write_all(self, data: bytes) -> None:
+        """Write a whole record or nothing: a failed write (disk full) is cut off again, so
+        the next append does not land behind half a record."""
+        pos = self._fh.tell()
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[self._fh.write(view) :]
+        except OSError:
+            try:
+                self._fh.truncate(pos)
+                self._fh.seek(pos)
+            except OSError:
+                pass  # the torn tail is cut on the next open
+            raise
 
     def _sync(self) -> None:
         if self.fsync_policy == "every_tick":
@@ -154,8 +170,10 @@ class DeviceLog:
     def close(self) -> None:
         with self._lock:
             if not self._fh.closed:
-                self._fh.flush()
-                os.fsync(self._fh.fileno())
+                try:
+                    os.fsync(self._fh.fileno())
+                except OSError as exc:  # a full disk: what was synced before stays valid
+                    logging.getLogger("collector").error("device log fsync at close: %s", exc)
                 self._fh.close()
 
     # -- reading ------------------------------------------------------------------------------

@@ -140,8 +140,10 @@ def dotted_get(doc: Any, path: str | None) -> Any:
     for part in parts:
         if isinstance(doc, Mapping) and part in doc:
             doc = doc[part]
-        elif isinstance(doc, list) and part.lstrip("-").isdigit() and -len(doc) <= int(part) < len(
-            doc
+        elif (
+            isinstance(doc, list)
+            and part.lstrip("-").isdigit()
+            and -len(doc) <= int(part) < len(doc)
         ):
             doc = doc[int(part)]
         else:

@@ -10,6 +10,7 @@ asyncio worker per sink drains its spool with backoff, partial re-spooling and d
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import inspect
 import logging
@@ -112,6 +113,8 @@ class Runtime:
         self._consumer_done = threading.Event()
         self._last_checkpoint = 0.0
         self._last_append = time.monotonic()
+        self._ticks: set[asyncio.Task[Any]] = set()
+        self._log_errors = 0
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def _ctx(self, component: str) -> Context:
@@ -167,14 +170,22 @@ class Runtime:
             self.log.append(df.to_arrow(), Kind.DATA)
         except OSError as exc:  # disk full: count the loss, keep running
             self.counters.inc("dropped_rows_total", df.height, sink="*", reason="log_write")
-            log.error("device log write failed, %d readings lost: %s", df.height, exc)
+            self._log_errors += 1
+            if self._log_errors in (1, 10, 100) or self._log_errors % 1000 == 0:
+                log.error("device log write failed (%d times so far), readings lost: %s",
+                          self._log_errors, exc)
             return 0
+        self._log_errors = 0
         self.counters.inc("rows_in_total", df.height, source=source.name)
         self._last_append = time.monotonic()
         self._new_data.set()
         return df.height
 
     async def _tick(self, comp: Component, source: Source) -> None:
+        task = asyncio.current_task()
+        if task is not None:  # a stop waits for ticks in flight: their readings get logged
+            self._ticks.add(task)
+            task.add_done_callback(self._ticks.discard)
         try:
             if inspect.iscoroutinefunction(source.read):
                 data = await source.read()
@@ -440,7 +451,9 @@ class Runtime:
         tele = self.cfg.settings.telemetry
         if tele.enabled:
             self.telemetry.serve(tele.host, tele.port)
-        consumer = asyncio.create_task(asyncio.to_thread(self._consume))
+        self._refresh_sink_state()
+        self.telemetry.write_status()  # `collector status` sees this run from its first second
+        consumer = self._start_consumer()
         draining = {"on": False}
         workers = [
             asyncio.create_task(self._worker(r, lambda: draining["on"]), name=f"sink:{n}")
@@ -472,15 +485,38 @@ class Runtime:
                     w.cancel()
         finally:
             if scheduler is not None:
+                # pause, let ticks in flight log their readings, then shut down (APScheduler's
+                # shutdown cancels running coroutine jobs: their readings would miss the flush)
+                scheduler.pause()
+                if self._ticks:
+                    await asyncio.wait(set(self._ticks),
+                                       timeout=self.cfg.settings.shutdown_timeout)
                 scheduler.shutdown(wait=False)
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             for src in opened:
-                with contextlib.suppress(Exception):
-                    await src.close()
+                try:
+                    await asyncio.wait_for(src.close(), timeout=10)
+                except (Exception, asyncio.CancelledError) as exc:
+                    log.warning("source close: %r", exc)
             code = await self._shutdown(consumer, workers, housekeeping, draining, once)
         return code
+
+    def _start_consumer(self) -> asyncio.Future[None]:
+        """The pipeline runs in a daemon thread: a stuck plugin can never block the exit."""
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def target() -> None:
+            try:
+                self._consume()
+                done.set_result(None)
+            except BaseException as exc:
+                log.exception("pipeline stopped")
+                done.set_exception(exc)
+
+        threading.Thread(target=target, name="pipeline", daemon=True).start()
+        return asyncio.wrap_future(done)
 
     async def _run_once(self, sources: list[Source]) -> None:
         by_obj = {id(s): c for c, s in self.sources}

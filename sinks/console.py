@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from typing import Literal
 
@@ -13,6 +14,11 @@ from collector.plugin import Sink, SinkConfig
 from collector.schema import RECORD_ID
 
 _ISO_NAIVE = "%Y-%m-%dT%H:%M:%S%.f"
+
+
+def _emit(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 class ConsoleConfig(SinkConfig):
@@ -49,5 +55,5 @@ class ConsoleSink(Sink):
         if naive:
             df = df.with_columns(pl.col(naive).dt.strftime(_ISO_NAIVE))
         text = df.write_ndjson()
-        sys.stdout.write(text if text.endswith("\n") else text + "\n")
-        sys.stdout.flush()
+        # A slow reader on the pipe must block a worker thread, not the event loop.
+        await asyncio.to_thread(_emit, text if text.endswith("\n") else text + "\n")

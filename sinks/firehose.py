@@ -19,9 +19,9 @@ from typing import Any, ClassVar, Literal
 
 import polars as pl
 import pyarrow as pa
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from collector.errors import PartialWriteError, TransientSinkError
+from collector.errors import PartialWriteError, PermanentSinkError, TransientSinkError
 from collector.plugin import BatchConfig, Context, Sink, SinkLimits
 from collector.units import Size
 from sinks import _aws
@@ -80,23 +80,36 @@ class FirehoseConfig(_aws.AwsSinkConfig):
         "`.json.gz` so Athena/DuckDB read them; no Firehose Lambda/dynamic partitioning.",
     )
 
+    @field_validator("max_records_per_call")
+    @classmethod
+    def _records_limit(cls, value: int) -> int:
+        if value > MAX_RECORDS_PER_CALL:
+            raise ValueError(
+                f"PutRecordBatch takes at most {MAX_RECORDS_PER_CALL} records, got {value}"
+            )
+        return value
+
+    @field_validator("max_request_bytes")
+    @classmethod
+    def _request_limit(cls, value: int) -> int:
+        if value > MAX_REQUEST_BYTES:
+            raise ValueError(
+                f"PutRecordBatch takes at most 4MiB ({MAX_REQUEST_BYTES} bytes) per call, "
+                f"got {value}"
+            )
+        return value
+
+    @field_validator("record_target_bytes")
+    @classmethod
+    def _record_limit(cls, value: int) -> int:
+        if value > MAX_RECORD_BYTES:
+            raise ValueError(
+                f"a Firehose record is at most 1,000 KiB ({MAX_RECORD_BYTES} bytes), got {value}"
+            )
+        return value
+
     @model_validator(mode="after")
-    def _within_service_limits(self) -> FirehoseConfig:
-        if self.max_records_per_call > MAX_RECORDS_PER_CALL:
-            raise ValueError(
-                f"max_records_per_call: PutRecordBatch takes at most {MAX_RECORDS_PER_CALL} "
-                f"records, got {self.max_records_per_call}"
-            )
-        if self.max_request_bytes > MAX_REQUEST_BYTES:
-            raise ValueError(
-                f"max_request_bytes: PutRecordBatch takes at most 4MiB ({MAX_REQUEST_BYTES} "
-                f"bytes) per call, got {self.max_request_bytes}"
-            )
-        if self.record_target_bytes > MAX_RECORD_BYTES:
-            raise ValueError(
-                f"record_target_bytes: a Firehose record is at most 1,000 KiB "
-                f"({MAX_RECORD_BYTES} bytes), got {self.record_target_bytes}"
-            )
+    def _record_fits_request(self) -> FirehoseConfig:
         if self.record_target_bytes > self.max_request_bytes:
             raise ValueError("record_target_bytes cannot exceed max_request_bytes")
         return self
@@ -235,6 +248,8 @@ class FirehoseSink(Sink):
             await self.open()
         lines = ndjson_lines(table)
         too_big = [i for i, line in enumerate(lines) if len(line) > MAX_RECORD_BYTES]
+        rejected = list(too_big)
+        why = [f"NDJSON line larger than {MAX_RECORD_BYTES} bytes"] * len(too_big)
         big = set(too_big)
         keep = [i for i in range(len(lines)) if i not in big]
         packer = pack_gzip if self.config.compression == "gzip" else pack
@@ -257,22 +272,31 @@ class FirehoseSink(Sink):
                 retry += [r for g in groups[n:] for rec in g for r in rec.rows]
                 reasons.append(str(exc))
                 break
+            except PermanentSinkError as exc:
+                if not sent_any and not too_big:
+                    raise
+                # earlier calls landed: dead-letter only this call's rows, go on with the rest
+                rows = [r for rec in group for r in rec.rows]
+                rejected += rows
+                why += [str(exc)] * len(rows)
+                continue
             sent_any = True
             for rec in failed:
                 retry += rec.rows
             reasons += errors
         self.ctx.counters.inc(
-            "firehose_rows_sent_total", len(keep) - len(retry), component=self.ctx.component
+            "firehose_rows_sent_total", len(lines) - len(retry) - len(rejected),
+            component=self.ctx.component,
         )
-        if not retry and not too_big:
+        if not retry and not rejected:
             return
         raise PartialWriteError(
             retry_rows=table.take(sorted(retry)) if retry else None,
-            rejected_rows=table.take(too_big) if too_big else None,
-            reasons=[f"NDJSON line larger than {MAX_RECORD_BYTES} bytes"] * len(too_big),
+            rejected_rows=table.take(rejected) if rejected else None,
+            reasons=why,
             message=f"firehose {self.config.stream}: {len(retry)} rows to retry, "
-            f"{len(too_big)} rejected" + (f" ({'; '.join(sorted(set(reasons))[:3])})"
-                                         if reasons else ""),
+            f"{len(rejected)} rejected" + (f" ({'; '.join(sorted(set(reasons))[:3])})"
+                                          if reasons else ""),
         )
 
     async def _put(self, group: list[Packed]) -> tuple[list[Packed], list[str]]:

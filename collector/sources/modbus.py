@@ -29,19 +29,33 @@ Function = Literal["holding", "input", "coil", "discrete"]
 ValueType = Literal[
     "int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64", "bool"
 ]
-_WIDTH = {"int16": 1, "uint16": 1, "int32": 2, "uint32": 2, "int64": 4, "uint64": 4,
-          "float32": 2, "float64": 4, "bool": 1}
+_WIDTH = {
+    "int16": 1,
+    "uint16": 1,
+    "int32": 2,
+    "uint32": 2,
+    "int64": 4,
+    "uint64": 4,
+    "float32": 2,
+    "float64": 4,
+    "bool": 1,
+}
 _BIT_FUNCTIONS = ("coil", "discrete")
-_READ_METHOD = {"holding": "read_holding_registers", "input": "read_input_registers",
-                "coil": "read_coils", "discrete": "read_discrete_inputs"}
+_READ_METHOD = {
+    "holding": "read_holding_registers",
+    "input": "read_input_registers",
+    "coil": "read_coils",
+    "discrete": "read_discrete_inputs",
+}
 
 
 class Register(Model):
     """One named value in a device's register map."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.:-]+$", description="Metric name of the value.")
-    address: int = Field(ge=0, le=65535, description="0-based address (manuals often count "
-                         "from 1: subtract one).")
+    address: int = Field(
+        ge=0, le=65535, description="0-based address (manuals often count from 1: subtract one)."
+    )
     function: Function = Field(
         default="holding",
         description="Register table: holding (FC3), input (FC4), coil (FC1), discrete (FC2).",
@@ -285,16 +299,27 @@ class ModbusSource(Source):
             from pymodbus.client import AsyncModbusTcpClient
 
             return AsyncModbusTcpClient(
-                cfg.host, port=cfg.port, timeout=cfg.timeout, retries=cfg.retries,
-                reconnect_delay=0, name=self.ctx.component,
+                cfg.host,
+                port=cfg.port,
+                timeout=cfg.timeout,
+                retries=cfg.retries,
+                reconnect_delay=0,
+                name=self.ctx.component,
             )
         from pymodbus import FramerType
         from pymodbus.client import AsyncModbusSerialClient
 
         return AsyncModbusSerialClient(
-            cfg.port, framer=FramerType.RTU, baudrate=cfg.baudrate, parity=cfg.parity,
-            bytesize=cfg.bytesize, stopbits=cfg.stopbits, timeout=cfg.timeout,
-            retries=cfg.retries, reconnect_delay=0, name=self.ctx.component,
+            cfg.port,
+            framer=FramerType.RTU,
+            baudrate=cfg.baudrate,
+            parity=cfg.parity,
+            bytesize=cfg.bytesize,
+            stopbits=cfg.stopbits,
+            timeout=cfg.timeout,
+            retries=cfg.retries,
+            reconnect_delay=0,
+            name=self.ctx.component,
         )
 
     async def open(self) -> None:
@@ -328,8 +353,11 @@ class ModbusSource(Source):
     def _count(self, group: ReadGroup, regs: list[Register], kind: str) -> None:
         for reg in regs:
             self.ctx.counters.inc(
-                "modbus_errors_total", component=self.ctx.component,
-                slave=str(group.slave.id), register=reg.name, kind=kind,
+                "modbus_errors_total",
+                component=self.ctx.component,
+                slave=str(group.slave.id),
+                register=reg.name,
+                kind=kind,
             )
 
     async def _read_group(self, group: ReadGroup, now: Any) -> list[dict[str, Any]]:
@@ -367,7 +395,11 @@ class ModbusSource(Source):
         self._plan[idx : idx + 1] = singles
         self.ctx.logger.info(
             "%s: slave %s refused a grouped read at %s+%s; reading its %s registers one by one",
-            self.ctx.component, group.slave.id, group.address, group.count, len(singles),
+            self.ctx.component,
+            group.slave.id,
+            group.address,
+            group.count,
+            len(singles),
         )
         rows: list[dict[str, Any]] = []
         for single in singles:

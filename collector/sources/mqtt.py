@@ -15,6 +15,7 @@ level). Topic levels can fill the `device` column and tags. Anything else is dea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any, ClassVar, Literal
 
@@ -97,7 +98,8 @@ class MqttConfig(SourceConfig):
         default_factory=ReconnectConfig, description="Backoff between reconnect attempts."
     )
     max_queue: int = Field(
-        default=100_000, gt=0,
+        default=100_000,
+        gt=0,
         description="QoS 0 messages held before the log catches up; beyond it they are dropped "
         "and counted (QoS≥1 is flow-controlled by the broker instead).",
     )
@@ -184,6 +186,8 @@ class MqttSource(Source):
         self._client: Any = None
         self._queue: asyncio.Queue[Any] | None = None
         self._connected = False
+        self.subscribed = False
+        """True once the broker acknowledged the subscriptions (logged; tests wait for it)."""
 
     async def open(self) -> None:
         import paho.mqtt.client as mqtt
@@ -208,7 +212,8 @@ class MqttSource(Source):
             )
             client.tls_insecure_set(cfg.tls.insecure)
         client.reconnect_delay_set(
-            min_delay=max(1, round(cfg.reconnect.initial)), max_delay=round(cfg.reconnect.max)
+            min_delay=max(1, round(cfg.reconnect.initial)),
+            max_delay=max(1, round(cfg.reconnect.max)),
         )
         component = self.ctx.component
 
@@ -217,25 +222,39 @@ class MqttSource(Source):
                 self.ctx.logger.warning("%s: broker refused the connection: %s", component, reason)
                 return
             self._connected = True
+            self.subscribed = False
             self.ctx.logger.info("%s: connected to %s:%s", component, cfg.host, cfg.broker_port)
             cl.subscribe([(t.filter, t.qos) for t in cfg.topics])
 
         def on_disconnect(_c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
             if self._connected:
                 self.ctx.counters.inc("mqtt_disconnects_total", component=component)
-                self.ctx.logger.warning("%s: broker connection lost (%s); reconnecting",
-                                        component, reason)
+                self.ctx.logger.warning(
+                    "%s: broker connection lost (%s); reconnecting", component, reason
+                )
             self._connected = False
+
+        def on_subscribe(_c: Any, _u: Any, _mid: Any, reasons: Any, _p: Any) -> None:
+            refused = [t.filter for t, r in zip(cfg.topics, reasons, strict=False) if r.is_failure]
+            if refused:
+                self.ctx.logger.warning("%s: broker refused subscriptions %s", component, refused)
+            self.subscribed = True
+            self.ctx.logger.info(
+                "%s: subscribed to %s", component, ", ".join(t.filter for t in cfg.topics)
+            )
 
         def on_message(_c: Any, _u: Any, msg: Any) -> None:
             if msg.qos == 0 and queue.qsize() >= cfg.max_queue:
                 self.ctx.counters.inc("mqtt_dropped_total", component=component)
                 return
-            loop.call_soon_threadsafe(queue.put_nowait, msg)
+            # a loop closed during shutdown raises: the message stays unacked, so redelivered
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(queue.put_nowait, msg)
 
         client.on_connect = on_connect
         client.on_disconnect = on_disconnect
         client.on_message = on_message
+        client.on_subscribe = on_subscribe
         client.connect_async(cfg.host, cfg.broker_port, keepalive=round(cfg.keepalive))
         client.loop_start()
         self._client = client
@@ -247,8 +266,9 @@ class MqttSource(Source):
             await asyncio.to_thread(client.loop_stop)
 
     def _handle(self, msg: Any) -> list[Row]:
-        topic_cfg = next((t for t in self.config.topics if topic_matches(t.filter, msg.topic)),
-                         None)
+        topic_cfg = next(
+            (t for t in self.config.topics if topic_matches(t.filter, msg.topic)), None
+        )
         if topic_cfg is None:  # a retained or overlapping subscription we did not ask for
             return []
         try:

@@ -174,6 +174,7 @@ class ReplaySource(Source):
         # Injectable so tests can check pacing without waiting (and without timing asserts).
         self.clock: Callable[[], float] = time.monotonic
         self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+        self._plan_cache: tuple[pl.LazyFrame, list[str]] | None = None
 
     async def open(self) -> None:
         path = self.config.path
@@ -181,6 +182,9 @@ class ReplaySource(Source):
             raise ConfigError(
                 [ConfigIssue(path="path", message=f"{self.ctx.component}: no file {path!r}")]
             )
+        # Columns and time format are checked here, where a failure stops this source, rather
+        # than in stream(), which the runtime would restart again and again.
+        self._plan_cache = await asyncio.to_thread(self._plan)
 
     # -- building the scan -------------------------------------------------------------------
 
@@ -321,7 +325,9 @@ class ReplaySource(Source):
 
     async def stream(self) -> AsyncIterator[pl.DataFrame]:
         cfg = self.config
-        lf, metrics = await asyncio.to_thread(self._plan)
+        if self._plan_cache is None:
+            self._plan_cache = await asyncio.to_thread(self._plan)
+        lf, metrics = self._plan_cache
         batches = await asyncio.to_thread(self._batches, lf, len(metrics) or 1)
         pacer = None if cfg.speed == "max" else Pacer(float(cfg.speed), self.clock)
         running_max: int | None = None

@@ -51,15 +51,16 @@ class SerialConfig(SourceConfig):
         default=1.0, gt=0, description="Read timeout; also how long a request waits for its answer."
     )
     parser: ParserConfig = Field(description="How a line becomes readings: regex, csv, json, kv.")
-    eol: str = Field(default="\n", min_length=1, description="Line terminator; a trailing CR is "
-                     "stripped too.")
+    eol: str = Field(
+        default="\n", min_length=1, description="Line terminator; a trailing CR is stripped too."
+    )
     encoding: str = Field(default="utf-8", description="Text encoding of the lines.")
     max_line: int = Field(
         default=4096, gt=0, description="Longer lines are dead-lettered (guards against noise)."
     )
     request: str | None = Field(
         default=None,
-        description="Command written each tick (e.g. `\"READ\\r\\n\"`); the answer line is parsed. "
+        description='Command written each tick (e.g. `"READ\\r\\n"`); the answer line is parsed. '
         "Without it the source streams whatever the device prints.",
     )
     reconnect: ReconnectConfig = Field(
@@ -69,8 +70,10 @@ class SerialConfig(SourceConfig):
     @model_validator(mode="before")
     @classmethod
     def _default_poll(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("request") is not None and not (
-            data.get("every") or data.get("cron")
+        if (
+            isinstance(data, dict)
+            and data.get("request") is not None
+            and not (data.get("every") or data.get("cron"))
         ):
             data = {**data, "every": "5s"}
         return data
@@ -138,6 +141,8 @@ class SerialSource(Source):
 """
     requires: ClassVar[dict[str, str]] = {"serial": "devices"}
     long_lived: ClassVar[bool] = True
+    maybe_long_lived: ClassVar[bool] = True
+    """Streams without `request`, polls with it: the instance's `long_lived` says which."""
 
     def __init__(self, config: SerialConfig, ctx: Any) -> None:
         super().__init__(config, ctx)
@@ -148,6 +153,7 @@ class SerialSource(Source):
         self._io_lock = threading.Lock()
         self._framer = LineFramer(config.eol.encode(config.encoding), config.max_line)
         self._down_since: float | None = None
+        self._next_poll = 0.0
 
     # -- port handling (worker threads) ------------------------------------------------------
 
@@ -168,6 +174,7 @@ class SerialSource(Source):
                 write_timeout=cfg.timeout,
             )
             self._framer.reset()
+        self.ctx.logger.info("%s: serial port %s open", self.ctx.component, cfg.port)
 
     def _close_port(self) -> None:
         with self._io_lock:
@@ -246,19 +253,25 @@ class SerialSource(Source):
         await asyncio.to_thread(self._close_port)
 
     def _went_down(self, exc: BaseException) -> None:
-        self.ctx.counters.inc("serial_disconnects_total", component=self.ctx.component)
+        """Count every failed read/open; log and count the outage itself once."""
+        self.ctx.counters.inc("serial_errors_total", component=self.ctx.component)
         if self._down_since is None:
             self._down_since = time.monotonic()
+            self.ctx.counters.inc("serial_disconnects_total", component=self.ctx.component)
             self.ctx.logger.warning(
                 "%s: serial port %s unavailable (%s); retrying with backoff",
-                self.ctx.component, self.config.port, exc,
+                self.ctx.component,
+                self.config.port,
+                exc,
             )
 
     def _came_back(self) -> None:
         if self._down_since is not None:
             self.ctx.logger.info(
                 "%s: serial port %s back after %.1fs",
-                self.ctx.component, self.config.port, time.monotonic() - self._down_since,
+                self.ctx.component,
+                self.config.port,
+                time.monotonic() - self._down_since,
             )
             self.ctx.counters.inc("serial_reconnects_total", component=self.ctx.component)
             self._down_since = None
@@ -302,12 +315,13 @@ class SerialSource(Source):
             await asyncio.to_thread(self._close_port)
 
     async def _paced_poll(self) -> list[Row]:
-        """Request mode inside `stream()`: one exchange, then wait for the next tick."""
-        started = time.monotonic()
+        """Request mode inside `stream()`: wait for the next tick, then one exchange."""
+        wait = self._next_poll - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        self._next_poll = time.monotonic() + (self.config.every or 5.0)
         try:
-            rows = await asyncio.to_thread(self._poll_once)
+            return await asyncio.to_thread(self._poll_once)
         except SourceError as exc:
             self.ctx.logger.warning("%s: %s", self.ctx.component, exc)
-            rows = []
-        await asyncio.sleep(max(0.0, (self.config.every or 5.0) - (time.monotonic() - started)))
-        return rows
+            return []

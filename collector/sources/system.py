@@ -26,10 +26,17 @@ from collector.plugin import Context, Source, SourceConfig
 
 Group = Literal["cpu", "memory", "disk", "network", "temperature"]
 _UNITS = {
-    "cpu_percent": "%", "memory_used_percent": "%", "swap_used_percent": "%",
-    "memory_available_bytes": "B", "disk_used_percent": "%", "disk_free_bytes": "B",
-    "net_bytes_sent_total": "B", "net_bytes_recv_total": "B",
-    "net_bytes_sent_per_s": "B/s", "net_bytes_recv_per_s": "B/s", "temperature": "C",
+    "cpu_percent": "%",
+    "memory_used_percent": "%",
+    "swap_used_percent": "%",
+    "memory_available_bytes": "B",
+    "disk_used_percent": "%",
+    "disk_free_bytes": "B",
+    "net_bytes_sent_total": "B",
+    "net_bytes_recv_total": "B",
+    "net_bytes_sent_per_s": "B/s",
+    "net_bytes_recv_per_s": "B/s",
+    "temperature": "C",
 }
 
 
@@ -90,15 +97,23 @@ class SystemSource(Source):
 
         def add(metric: str, value: float | None, **tags: str) -> None:
             if value is not None:
-                rows.append({"metric": metric, "value": float(value), "unit": _UNITS[metric],
-                             "ts": now, **tags})
+                rows.append(
+                    {
+                        "metric": metric,
+                        "value": float(value),
+                        "unit": _UNITS[metric],
+                        "ts": now,
+                        **tags,
+                    }
+                )
 
         include = set(self.config.include)
         if "cpu" in include:
             add("cpu_percent", psutil.cpu_percent(interval=None))
             if hasattr(psutil, "getloadavg"):
-                for name, load in zip(("load_1m", "load_5m", "load_15m"), psutil.getloadavg(),
-                                      strict=True):
+                for name, load in zip(
+                    ("load_1m", "load_5m", "load_15m"), psutil.getloadavg(), strict=True
+                ):
                     rows.append({"metric": name, "value": float(load), "ts": now})
         if "memory" in include:
             vm = psutil.virtual_memory()
@@ -110,8 +125,9 @@ class SystemSource(Source):
                 try:
                     du = psutil.disk_usage(mount)
                 except OSError as exc:
-                    self.ctx.counters.inc("system_errors_total", component=self.ctx.component,
-                                          kind="disk")
+                    self.ctx.counters.inc(
+                        "system_errors_total", component=self.ctx.component, kind="disk"
+                    )
                     self.ctx.logger.debug("disk %s: %s", mount, exc)
                     continue
                 add("disk_used_percent", du.percent, mount=mount)
@@ -141,9 +157,21 @@ class SystemSource(Source):
             last_t, last_sent, last_recv = self._last_net
             dt = mono - last_t
             if dt > 0 and sent >= last_sent and recv >= last_recv:
-                rows.append({"metric": "net_bytes_sent_per_s", "value": (sent - last_sent) / dt,
-                             "unit": "B/s", "ts": now})
-                rows.append({"metric": "net_bytes_recv_per_s", "value": (recv - last_recv) / dt,
-                             "unit": "B/s", "ts": now})
+                rows.append(
+                    {
+                        "metric": "net_bytes_sent_per_s",
+                        "value": (sent - last_sent) / dt,
+                        "unit": "B/s",
+                        "ts": now,
+                    }
+                )
+                rows.append(
+                    {
+                        "metric": "net_bytes_recv_per_s",
+                        "value": (recv - last_recv) / dt,
+                        "unit": "B/s",
+                        "ts": now,
+                    }
+                )
         self._last_net = (mono, sent, recv)
         return rows

@@ -86,8 +86,13 @@ class SocatPair:
             pytest.skip("socat is not installed (make test installs it)")
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                ["socat", "-d", "-d", f"pty,rawer,echo=0,link={self.dev}",
-                 f"pty,rawer,echo=0,link={self.sim}"],
+                [
+                    "socat",
+                    "-d",
+                    "-d",
+                    f"pty,rawer,echo=0,link={self.dev}",
+                    f"pty,rawer,echo=0,link={self.sim}",
+                ],
                 stderr=log,
             )
         wait_for(lambda: self.dev.exists() and self.sim.exists(), 15, "socat pty links")
@@ -110,12 +115,15 @@ def socat_pair(tmp_path: Path) -> Iterator[SocatPair]:
 
 
 class Mosquitto:
-    """A real broker on 127.0.0.1 at a free port; ``restart`` keeps the port."""
+    """A real broker on 127.0.0.1 at a free port; stop() then start() keeps the port.
 
-    def __init__(self, folder: Path) -> None:
+    ``settings`` replace anonymous access (e.g. TLS files and a password file)."""
+
+    def __init__(self, folder: Path, settings: str = "allow_anonymous true\n") -> None:
         self.port = free_port()
         self.conf = folder / "mosquitto.conf"
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n")
+        # `user root`: when started as root, keep reading the test's private tmp files
+        self.conf.write_text(f"user root\nlistener {self.port} 127.0.0.1\n{settings}")
         self.log = folder / "mosquitto.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -142,9 +150,9 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
 
 
 @contextlib.contextmanager
-def helper(args: list[str], ready: str | None = None, timeout: float = 30) -> Iterator[
-    subprocess.Popen[str]
-]:
+def helper(
+    args: list[str], ready: str | None = None, timeout: float = 30
+) -> Iterator[subprocess.Popen[str]]:
     """A helper script of this folder as a process, optionally waiting for a `ready` line."""
     proc = subprocess.Popen([PY, *args], stdout=subprocess.PIPE, text=True, cwd=HERE)
     try:
@@ -197,7 +205,9 @@ def start_collector(config: Path, log: Path, *extra: str) -> subprocess.Popen[by
     with open(log, "ab") as fh:
         return subprocess.Popen(
             [PY, "-m", "collector", "run", str(config), "--log-level", "debug", *extra],
-            stdout=fh, stderr=fh, cwd=ROOT,
+            stdout=fh,
+            stderr=fh,
+            cwd=ROOT,
         )
 
 

@@ -25,9 +25,7 @@ def test_kv_reads_pairs_with_renames() -> None:
     assert parser(type="kv", separator=":").parse("T:1;H:-2e1") == [{"T": 1.0, "H": -20.0}]
 
 
-@pytest.mark.parametrize(
-    "line", ["T=", "=5", "T=abc", "T=1 T=2", "junk", "T=inf", "T=1 H"]
-)
+@pytest.mark.parametrize("line", ["T=", "=5", "T=abc", "T=1 T=2", "junk", "T=inf", "T=1 H"])
 def test_kv_rejects_malformed(line: str) -> None:
     with pytest.raises(ParseError):
         parser(type="kv").parse(line)
@@ -72,8 +70,15 @@ def test_json_forms() -> None:
     ]
     assert parser(type="json", metric="level").parse("4.5") == [{"metric": "level", "value": 4.5}]
     assert parser(type="json", json_path="$.data.0").parse('{"data": [{"x": 1}]}') == [{"x": 1.0}]
-    for bad in ["{", "4.5", '{"metric": "t", "value": "high"}', "[]", '{"a": "b"}', "null",
-                '{"t": 1, "ts": "not a time"}']:
+    for bad in [
+        "{",
+        "4.5",
+        '{"metric": "t", "value": "high"}',
+        "[]",
+        '{"a": "b"}',
+        "null",
+        '{"t": 1, "ts": "not a time"}',
+    ]:
         with pytest.raises(ParseError):
             p.parse(bad)
 
@@ -95,8 +100,30 @@ def test_json_rows_keeps_declared_tags() -> None:
     line=st.one_of(
         st.text(max_size=80),
         st.binary(max_size=80).map(lambda b: b.decode("utf-8", "replace")),
-        st.lists(st.sampled_from(["T", "=", "1", ".", "e", " ", ",", "{", "}", '"', ":", "[",
-                                  "]", "-", "nan", "inf", "ts"]), max_size=30).map("".join),
+        st.lists(
+            st.sampled_from(
+                [
+                    "T",
+                    "=",
+                    "1",
+                    ".",
+                    "e",
+                    " ",
+                    ",",
+                    "{",
+                    "}",
+                    '"',
+                    ":",
+                    "[",
+                    "]",
+                    "-",
+                    "nan",
+                    "inf",
+                    "ts",
+                ]
+            ),
+            max_size=30,
+        ).map("".join),
     ),
 )
 def test_parsers_only_ever_raise_parse_error(kind: str, line: str) -> None:

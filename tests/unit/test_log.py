@@ -74,3 +74,28 @@ def test_segments_roll_and_truncate(tmp_path: Path) -> None:
     remaining = [e.offset for e in log.read(0)]
     assert remaining[-1] == 39 and 30 in remaining and remaining[0] <= 30
     assert remaining == list(range(remaining[0], 40))
+
+
+def test_failed_write_leaves_no_half_record(tmp_path: Path, monkeypatch) -> None:
+    log = DeviceLog(tmp_path)
+    log.append(table(2))
+    real_write = log._fh.write
+    calls = {"n": 0}
+
+    def flaky_write(data):  # the disk fills up halfway through a record
+        calls["n"] += 1
+        if calls["n"] == 1:
+            real_write(bytes(data)[:10])
+            raise OSError(28, "No space left on device")
+        return real_write(data)
+
+    monkeypatch.setattr(log._fh, "write", flaky_write, raising=False)
+    try:
+        log.append(table(2, 2))
+    except OSError:
+        pass
+    monkeypatch.undo()
+    assert log.append(table(2, 4)) == 1  # the failed append took no offset
+    log.close()
+    values = [e.table.column("value").to_pylist() for e in DeviceLog(tmp_path).read(0)]
+    assert values == [[0.0, 1.0], [4.0, 5.0]]

@@ -14,30 +14,14 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from .conftest import admin, from_ndjson
+from .conftest import admin, free_port, from_ndjson
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def test_run_once_delivers_to_s3_lake_and_firehose(moto_url: str, tmp_path: Path):
-    from collector.sources.simulated import SimulatedConfig, generate
-
-    bucket = f"e2e-{uuid.uuid4().hex[:10]}"
-    stream = f"e2e-{uuid.uuid4().hex[:8]}"
-    s3 = admin("s3", moto_url)
-    s3.create_bucket(Bucket=bucket)
-    admin("firehose", moto_url).create_delivery_stream(
-        DeliveryStreamName=stream,
-        DeliveryStreamType="DirectPut",
-        ExtendedS3DestinationConfiguration={
-            "RoleARN": "arn:aws:iam::123456789012:role/firehose",
-            "BucketARN": f"arn:aws:s3:::{bucket}",
-            "Prefix": "firehose/",
-        },
-    )
-    source = {
+SOURCE = {
         "name": "room",
         "type": "simulated",
         "every": "5s",
@@ -48,13 +32,36 @@ def test_run_once_delivers_to_s3_lake_and_firehose(moto_url: str, tmp_path: Path
             "temperature": {"kind": "uniform", "min": 0, "max": 30, "unit": "C"},
             "pressure": {"kind": "walk", "start": 1000, "step": 0.5, "unit": "hPa"},
         },
-    }
-    aws = {"endpoint_url": moto_url, "region": "us-east-1"}
+}
+
+
+def setup_aws(moto_url: str) -> tuple[str, str]:
+    bucket = f"e2e-{uuid.uuid4().hex[:10]}"
+    stream = f"e2e-{uuid.uuid4().hex[:8]}"
+    admin("s3", moto_url).create_bucket(Bucket=bucket)
+    admin("firehose", moto_url).create_delivery_stream(
+        DeliveryStreamName=stream,
+        DeliveryStreamType="DirectPut",
+        ExtendedS3DestinationConfiguration={
+            "RoleARN": "arn:aws:iam::123456789012:role/firehose",
+            "BucketARN": f"arn:aws:s3:::{bucket}",
+            "Prefix": "firehose/",
+        },
+    )
+    return bucket, stream
+
+
+def run_once(
+    tmp_path: Path, endpoint: str, bucket: str, stream: str
+) -> subprocess.CompletedProcess:
+    """``collector run CONFIG --once`` in a subprocess, both AWS sinks on ``endpoint``."""
+    aws = {"endpoint_url": endpoint, "region": "us-east-1", "max_attempts": 1,
+           "connect_timeout": "1s"}
     config = {
         "device": "edge-e2e",
         "data_dir": str(tmp_path / "data"),
         "telemetry": {"enabled": False},
-        "sources": [source],
+        "sources": [SOURCE],
         "sinks": [
             {"name": "lake", "type": "s3", "bucket": bucket, "key_prefix": "lake",
              "partition_by": ["device", "date"], **aws},
@@ -73,17 +80,29 @@ def test_run_once_delivers_to_s3_lake_and_firehose(moto_url: str, tmp_path: Path
         "PYTHONPATH": str(ROOT),
     }
     env.pop("AWS_PROFILE", None)
-    proc = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "collector", "run", str(path), "--once"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180,
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
 
-    cfg = SimulatedConfig.model_validate(source)
-    expected = {
+
+def expected_tick0() -> dict[tuple[str, str], float]:
+    from collector.sources.simulated import SimulatedConfig, generate
+
+    cfg = SimulatedConfig.model_validate(SOURCE)
+    return {
         (r["device"], r["metric"]): r["value"]
         for r in generate(cfg, "edge-e2e", 0, datetime.now(UTC))
     }
+
+
+def test_run_once_delivers_to_s3_lake_and_firehose(moto_url: str, tmp_path: Path):
+    bucket, stream = setup_aws(moto_url)
+    s3 = admin("s3", moto_url)
+    proc = run_once(tmp_path, moto_url, bucket, stream)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    expected = expected_tick0()
     assert len(expected) == 6
 
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
@@ -106,3 +125,33 @@ def test_run_once_delivers_to_s3_lake_and_firehose(moto_url: str, tmp_path: Path
     assert len(stream_rows) == 6
     assert {r["ts"] for r in stream_rows} == {"2024-03-01T23:59:55Z"}
     assert len({r["record_id"] for r in stream_rows}) == 6
+
+
+def test_endpoint_down_rows_wait_in_spool_then_land_once(moto_url: str, tmp_path: Path):
+    """Run 1 cannot reach AWS: exit 1, rows kept. Run 2 reaches it: the spooled batch and the
+    new tick both land, each row once in the lake and once in the stream."""
+    bucket, stream = setup_aws(moto_url)
+    s3 = admin("s3", moto_url)
+    dead = f"http://127.0.0.1:{free_port()}"
+    first = run_once(tmp_path, dead, bucket, stream)
+    assert first.returncode == 1, first.stdout + first.stderr
+    assert "kept in the spool" in first.stderr
+    assert s3.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
+
+    second = run_once(tmp_path, moto_url, bucket, stream)
+    assert second.returncode == 0, second.stdout + second.stderr
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]]
+    lake_rows = []
+    for key in (k for k in keys if k.startswith("lake/")):
+        lake_rows += pq.read_table(io.BytesIO(s3.get_object(Bucket=bucket, Key=key)["Body"]
+                                              .read())).to_pylist()
+    stream_rows = from_ndjson([s3.get_object(Bucket=bucket, Key=k)["Body"].read()
+                               for k in keys if k.startswith("firehose/")])
+    expected = expected_tick0()
+    for rows in (lake_rows, stream_rows):
+        # two runs, each one tick (tick 0 again: same readings, new log offsets)
+        assert len(rows) == 12
+        assert len({r["record_id"] for r in rows}) == 12
+        assert sorted((r["device"], r["metric"], r["value"]) for r in rows) == sorted(
+            [(d, m, v) for (d, m), v in expected.items()] * 2
+        )

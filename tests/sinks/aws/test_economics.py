@@ -152,3 +152,19 @@ def test_default_record_target_is_under_a_5kb_multiple():
     assert target % 5_000 > 4_800 or target % 5_000 == 0 or target < 5_000
     assert billable(target, 5_000) == 50_000 and billable(target, 5_120) == 51_200
     assert timedelta(seconds=FH.batch.max_age) == timedelta(minutes=5)
+
+
+def test_estimate_sink_measures_with_the_sinks_own_settings():
+    """What `collector check --estimate` prints, for the sink's real settings."""
+    from collector.economics import estimate_sink
+
+    demo = estimate_sink(FH, 0.2)
+    assert demo["readings_per_batch"] == 60
+    assert demo["per_reading"]["records"] == pytest.approx(17_280)
+    assert demo["billable_ratio"] == pytest.approx(30, rel=0.1)
+    gz = estimate_sink(FirehoseConfig(type="firehose", stream="s", compression="gzip"), 100)
+    assert gz["readings_per_batch"] == 10_000 and gz["billable_ratio"] >= 50
+    short = estimate_sink(FirehoseConfig(type="firehose", stream="s", batch={"max_age": "10s"}),
+                          0.2)
+    assert short["billable_ratio"] == pytest.approx(2.0)
+    assert "2x fewer bytes" in format_estimate(short)

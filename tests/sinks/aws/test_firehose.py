@@ -117,6 +117,10 @@ class FaultyFirehose:
             return fake_response(request, 500, json.dumps(
                 {"__type": "InternalFailure", "message": "boom"}).encode(),
                 {"content-type": "application/x-amz-json-1.1"})
+        if step == "invalid":
+            return fake_response(request, 400, json.dumps(
+                {"__type": "InvalidArgumentException", "message": "bad record"}).encode(),
+                {"content-type": "application/x-amz-json-1.1"})
         if step == "lost_ack":
             self.client.put_record_batch(DeliveryStreamName=self.stream, Records=records)
             return fake_response(request, 500, b'{"__type": "InternalFailure"}',
@@ -184,6 +188,30 @@ async def test_throttling_500s_and_lost_acks_at_least_once(moto_url: str, stream
     assert max(ids.values()) >= 2  # a lost ack re-sent rows: duplicates are visible...
     dedup = {r["record_id"]: r for r in rows}  # ...and removable by record_id
     assert canon(list(dedup.values())) == canon(as_json_rows(table))
+
+
+async def test_permanent_error_mid_batch_dead_letters_only_that_call(
+    moto_url: str, stream, ctx: Context
+):
+    name, bucket = stream
+    table = readings(90)
+    sink = sink_for(moto_url, name, ctx, record_target_bytes=1_000, max_records_per_call=5)
+    await sink.open()
+    hook = FaultyFirehose(moto_url, name, ["ok", "invalid", "ok"])
+    sink.client.meta.events.register("before-send.firehose.PutRecordBatch", hook)
+    with pytest.raises(PartialWriteError) as info:
+        await sink.write(table, "b")
+    await sink.close()
+    err = info.value
+    assert err.retry_rows is None and err.rejected_rows is not None
+    assert len(err.reasons) == err.rejected_rows.num_rows > 0
+    assert all("InvalidArgumentException" in r for r in err.reasons)
+    rejected = set(err.rejected_rows.column("record_id").to_pylist())
+    landed_rows = landed(moto_url, bucket)
+    assert {r["record_id"] for r in landed_rows} | rejected == set(
+        table.column("record_id").to_pylist())
+    assert canon(landed_rows) == canon(
+        [r for r in as_json_rows(table) if r["record_id"] not in rejected])
 
 
 async def test_endpoint_down_for_a_while(moto_url: str, stream, ctx: Context):

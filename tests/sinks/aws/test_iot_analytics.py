@@ -214,3 +214,16 @@ async def test_rejected_messages_go_to_dead_letter(iota: FakeIotAnalytics, ctx: 
     assert info.value.rejected_rows.to_pylist() == table.slice(0, 1).to_pylist()
     assert info.value.reasons == ["InvalidRequestException: bad payload"]
     assert canon(iota.messages) == canon(as_json_rows(table.slice(1)))
+
+
+async def test_endpoint_down_is_transient(aws_env: None, ctx: Context):
+    from .conftest import free_port
+
+    cfg = IotAnalyticsConfig(type="iot_analytics", channel="sensor_channel",
+                             endpoint_url=f"http://127.0.0.1:{free_port()}", region="us-east-1",
+                             connect_timeout=1)
+    sink = IotAnalyticsSink(cfg, ctx)
+    await sink.open()
+    with pytest.raises(TransientSinkError, match="BatchPutMessage"):
+        await sink.write(readings(3), "b")
+    await sink.close()

@@ -86,3 +86,8 @@ async def test_import_errors_are_config_errors(tmp_path: Path) -> None:
 def test_function_spec_is_validated() -> None:
     with pytest.raises(ValidationError, match="function"):
         PythonSourceConfig.model_validate({"function": "no colon"})
+
+
+def test_cron_instead_of_the_default_every() -> None:
+    cfg = PythonSourceConfig.model_validate({"function": "m:f", "cron": "*/5 * * * *"})
+    assert cfg.every is None and cfg.cron == "*/5 * * * *"

@@ -151,7 +151,7 @@ async def test_missing_file_or_column_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "n.csv"
     path.write_text("time,metric,value\n2024-01-01T00:00:00Z,t,1\n")
     with pytest.raises(ConfigError, match="no column"):
-        await run(make(tmp_path, path=str(path)))
+        await make(tmp_path, path=str(path)).open()
 
 
 def test_config_validation() -> None:

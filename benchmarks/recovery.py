@@ -1,0 +1,218 @@
+"""How fast a backlog drains once the network is back: a 1 GB spool to S3 (moto server).
+
+Builds a spool of raw readings for an `s3` sink with the runtime's own ``Spool.put`` (Arrow IPC
+files of 10,000 rows, the default batch size, 100 devices x 2 metrics, record ids as the runtime
+writes them), starts ``python -m moto.server`` on a free port, and times ``collector run CFG
+--once`` on that data dir: the consumer has nothing new, the S3 worker drains the spool (Parquet
+zstd, one object per partition per batch). MB/s = spool bytes on disk / seconds.
+
+The same command is then run again on the now empty spool: its time is the fixed cost (start,
+config, flush, exit), so the net drain rate is reported too.
+
+    python -m benchmarks.recovery [--size 1GB]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from benchmarks._common import (
+    check_ok,
+    collector_cmd,
+    env,
+    fmt_bytes,
+    run_measured,
+    table,
+    write_json,
+    write_yaml,
+)
+from collector.units import parse_size
+
+ROWS_PER_FILE = 10_000
+DEVICES = 100
+METRICS = ("temperature", "humidity")
+BUCKET = "recovery-bench"
+START_US = 1_717_200_000_000_000  # 2024-06-01T00:00:00Z
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"moto server at {url} did not answer within {timeout:.0f}s")
+
+
+def build_spool(folder: Path, size: int) -> tuple[int, int, int]:
+    """Spool files until ``size`` bytes are on disk; (files, rows, bytes)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from collector.plugin import SpoolConfig
+    from collector.schema import READING_SCHEMA, RECORD_ID
+    from collector.spool import Spool
+
+    spool = Spool(folder, SpoolConfig(max_bytes=size * 4), "lake")
+    schema = READING_SCHEMA.append(pa.field(RECORD_ID, pa.string()))
+    rng = np.random.default_rng(7)
+    per_tick = DEVICES * len(METRICS)
+    i = np.arange(ROWS_PER_FILE)
+    devices = pa.array([f"dev-{(k // len(METRICS)) % DEVICES:03d}" for k in i])
+    metrics = pa.array([METRICS[k % len(METRICS)] for k in i])
+    units = pa.array(["C" if k % len(METRICS) == 0 else "%" for k in i])
+    source = pa.array(["plant"] * ROWS_PER_FILE)
+    files = rows = total = 0
+    offset = 0
+    while total < size:
+        ticks = (offset + i) // per_tick
+        ts = pa.array(START_US + ticks * 1_000_000, pa.timestamp("us", tz="UTC"))
+        batch_id = f"{offset:012d}-{offset + ROWS_PER_FILE - 1:012d}"
+        tbl = pa.table([ts, devices, source, metrics, pa.array(rng.normal(25, 5, ROWS_PER_FILE)),
+                        units, pa.array([f"{batch_id}:{k}" for k in i])], schema=schema)
+        spool.put(tbl, batch_id)
+        files += 1
+        rows += ROWS_PER_FILE
+        total = spool.backlog_bytes
+        offset += ROWS_PER_FILE
+    return files, rows, total
+
+
+def config(data_dir: Path, endpoint: str) -> dict[str, Any]:
+    return {
+        "device": "edge",
+        "data_dir": str(data_dir),
+        "shutdown_timeout": "1h",  # --once drains for at most this long
+        "telemetry": {"enabled": False},
+        "sources": [{"name": "plant", "type": "simulated", "every": "1h"}],
+        "sinks": [{
+            "name": "lake", "type": "s3", "bucket": BUCKET, "key_prefix": "lake",
+            "endpoint_url": endpoint, "region": "us-east-1",
+            "spool": {"max_bytes": "64GiB"},
+        }],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="1GB", help="spool backlog size (e.g. 1GB, 100MB)")
+    args = ap.parse_args(argv)
+    size = int(parse_size(args.size))
+
+    work = Path(tempfile.mkdtemp(prefix="bench-recovery-"))
+    port = free_port()
+    aws = {"AWS_ACCESS_KEY_ID": "AKIDBENCH", "AWS_SECRET_ACCESS_KEY": "bench-secret",
+           "AWS_CONFIG_FILE": str(work / "none"), "AWS_SHARED_CREDENTIALS_FILE":
+           str(work / "none"), "AWS_EC2_METADATA_DISABLED": "true"}
+    moto_log = open(work / "moto.log", "wb")  # noqa: SIM115 - closed in finally
+    moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port), "-H",
+                             "127.0.0.1"], stdout=moto_log, stderr=subprocess.STDOUT,
+                            env={**env(), **aws})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/moto-api/")
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1",
+                          aws_access_key_id="AKIDBENCH", aws_secret_access_key="bench-secret")
+        s3.create_bucket(Bucket=BUCKET)
+        data = work / "data"
+        t = time.perf_counter()
+        files, rows, spool_bytes = build_spool(data / "spool" / "lake", size)
+        build_s = time.perf_counter() - t
+        cfg = write_yaml(work / "recovery.yaml", config(data, url))
+        cmd = collector_cmd(cfg, "--once", "--log-level", "warning")
+        res = run_measured(cmd, cwd=work, extra_env=aws)
+        check_ok(res, "collector run (drain)")
+        left = sum(p.stat().st_size for p in (data / "spool" / "lake").glob("*.arrow"))
+        objects, s3_bytes = _bucket_totals(s3)
+        empty = run_measured(cmd, cwd=work, extra_env=aws)
+        check_ok(empty, "collector run (empty spool)")
+        moto_rss = _rss_mb(moto.pid)
+    finally:
+        moto.terminate()
+        try:
+            moto.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            moto.kill()
+            moto.wait()
+        moto_log.close()
+        shutil.rmtree(work, ignore_errors=True)
+    mb = spool_bytes / 1e6
+    net_s = max(res.wall_s - empty.wall_s, 1e-9)
+    result = {
+        "size_requested": args.size,
+        "spool_files": files,
+        "spool_rows": rows,
+        "spool_bytes": spool_bytes,
+        "build_s": round(build_s, 1),
+        "left_in_spool_bytes": left,
+        "s3_objects": objects,
+        "s3_bytes": s3_bytes,
+        "drain": res.as_dict(),
+        "fixed_cost": empty.as_dict(),
+        "mb_per_s": round(mb / res.wall_s, 1),
+        "net_mb_per_s": round(mb / net_s, 1),
+        "rows_per_s": round(rows / res.wall_s),
+        "moto_rss_mb": moto_rss,
+    }
+    for k in ("drain", "fixed_cost"):
+        result[k].pop("stderr_tail", None)
+    write_json("recovery", result)
+    table(f"Recovery: {fmt_bytes(spool_bytes)} spool backlog ({files:,} files, {rows:,} rows) "
+          "→ S3 (moto server)",
+          ["measure", "value"],
+          [("drain, end to end", f"{res.wall_s:.1f} s → {mb / res.wall_s:.1f} MB/s "
+            f"({rows / res.wall_s:,.0f} rows/s)"),
+           ("fixed cost (same run, empty spool)", f"{empty.wall_s:.1f} s"),
+           ("net drain rate", f"{mb / net_s:.1f} MB/s"),
+           ("collector CPU / peak RSS", f"{res.cpu_s:.1f} s / {res.peak_rss_mb:.0f} MB"),
+           ("S3 objects / bytes (Parquet zstd)", f"{objects:,} / {fmt_bytes(s3_bytes)}"),
+           ("left in the spool", fmt_bytes(left))])
+    return result
+
+
+def _bucket_totals(s3: Any) -> tuple[int, int]:
+    n = total = 0
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+        for obj in page.get("Contents", []):
+            n += 1
+            total += obj["Size"]
+    return n, total
+
+
+def _rss_mb(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
