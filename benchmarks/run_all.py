@@ -162,6 +162,51 @@ BUILDERS = {"throughput": rows_throughput, "footprint": rows_footprint,
             "dashboard": rows_dashboard}
 
 
+def notes() -> list[str]:
+    """What a reader needs to read the figures right; only for benchmarks that have JSON."""
+    out: list[str] = []
+    t = load("throughput")
+    if t and t.get("ratio", 1) < t.get("target_ratio", 0.7):
+        out.append(
+            f"- **Throughput is {t['ratio']:.2f}x the plain Polars script, short of 0.7x.** "
+            "The script is one fused, multi-threaded streaming query with no guarantees. The "
+            "collector does work it does not: every reading is appended to the fsynced device "
+            "log before any processing (nothing is lost on a crash), read back and run through "
+            "the transforms in 50,000-row event-time micro-batches (windows with watermark and "
+            "lateness, checkpoints), then spooled and written as fsynced, atomically renamed "
+            "files. The profile (py-spy) is dominated by that log (Arrow IPC encode, write, "
+            "fsync, read, decode) and by per-batch window bookkeeping; compressing the log and "
+            "sorted-input fast paths roughly halve the time, but the durable per-row log is "
+            "the floor: 0.7x would need a replay that logs file offsets instead of rows."
+        )
+    f = load("footprint")
+    if f:
+        anon = f.get("collector", {}).get("peak_anon_mb")
+        private = f" (private memory {anon:.0f} MB)" if anon else ""
+        out.append(
+            f"- Footprint: most of the RSS{private} is the shared libraries of Polars and "
+            "PyArrow, mapped once whatever the load; numpy is imported by PyArrow itself. "
+            "Cloud SDKs, serial/Modbus/MQTT clients, scikit-learn and ONNX load only when a "
+            "config uses them."
+        )
+    if load("economics"):
+        out.append(
+            "- Economics: calls count the device's own requests (IoT Core publishes for the "
+            "per-reading design); the talk's IoT rule then makes as many Firehose `PutRecord` "
+            "calls again, which doubles the real gap. A slow sensor (the demo: 12 readings a "
+            "minute) gives 5-6 one-minute aggregates per default 5-minute batch, so calls and "
+            "records are bounded by the number of batches: `batch.max_age: 15m` (Firehose's "
+            "own longest buffer) clears 100x. Firehose writes its S3 objects per buffer "
+            "interval in both designs."
+        )
+    if load("recovery"):
+        out.append(
+            "- Recovery: the moto server runs on the same cores as the collector, so the rate "
+            "is a lower bound of what the collector sustains against real S3."
+        )
+    return out
+
+
 def markdown() -> str:
     lines = ["| Benchmark | Collector | Baseline / context (same run) | Target | Machine |",
              "| --- | --- | --- | --- | --- |"]
@@ -184,7 +229,8 @@ def markdown() -> str:
     head = (f"Measured by `make bench` ({when}) on {machine_line(machine) if machine else '?'}. "
             "Each figure and its baseline come from the same run; raw numbers in "
             "`benchmarks/out/*.json`.")
-    return "\n".join([head, "", *lines])
+    extra = notes()
+    return "\n".join([head, "", *lines, *([""] + extra if extra else [])])
 
 
 def rewrite_readme(table_md: str, readme: Path) -> bool:

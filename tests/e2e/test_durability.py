@@ -51,7 +51,7 @@ def test_kill_9_many_times_loses_nothing_and_duplicates_nothing(
     for _ in range(10):
         c = Collector(cfg)
         collectors.append(c)
-        wait_for(lambda: (data / "log").exists(), what="collector start")  # noqa: B023
+        wait_for(lambda: (data / "log").exists(), what="collector start")
         time.sleep(rng.uniform(0.4, 1.6))
         c.proc.kill()  # SIGKILL: no flush, no checkpoint, maybe mid-write
         c.proc.wait()

@@ -65,7 +65,7 @@ def _run(p: Pipeline, entries: list[Entry]) -> list[tuple[str, str, list]]:
 
 
 def test_replay_from_any_checkpoint_cuts_identical_batches() -> None:
-    entries = _entries(40) + [Entry(1000, Kind.FLUSH, 1_800_000_000_000_000, None)]
+    entries = [*_entries(40), Entry(1000, Kind.FLUSH, 1800000000000000, None)]
     reference = _run(_pipeline(), entries)
     assert len({b[1] for b in reference if b[0] == "lake"}) > 3
     assert any(b[0] == "hot" for b in reference)
