@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP_RUN := $(VENV)/.installed-run
 STAMP_TEST := $(VENV)/.installed-test
-APT_PACKAGES := socat mosquitto chromium
+APT_PACKAGES := socat mosquitto chromium openssl
 PYTEST_ARGS ?=
 
 .PHONY: run test lint bench sample-lake clean system-deps

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,7 +29,9 @@ class Collector:
     """A `collector run` subprocess with its output captured to a file."""
 
     def __init__(self, config: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        self.out = config.with_suffix(f".{time.time_ns()}.log")
+        # beside the config, unless that is the repository's own sample_data
+        folder = config.parent if ROOT not in config.parents else Path(tempfile.gettempdir())
+        self.out = folder / f"{config.stem}.{time.time_ns()}.log"
         self.fh = open(self.out, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "collector", "run", str(config), "--log-level", "debug", *args],
