@@ -157,26 +157,27 @@ def run_baseline(src: Path, work: Path) -> tuple[Any, dict[str, Any]]:
     return res, lake_summary(lake)
 
 
-def profile(src: Path, chunk_rows: int | None) -> Path:
-    """py-spy (all threads, native frames off) or pyinstrument flame data of one collector run."""
+def profile(src: Path, chunk_rows: int | None) -> Path | None:
+    """py-spy samples of one collector run, every thread (raw collapsed stacks).
+
+    py-spy and not pyinstrument: the work runs in the pipeline and source threads, which
+    pyinstrument's command line does not sample. ``pip install py-spy`` if it is missing.
+    """
+    pyspy = shutil.which("py-spy")
+    if pyspy is None:
+        print("py-spy not found (pip install py-spy): no profile taken")
+        return None
     OUT.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-prof-"))
+    dest = OUT / "throughput-profile.txt"
     try:
-        pyspy = shutil.which("py-spy") or (Path("/tmp/pyspy/bin/py-spy") if
-                                           Path("/tmp/pyspy/bin/py-spy").exists() else None)
-        if pyspy:
-            dest = OUT / "throughput-profile.txt"
-            run_collector(src, work, chunk_rows,
-                          wrap=[str(pyspy), "record", "-r", "200", "--threads", "--idle",
-                                "-f", "raw", "-o", str(dest), "--"])
-        else:
-            dest = OUT / "throughput-profile.html"
-            run_collector(src, work, chunk_rows,
-                          wrap=[sys.executable, "-m", "pyinstrument", "-r", "html", "-o",
-                                str(dest)])
-        return dest
+        run_collector(src, work, chunk_rows,
+                      wrap=[pyspy, "record", "-r", "200", "--threads", "-f", "raw", "-o",
+                            str(dest), "--"])
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    print(f"profile: {dest} (collapsed stacks; flamegraph.pl or speedscope read it)")
+    return dest
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -237,7 +238,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for side in ("collector", "baseline"):
         result[side].pop("stderr_tail", None)
     if args.profile:
-        result["profile"] = str(profile(src, args.chunk_rows))
+        prof = profile(src, args.chunk_rows)
+        result["profile"] = str(prof) if prof else None
     write_json("throughput", result)
     rows = [
         (side, f"{best[side].wall_s:.1f}", f"{rate[side]:,.0f}", f"{best[side].cpu_s:.1f}",

@@ -27,6 +27,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
+from collector.fsutil import fsync_dir
+
 _SUFFIX = ".log"
 
 
@@ -46,15 +48,6 @@ class Entry:
     kind: Kind
     wall_us: int
     table: pa.Table | None
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new file in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def encode_table(table: pa.Table) -> bytes:

@@ -31,11 +31,12 @@ from collector.errors import (
     PermanentSinkError,
     TransientSinkError,
 )
+from collector.fsutil import atomic_write
 from collector.log import DeviceLog, Kind
 from collector.pipeline import Batch, Pipeline, Route
 from collector.plugin import Context, Counters, Sink, Source, Transform
 from collector.schema import normalize
-from collector.spool import Spool, atomic_write
+from collector.spool import Spool
 from collector.telemetry import SinkState, Telemetry
 
 log = logging.getLogger("collector")

@@ -24,7 +24,8 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from collector.log import encode_table, fsync_dir
+from collector.fsutil import atomic_write
+from collector.log import encode_table
 from collector.plugin import Counters, SpoolConfig
 
 _META_ROWS = b"edge_collector.rows"
@@ -42,23 +43,6 @@ class SpoolItem:
     path: Path
 
 
-def atomic_write(path: Path, write: object) -> None:
-    """Write through ``write(tmp_path)``, fsync, rename over ``path``, fsync the folder."""
-    tmp = path.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{path.name}")
-    try:
-        write(tmp)  # type: ignore[operator]
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
 class Spool:
     """Bounded, durable queue of batches for one sink."""
 
@@ -73,7 +57,7 @@ class Spool:
         self.dead_dir = self.folder / "dead-letter"
         for d in (self.folder, self.inflight_dir, self.dead_dir):
             d.mkdir(parents=True, exist_ok=True)
-        for tmp in self.folder.rglob(".tmp-*"):
+        for tmp in self.folder.rglob(".*.tmp"):
             tmp.unlink(missing_ok=True)
         for p in self.inflight_dir.glob("*.arrow"):
             os.replace(p, self.folder / p.name)

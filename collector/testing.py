@@ -11,7 +11,9 @@ Users test their configs and plugins the way the project's own tests do::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import defaultdict
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar
@@ -77,3 +79,65 @@ def run_once(config: dict[str, Any] | str | Path, data_dir: Path | str) -> int:
     cfg = load_config(config)
     cfg.settings.telemetry.enabled = False
     return asyncio.run(Runtime(cfg, Path(data_dir)).run(once=True))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float = 60.0, proc: Any = None) -> None:
+    """Return once ``url`` answers HTTP at all (any status); RuntimeError after ``timeout``."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{url}: the server process exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError as exc:
+            last = exc
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer within {timeout}s: {last}")
+
+
+@contextlib.contextmanager
+def moto_server(log_file: Path | None = None) -> Iterator[str]:
+    """A real ``moto.server`` process on a free loopback port; yields its URL.
+
+    Point sinks at it with ``endpoint_url`` (and fake ``AWS_ACCESS_KEY_ID``/``SECRET``): S3 and
+    Firehose answer over HTTP as AWS would, so tests exercise the real clients.
+    """
+    import subprocess
+    import sys
+
+    port = free_port()
+    out = open(log_file, "wb") if log_file else subprocess.DEVNULL  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-p", str(port), "-H", "127.0.0.1"],
+        stdout=out, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/moto-api/", proc=proc)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if log_file:
+            out.close()  # type: ignore[union-attr]

@@ -8,9 +8,6 @@ under a temporary name and is renamed into place after an fsync.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import uuid
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +16,7 @@ import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
 from collector.errors import PermanentSinkError, TransientSinkError
+from collector.fsutil import atomic_write, fsync_dir
 from collector.plugin import Context, Sink, SinkConfig
 from sinks._partition import DEFAULT_PARTITIONS, sanitize, split, validate_partitions
 
@@ -47,14 +45,6 @@ class LakeConfig(SinkConfig):
         if len(set(value)) != len(value):
             raise ValueError("partition_by: each key may appear once")
         return value
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class LakeSink(Sink):
@@ -104,24 +94,13 @@ class LakeSink(Sink):
     def _write_file(self, target: Path, name: str, rows: pa.Table) -> None:
         created = not target.exists()
         target.mkdir(parents=True, exist_ok=True)
-        tmp = target / f".{name}.{uuid.uuid4().hex}.tmp"
         options: dict[str, Any] = {"compression": "zstd"}
         if self.config.compression_level is not None:
             options["compression_level"] = self.config.compression_level
-        try:
-            with open(tmp, "wb") as fh:
-                pq.write_table(rows, fh, **options)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target / name)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        _fsync_dir(target)
+        atomic_write(target / name, lambda tmp: pq.write_table(rows, str(tmp), **options))
         if created:
             # New partition folders must survive a power cut too.
             for parent in target.parents:
-                _fsync_dir(parent)
+                fsync_dir(parent)
                 if parent == self.root:
                     break

@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.sources.peers import ROOT, free_port, port_open, read_lake, stop_process, wait_for
+from collector.testing import moto_server
+from tests.sources.peers import ROOT, read_lake, stop_process, wait_for
 
 VENV = Path(sys.executable).parent.parent
 SIMULATED = """\
@@ -192,18 +193,8 @@ def fake_tes() -> Iterator[str]:
 
 @pytest.fixture
 def moto(tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    with open(tmp_path / "moto.log", "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-p", str(port), "-H", "127.0.0.1"],
-            stdout=log,
-            stderr=log,
-        )
-    try:
-        wait_for(lambda: port_open(port), 60, "moto server")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_process(proc)
+    with moto_server(tmp_path / "moto.log") as url:
+        yield url
 
 
 @pytest.mark.slow

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,7 +14,7 @@ import pytest
 from collector.plugin import Context
 from collector.schema import normalize
 from collector.sources.simulated import SimulatedConfig, generate
-from collector.testing import FakeClock
+from collector.testing import FakeClock, moto_server
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 
@@ -64,36 +61,11 @@ def simulated_batches(config: dict[str, Any], ticks: int, per_batch: int) -> lis
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def moto_endpoint(tmp_path: Path) -> Iterator[str]:
     """A moto server on a free port (a real HTTP peer for the `s3` sink)."""
-    port = free_port()
-    log = open(tmp_path / "moto.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-p", str(port), "-H", "127.0.0.1"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 60
-    try:
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError((tmp_path / "moto.log").read_text()) from None
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+    with moto_server(tmp_path / "moto.log") as url:
+        yield url
 
 
 def labelled_readings(seed: int, per_device: int, devices: tuple[str, ...] = ("d1", "d2"),

@@ -1,0 +1,45 @@
+"""Durable file writes shared by the device log, the spool, checkpoints and the local lake.
+
+A rename is only durable once its folder is fsynced, and a reader must never see half a file:
+so every file the collector keeps is written under a temporary name, fsynced, renamed over its
+final name, and the folder fsynced.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Write through ``write(tmp_path)``, fsync, rename over ``path``, fsync the folder.
+
+    The temporary name starts with a dot and ends in ``.tmp``, so lake readers globbing
+    ``*.parquet`` never pick it up; on failure it is removed and ``path`` keeps its old content.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}-"
+                         f"{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
