@@ -78,6 +78,7 @@ class DeviceLog:
         self.segment_bytes = segment_bytes
         self._lock = threading.Lock()
         self._last_sync = 0.0
+        self._cursor: tuple[int, Path, int] | None = None  # (next offset, segment, position)
         self.next_offset = 0
         self._recover()
 
@@ -172,10 +173,15 @@ class DeviceLog:
     # -- reading ------------------------------------------------------------------------------
 
     def read(self, start: int, end: int | None = None) -> Iterator[Entry]:
-        """Entries with ``start <= offset < end`` (end defaults to what is appended now)."""
+        """Entries with ``start <= offset < end`` (end defaults to what is appended now).
+
+        A reader that continues where it stopped (the pipeline does) resumes at the byte
+        position it reached, instead of scanning its segment from the beginning again.
+        """
         stop = self.next_offset if end is None else end
         segments = self._segments()
         firsts = [int(p.stem) for p in segments]
+        cursor = self._cursor if self._cursor and self._cursor[0] == start else None
         for i, path in enumerate(segments):
             nxt = firsts[i + 1] if i + 1 < len(firsts) else None
             if nxt is not None and nxt <= start:
@@ -183,8 +189,10 @@ class DeviceLog:
             if firsts[i] >= stop:
                 break
             with open(path, "rb") as fh:
+                if cursor is not None and cursor[1] == path:
+                    fh.seek(cursor[2])
                 while True:
-                    rec = _read_record(fh)
+                    rec = _read_record(fh, skip_below=start)
                     if rec is None:
                         break
                     offset, wall, kind, payload = rec
@@ -192,6 +200,7 @@ class DeviceLog:
                         return
                     if offset < start:
                         continue
+                    self._cursor = (offset + 1, path, fh.tell())
                     table = decode_table(payload) if payload else None
                     yield Entry(offset, Kind(kind), wall, table)
 
@@ -209,12 +218,26 @@ class DeviceLog:
         return sum(p.stat().st_size for p in self._segments())
 
 
-def _read_record(fh: io.BufferedReader) -> tuple[int, int, int, bytes] | None:
+def _read_record(fh: io.BufferedReader, skip_below: int = -1) -> tuple[int, int, int, bytes] | None:
+    """The next record, or None at the end or at a torn/corrupt record.
+
+    Records below ``skip_below`` are stepped over without reading their payload.
+    """
     head = fh.read(8)
     if len(head) < 8:
         return None
     length, crc = struct.unpack("<II", head)
-    body = fh.read(17 + length)
+    if skip_below > 0:
+        meta = fh.read(17)
+        if len(meta) < 17:
+            return None
+        offset = struct.unpack("<Q", meta[:8])[0]
+        if offset < skip_below:
+            fh.seek(length, io.SEEK_CUR)
+            return offset, 0, 0, b""
+        body = meta + fh.read(length)
+    else:
+        body = fh.read(17 + length)
     if len(body) < 17 + length or zlib.crc32(body) != crc:
         return None
     offset, wall, kind = struct.unpack("<QqB", body[:17])

@@ -98,3 +98,18 @@ def test_failed_write_leaves_no_half_record(tmp_path: Path, monkeypatch) -> None
     log.close()
     values = [e.table.column("value").to_pylist() for e in DeviceLog(tmp_path).read(0)]
     assert values == [[0.0, 1.0], [4.0, 5.0]]
+
+
+def test_consecutive_reads_resume_across_segments(tmp_path: Path) -> None:
+    log = DeviceLog(tmp_path, segment_bytes=1500)
+    seen: list[float] = []
+    nxt = 0
+    for i in range(30):
+        log.append(table(2, i * 2))
+        if i % 4 == 3:  # the pipeline reads what is new, every now and then
+            for e in log.read(nxt):
+                seen.extend(e.table.column("value").to_pylist())
+                nxt = e.offset + 1
+    seen.extend(v for e in log.read(nxt) for v in e.table.column("value").to_pylist())
+    assert len(list(tmp_path.glob("*.log"))) > 2
+    assert seen == [float(v) for v in range(60)]
