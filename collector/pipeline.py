@@ -51,9 +51,6 @@ class Route:
         self.batch = batch
         self.pending = _Pending()
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {"sink": self.sink, "pending": self.pending}
-
     def add(self, df: pl.DataFrame, offset: int, wall_us: int) -> None:
         if self.expr is not None:
             df = apply_where(df, self.expr)

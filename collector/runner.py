@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +162,7 @@ class Runtime:
             data,
             device=self.cfg.settings.device,
             source=source.name,
-            now=self._ctx(source.name).clock(),
+            now=datetime.now(UTC),
             units=cfg.units,
             tags=cfg.tags,
         )
@@ -565,7 +566,7 @@ class Runtime:
                 max_instances=1,
                 coalesce=True,
                 misfire_grace_time=1,
-                next_run_time=None if cfg.cron else _now(),
+                next_run_time=None if cfg.cron else datetime.now(UTC),
             )
         scheduler.start()
         return scheduler
@@ -619,12 +620,6 @@ class Runtime:
             )
             return 1 if once else 0
         return 0
-
-
-def _now() -> Any:
-    from datetime import UTC, datetime
-
-    return datetime.now(UTC)
 
 
 def pid_lock(data_dir: Path) -> Any:
