@@ -11,31 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import inspect
 import logging
 import os
-import random
 import threading
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-
 from collector.config import Component, LoadedConfig
-from collector.errors import (
-    PartialWriteError,
-    PermanentSinkError,
-    TransientSinkError,
-)
+from collector.delivery import SinkWorker
 from collector.fsutil import atomic_write
 from collector.log import DeviceLog, Kind
 from collector.pipeline import Batch, Pipeline, Route
-from collector.plugin import Context, Counters, Sink, Source, Transform
+from collector.plugin import Context, Counters, Source, Transform
 from collector.schema import normalize
 from collector.spool import Spool
 from collector.telemetry import SinkState, Telemetry
@@ -45,33 +36,6 @@ log = logging.getLogger("collector")
 
 class _Abort(Exception):
     """The consumer stopped mid-entry (shutdown while a spool was full): do not checkpoint."""
-
-
-@dataclass
-class _SinkRun:
-    component: Component
-    sink: Sink
-    spool: Spool
-    state: SinkState
-    wake: asyncio.Event
-    backoff_until: float = 0.0
-
-
-class TokenBucket:
-    """Bytes-per-second cap on a sink's uploads (one file may exceed the burst)."""
-
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self.tokens = rate
-        self.at = time.monotonic()
-
-    async def take(self, n: int) -> None:
-        now = time.monotonic()
-        self.tokens = min(self.rate, self.tokens + (now - self.at) * self.rate)
-        self.at = now
-        self.tokens -= n
-        if self.tokens < 0:
-            await asyncio.sleep(-self.tokens / self.rate)
 
 
 class Runtime:
@@ -94,15 +58,23 @@ class Runtime:
         transforms: list[Transform] = [
             c.cls(c.config, ctx) for c, ctx in zip(cfg.transforms, self.transform_ctx, strict=True)
         ]  # type: ignore[misc]
-        self.sinks: dict[str, _SinkRun] = {}
+        self.sinks: dict[str, SinkWorker] = {}
         routes = []
         for c in cfg.sinks:
             self.telemetry.sinks[c.name] = state = SinkState()
             spool = Spool(self.data_dir / "spool" / c.name, c.config.spool, c.name, self.counters)
-            self.sinks[c.name] = _SinkRun(
-                c, c.cls(c.config, self._ctx(c.name)), spool, state, asyncio.Event()
-            )  # type: ignore[arg-type]
+            sink = c.cls(c.config, self._ctx(c.name))
+            self.sinks[c.name] = SinkWorker(
+                c,
+                sink,
+                spool,
+                state,
+                self.counters,  # type: ignore[arg-type]
+                cfg.settings.shutdown_timeout,
+            )
             routes.append(Route(c.name, c.config.where, c.config.batch))
+        for worker in self.sinks.values():
+            worker.peers = list(self.sinks.values())
         self.pipeline = Pipeline(transforms, routes)
         self.checkpoint_path = self.data_dir / "state" / "checkpoint.pkl"
         self._restore()
@@ -174,8 +146,11 @@ class Runtime:
             self.counters.inc("dropped_rows_total", df.height, sink="*", reason="log_write")
             self._log_errors += 1
             if self._log_errors in (1, 10, 100) or self._log_errors % 1000 == 0:
-                log.error("device log write failed (%d times so far), readings lost: %s",
-                          self._log_errors, exc)
+                log.error(
+                    "device log write failed (%d times so far), readings lost: %s",
+                    self._log_errors,
+                    exc,
+                )
             return 0
         self._log_errors = 0
         self.counters.inc("rows_in_total", df.height, source=source.name)
@@ -265,149 +240,6 @@ class Runtime:
         if self.loop is not None:
             self.loop.call_soon_threadsafe(run.wake.set)
 
-    # -- sink workers -----------------------------------------------------------------------
-
-    def _blocked_by_priority(self, run: _SinkRun) -> bool:
-        me = run.component.config.spool.priority
-        now = time.monotonic()
-        return any(
-            o.component.config.spool.priority < me
-            and o.spool.has_ready()
-            and o.backoff_until <= now
-            for o in self.sinks.values()
-            if o is not run
-        )
-
-    def _backoff(self, run: _SinkRun, hint: float | None = None) -> float:
-        sp = run.component.config.spool
-        n = run.state.consecutive_failures
-        delay = min(sp.retry_cap, sp.retry_base * 2 ** max(0, n - 1)) * random.uniform(0.5, 1.0)
-        if hint is not None:
-            delay = max(delay, min(hint, sp.retry_cap))
-        run.backoff_until = time.monotonic() + delay
-        return delay
-
-    def _failed(self, run: _SinkRun, exc: BaseException) -> None:
-        now = time.time()
-        st = run.state
-        st.consecutive_failures += 1
-        st.last_error = f"{type(exc).__name__}: {exc}"[:500]
-        st.last_error_at = now
-        st.failing_since = st.failing_since or now
-        self.counters.inc("retries_total", sink=run.component.name)
-
-    async def _worker(self, run: _SinkRun, draining: Callable[[], bool]) -> None:
-        name = run.component.name
-        spool = run.spool
-        cfg = run.component.config.spool
-        bucket = TokenBucket(cfg.bandwidth) if cfg.bandwidth else None
-        opened = False
-        while True:
-            if draining() and self._gave_up(run):
-                return
-            wait = run.backoff_until - time.monotonic()
-            if wait > 0:  # short steps, so a stop is noticed during a long backoff
-                await asyncio.sleep(min(wait, 0.5))
-                continue
-            if not opened:
-                try:
-                    await run.sink.open()
-                    opened = True
-                except Exception as exc:
-                    self._failed(run, exc)
-                    log.warning("sink %s cannot open: %s", name, exc)
-                    self._backoff(run)
-                    continue
-            if self._blocked_by_priority(run):
-                await self._sleep_or_wake(run, 0.2)
-                continue
-            item = spool.claim()
-            if item is None:
-                if draining():
-                    return
-                await self._sleep_or_wake(run, 1.0)
-                continue
-            if bucket is not None:
-                await bucket.take(item.nbytes)
-            table = spool.read(item)
-            t0 = time.monotonic()
-            try:
-                await run.sink.write(table, item.batch_id)
-            except PartialWriteError as exc:
-                self._partial(run, item, table, exc)
-            except PermanentSinkError as exc:
-                spool.dead_letter(table, str(exc), item.batch_id)
-                spool.done(item, delivered_rows=0)
-                log.error("sink %s rejected batch %s for good: %s", name, item.batch_id, exc)
-            except asyncio.CancelledError:
-                spool.release(item)
-                raise
-            except Exception as exc:  # transient, or a sink bug: the batch waits, never lost
-                spool.release(item)
-                self._failed(run, exc)
-                if not isinstance(exc, TransientSinkError):
-                    log.exception("sink %s raised an unexpected error", name)
-                hint = exc.retry_after if isinstance(exc, TransientSinkError) else None
-                delay = self._backoff(run, hint)
-                log.warning("sink %s: %s; retry in %.1fs", name, exc, delay)
-                self._give_up_if_needed(run)
-            else:
-                spool.done(item)
-                st = run.state
-                st.last_success = time.time()
-                st.consecutive_failures = 0
-                st.failing_since = None
-                st.latency_sum += time.monotonic() - t0
-                st.latency_count += 1
-
-    def _partial(self, run: _SinkRun, item: Any, table: pa.Table, exc: PartialWriteError) -> None:
-        retry = exc.retry_rows if exc.retry_rows is not None and exc.retry_rows.num_rows else None
-        rejected = (
-            exc.rejected_rows
-            if exc.rejected_rows is not None and exc.rejected_rows.num_rows
-            else None
-        )
-        delivered = (
-            table.num_rows
-            - (retry.num_rows if retry else 0)
-            - (rejected.num_rows if rejected else 0)
-        )
-        self.counters.inc("delivered_rows_total", delivered, sink=run.component.name)
-        if rejected is not None:
-            run.spool.dead_letter(rejected, exc.reasons or str(exc), item.batch_id)
-        if retry is not None:
-            run.spool.replace(item, retry)
-            self._failed(run, exc)
-            self._backoff(run)
-        else:
-            run.spool.done(item, delivered_rows=0)
-
-    def _gave_up(self, run: _SinkRun) -> bool:
-        """While stopping: a sink failing for longer than `shutdown_timeout` keeps its spool."""
-        since = run.state.failing_since
-        return since is not None and time.time() - since > self.cfg.settings.shutdown_timeout
-
-    def _give_up_if_needed(self, run: _SinkRun) -> None:
-        limit = run.component.config.spool.max_retries
-        if limit is None or run.state.consecutive_failures <= limit:
-            return
-        item = run.spool.claim()
-        if item is not None:
-            run.spool.dead_letter(
-                run.spool.read(item),
-                f"gave up after {limit} retries: {run.state.last_error}",
-                item.batch_id,
-            )
-            run.spool.done(item, delivered_rows=0)
-        run.state.consecutive_failures = 0
-        run.backoff_until = 0
-
-    @staticmethod
-    async def _sleep_or_wake(run: _SinkRun, seconds: float) -> None:
-        run.wake.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(run.wake.wait(), timeout=seconds)
-
     # -- housekeeping -----------------------------------------------------------------------
 
     def _refresh_sink_state(self) -> None:
@@ -458,7 +290,7 @@ class Runtime:
         consumer = self._start_consumer()
         draining = {"on": False}
         workers = [
-            asyncio.create_task(self._worker(r, lambda: draining["on"]), name=f"sink:{n}")
+            asyncio.create_task(r.run(lambda: draining["on"]), name=f"sink:{n}")
             for n, r in self.sinks.items()
         ]
         housekeeping = asyncio.create_task(self._housekeeping())
@@ -491,8 +323,7 @@ class Runtime:
                 # shutdown cancels running coroutine jobs: their readings would miss the flush)
                 scheduler.pause()
                 if self._ticks:
-                    await asyncio.wait(set(self._ticks),
-                                       timeout=self.cfg.settings.shutdown_timeout)
+                    await asyncio.wait(set(self._ticks), timeout=self.cfg.settings.shutdown_timeout)
                 scheduler.shutdown(wait=False)
             for t in tasks:
                 t.cancel()
@@ -604,10 +435,7 @@ class Runtime:
         housekeeping.cancel()
         await asyncio.gather(housekeeping, return_exceptions=True)
         for run in self.sinks.values():
-            try:
-                await asyncio.wait_for(run.sink.close(), timeout=10)
-            except Exception as exc:
-                log.warning("sink %s close: %s", run.component.name, exc)
+            await run.close()
         self._refresh_sink_state()
         self.log.close()
         self.telemetry.write_status(running=False)

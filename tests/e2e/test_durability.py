@@ -293,3 +293,23 @@ def test_priority_drains_the_important_sink_first(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     order = [line.split()[0] for line in (out / "ORDER").read_text().splitlines()]
     assert order == ["alerts"] * 10 + ["bulk"] * 10
+
+
+def test_max_retries_dead_letters_instead_of_waiting_forever(tmp_path: Path) -> None:
+    data, flag = tmp_path / "data", tmp_path / "DOWN"
+    flag.touch()
+    cfg = write_config(tmp_path / "c.yaml", {
+        "device": "gw", "data_dir": str(data),
+        "sources": [{"name": "src", "type": "python", "function": "tests.e2e.user_code:burst"}],
+        "sinks": [{"name": "flaky", "type": "tests.e2e.flaky_sink:FlakySink",
+                   "path": str(tmp_path / "out"), "down_flag": str(flag),
+                   "batch": {"max_rows": 100},
+                   "spool": {"max_retries": 2, "retry_base": "50ms", "retry_cap": "100ms"}}],
+    })
+    res = run_cli("run", str(cfg), "--once")
+    assert res.returncode == 0, res.stderr
+    dead = pl.read_parquet(data / "spool" / "flaky" / "dead-letter" / "*.parquet")
+    assert sorted(dead["value"].to_list()) == [float(v) for v in range(200)]
+    assert dead["dead_letter_reason"].str.starts_with("gave up after 2 retries").all()
+    s = status(data)["sinks"]["flaky"]
+    assert s["dead_lettered_rows"] == 200 and s["retries"] == 6

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import polars as pl
 import pytest
 
-from collector import runner
+from collector import delivery
 from collector.log import Entry, Kind
 from collector.pipeline import Pipeline, Route
 from collector.plugin import BatchConfig, Context
@@ -24,11 +24,11 @@ def test_token_bucket_paces_to_the_rate(monkeypatch: pytest.MonkeyPatch) -> None
         slept.append(seconds)
         clock["t"] += seconds
 
-    monkeypatch.setattr(runner.time, "monotonic", lambda: clock["t"])
-    monkeypatch.setattr(runner.asyncio, "sleep", fake_sleep)
+    monkeypatch.setattr(delivery.time, "monotonic", lambda: clock["t"])
+    monkeypatch.setattr(delivery.asyncio, "sleep", fake_sleep)
 
     async def go() -> None:
-        bucket = runner.TokenBucket(2000)
+        bucket = delivery.TokenBucket(2000)
         for _ in range(10):
             await bucket.take(1000)
 
