@@ -2,8 +2,9 @@
 
 A figure without its machine is meaningless on edge hardware (a Pi 4 and a 2-core VM differ by
 an order of magnitude), so every JSON file carries :func:`machine` beside the numbers.
-Processes are measured with ``os.wait4``: the kernel's own peak RSS and CPU seconds of exactly
-that child, with no sampling gaps and no polling cost inside the measured window.
+Processes are measured by the kernel's own accounting: CPU seconds of exactly that child from
+``os.wait4``, peak RSS from its ``VmHWM`` (not ``ru_maxrss``, which Linux carries over from the
+parent across ``execve``; see :func:`run_measured`).
 """
 
 from __future__ import annotations
@@ -62,16 +63,22 @@ def machine() -> dict[str, Any]:
 def machine_line(info: dict[str, Any] | None = None) -> str:
     """One line for the README: `2 cores, 23.5 GB RAM, Intel Xeon, Python 3.11`."""
     m = info or machine()
-    return (f"{m['cores']} cores, {m['ram_gb']} GB RAM, {m['cpu']}, Python {m['python']}, "
-            f"Polars {m['polars']}")
+    return (
+        f"{m['cores']} cores, {m['ram_gb']} GB RAM, {m['cpu']}, Python {m['python']}, "
+        f"Polars {m['polars']}"
+    )
 
 
 def write_json(name: str, payload: dict[str, Any]) -> Path:
     """``benchmarks/out/<name>.json`` with the machine and the time of the run added."""
     OUT.mkdir(parents=True, exist_ok=True)
-    doc = {"benchmark": name, "at": datetime.now(UTC).isoformat(timespec="seconds"),
-           "machine": machine(), "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
-           **payload}
+    doc = {
+        "benchmark": name,
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
+        **payload,
+    }
     path = OUT / f"{name}.json"
     path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     return path
@@ -109,17 +116,28 @@ class ProcResult:
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["cpu_s"] = round(self.cpu_s, 3)
-        for k in ("wall_s", "user_s", "sys_s", "peak_rss_mb", "peak_anon_mb",
-                  "sampled_peak_rss_mb"):
+        for k in (
+            "wall_s",
+            "user_s",
+            "sys_s",
+            "peak_rss_mb",
+            "peak_anon_mb",
+            "sampled_peak_rss_mb",
+        ):
             d[k] = round(d[k], 3)
         d.pop("extra")
         return d
 
 
-def run_measured(cmd: Sequence[str], *, cwd: Path | None = None,
-                 extra_env: dict[str, str] | None = None, timeout: float = 3600.0,
-                 sample_every: float = 0.0,
-                 on_start: Callable[[int], None] | None = None) -> ProcResult:
+def run_measured(
+    cmd: Sequence[str],
+    *,
+    cwd: Path | None = None,
+    extra_env: dict[str, str] | None = None,
+    timeout: float = 3600.0,
+    sample_every: float = 0.0,
+    on_start: Callable[[int], None] | None = None,
+) -> ProcResult:
     """Run ``cmd`` to its end; wall time and CPU seconds from ``wait4``, peak RSS from VmHWM.
 
     ``ru_maxrss`` cannot be used for the peak: Linux carries the parent's RSS at fork time over
@@ -139,15 +157,15 @@ def run_measured(cmd: Sequence[str], *, cwd: Path | None = None,
     anon = [0]
     with open(err_path, "wb") as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(list(cmd), cwd=cwd, env=e, stdout=subprocess.DEVNULL,
-                                stderr=err)
+        proc = subprocess.Popen(list(cmd), cwd=cwd, env=e, stdout=subprocess.DEVNULL, stderr=err)
         if on_start is not None:
             on_start(proc.pid)
         stop = threading.Event()
         sampler = None
         if sample_every > 0:
-            sampler = threading.Thread(target=_sample_rss, args=(proc.pid, sample_every, stop,
-                                                                 sampled), daemon=True)
+            sampler = threading.Thread(
+                target=_sample_rss, args=(proc.pid, sample_every, stop, sampled), daemon=True
+            )
             sampler.start()
         deadline = time.monotonic() + timeout
         status_file = f"/proc/{proc.pid}/status"
@@ -224,8 +242,9 @@ def check_ok(result: ProcResult, what: str) -> None:
         raise SystemExit(f"{what} exited with {result.returncode}")
 
 
-def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
-          caption: str | None = None) -> None:
+def table(
+    title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], caption: str | None = None
+) -> None:
     """Print a rich table (plain text when stdout is not a terminal)."""
     from rich.console import Console
     from rich.table import Table

@@ -121,8 +121,11 @@ def _botocore_request_sizes() -> dict[str, tuple[int, int]]:
         body = request.body or b""
         if hasattr(body, "read"):
             body = body.read()
-        head = f"{request.method} {request.url} HTTP/1.1\r\n" + "".join(
-            f"{k}: {v}\r\n" for k, v in request.headers.items()) + "\r\n"
+        head = (
+            f"{request.method} {request.url} HTTP/1.1\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in request.headers.items())
+            + "\r\n"
+        )
         sizes.append(len(head.encode()) + len(body))
 
         reply = b"{}" if "firehose" in request.url else b""
@@ -137,9 +140,12 @@ def _botocore_request_sizes() -> dict[str, tuple[int, int]]:
     out: dict[str, tuple[int, int]] = {}
     from botocore.config import Config
 
-    kw = {"region_name": "eu-west-1", "aws_access_key_id": "AKIDEXAMPLE",
-          "aws_secret_access_key": "secret",
-          "config": Config(retries={"total_max_attempts": 1})}
+    kw = {
+        "region_name": "eu-west-1",
+        "aws_access_key_id": "AKIDEXAMPLE",
+        "aws_secret_access_key": "secret",
+        "config": Config(retries={"total_max_attempts": 1}),
+    }
     fh = session.create_client("firehose", **kw)
     fh.meta.events.register("before-send.firehose.*", capture)
     for data in (b"x" * 300, b"x" * 600):
@@ -148,16 +154,18 @@ def _botocore_request_sizes() -> dict[str, tuple[int, int]]:
     out["PutRecord"] = (one - _b64(300), (two - one) // (_b64(600) - _b64(300)))
     sizes.clear()
     for n in (1, 2):
-        fh.put_record_batch(DeliveryStreamName="sensor-stream",
-                            Records=[{"Data": b"x" * 300}] * n)
+        fh.put_record_batch(DeliveryStreamName="sensor-stream", Records=[{"Data": b"x" * 300}] * n)
     one, two = sizes[-2:]
     per_record = two - one
     out["PutRecordBatch"] = (one - per_record, per_record - _b64(300))
     sizes.clear()
     s3 = session.create_client("s3", **kw)
     s3.meta.events.register("before-send.s3.*", capture)
-    s3.put_object(Bucket="sensor-lake", Key="lake/metric=temperature/date=2024-01-01/"
-                  "part-000000000000-000000000059.parquet", Body=b"x" * 1000)
+    s3.put_object(
+        Bucket="sensor-lake",
+        Key="lake/metric=temperature/date=2024-01-01/part-000000000000-000000000059.parquet",
+        Body=b"x" * 1000,
+    )
     out["PutObject"] = (sizes[-1] - 1000, 0)
     return out
 
@@ -178,9 +186,13 @@ def mqtt_publish_bytes(topic: str, payload: int, qos: int = 1) -> int:
 
 def ticks(sc: Scenario) -> list[pa.Table]:
     """One canonical table per tick, as the runtime would log it."""
-    cfg = SimulatedConfig(every=sc.every_s, seed=7, start=START, devices=sc.devices,
-                          metrics={"temperature": {"kind": "uniform", "min": 0, "max": 30,
-                                                   "unit": "C"}})
+    cfg = SimulatedConfig(
+        every=sc.every_s,
+        seed=7,
+        start=START,
+        devices=sc.devices,
+        metrics={"temperature": {"kind": "uniform", "min": 0, "max": 30, "unit": "C"}},
+    )
     out = []
     for t in range(int(sc.seconds / sc.every_s)):
         rows = generate(cfg, "edge-01", t, START)
@@ -189,19 +201,22 @@ def ticks(sc: Scenario) -> list[pa.Table]:
     return out
 
 
-def pipeline_batches(tables: list[pa.Table], sc: Scenario, windowed: bool,
-                     max_age: float) -> list[pa.Table]:
+def pipeline_batches(
+    tables: list[pa.Table], sc: Scenario, windowed: bool, max_age: float
+) -> list[pa.Table]:
     """Batches the real pipeline cuts for one sink, entries timed at their event time."""
     ctx = Context(device="edge-01", component="bench", data_dir=Path("/nonexistent"))
     transforms: list[Transform] = []
     if windowed:
         transforms = [
             FilterTransform(FilterConfig(type="filter", where="value BETWEEN -40 AND 85"), ctx),
-            WindowTransform(WindowConfig(type="window", every=60,
-                                         aggs=["mean", "min", "max", "count"]), ctx),
+            WindowTransform(
+                WindowConfig(type="window", every=60, aggs=["mean", "min", "max", "count"]), ctx
+            ),
         ]
-    route = Route("sink", None, BatchConfig(max_rows=100_000, max_bytes=64 * 1024**2,
-                                           max_age=max_age))
+    route = Route(
+        "sink", None, BatchConfig(max_rows=100_000, max_bytes=64 * 1024**2, max_age=max_age)
+    )
     pipe = Pipeline(transforms, [route])
     out: list[pa.Table] = []
     start_us = int(START.timestamp() * 1e6)
@@ -215,8 +230,7 @@ def pipeline_batches(tables: list[pa.Table], sc: Scenario, windowed: bool,
     return out
 
 
-def firehose_tally(batches: list[pa.Table], wire: dict[str, tuple[int, int]],
-                   gzip: bool) -> Tally:
+def firehose_tally(batches: list[pa.Table], wire: dict[str, tuple[int, int]], gzip: bool) -> Tally:
     t = Tally()
     fixed, per_record = wire["PutRecordBatch"]
     for b in batches:
@@ -228,8 +242,7 @@ def firehose_tally(batches: list[pa.Table], wire: dict[str, tuple[int, int]],
         t.calls += len(groups)
         t.payload_bytes += sum(len(r.data) for r in records)
         t.billable_bytes += sum(billable(len(r.data)) for r in records)
-        t.wire_bytes += fixed * len(groups) + sum(per_record + _b64(len(r.data))
-                                                  for r in records)
+        t.wire_bytes += fixed * len(groups) + sum(per_record + _b64(len(r.data)) for r in records)
     return t
 
 
@@ -254,8 +267,9 @@ def delivery_objects(sc: Scenario, payload_bytes: int) -> int:
     return max(by_time, by_size)
 
 
-def per_reading_tally(tables: list[pa.Table], sc: Scenario,
-                      wire: dict[str, tuple[int, int]]) -> Tally:
+def per_reading_tally(
+    tables: list[pa.Table], sc: Scenario, wire: dict[str, tuple[int, int]]
+) -> Tally:
     """One JSON message per reading: MQTT publish to IoT Core, the rule's PutRecord each."""
     t = Tally()
     fixed, _ = wire["PutRecord"]
@@ -267,8 +281,9 @@ def per_reading_tally(tables: list[pa.Table], sc: Scenario,
             t.wire_bytes += mqtt_publish_bytes(MQTT_TOPIC, n)
             t.records += 1
             t.billable_bytes += billable(n)
-            t.extra["firehose_put_record_bytes"] = t.extra.get(
-                "firehose_put_record_bytes", 0) + fixed + _b64(n)
+            t.extra["firehose_put_record_bytes"] = (
+                t.extra.get("firehose_put_record_bytes", 0) + fixed + _b64(n)
+            )
     t.calls = t.rows  # the device's IoT Core publishes; the rule adds one PutRecord each
     t.extra["iot_rule_put_record_calls"] = t.rows
     t.s3_puts = delivery_objects(sc, t.payload_bytes)
@@ -288,18 +303,23 @@ def run_scenario(sc: Scenario, wire: dict[str, tuple[int, int]]) -> dict[str, An
     designs["firehose, 1-min aggregates + gzip"] = firehose_tally(agg, wire, gzip=True)
     slow = pipeline_batches(tables, sc, windowed=True, max_age=LONG_BATCH_AGE)
     designs["firehose, 1-min aggregates + gzip, 15-min batches"] = firehose_tally(
-        slow, wire, gzip=True)
+        slow, wire, gzip=True
+    )
     designs["s3 lake, 1-min aggregates (Parquet)"] = s3_tally(agg, wire)
     designs["s3 lake, raw readings (Parquet)"] = s3_tally(raw, wire)
     for name, d in designs.items():
         if name.startswith("firehose"):
             d.s3_puts = delivery_objects(sc, d.payload_bytes)
     bytes_per_line = sum(len(x) for b in raw for x in ndjson_lines(b)) / sc.readings
-    model = firehose_costs(sc.readings, bytes_per_line,
-                           readings_per_batch=DEFAULT_BATCH_AGE / sc.every_s * sc.devices)
+    model = firehose_costs(
+        sc.readings, bytes_per_line, readings_per_batch=DEFAULT_BATCH_AGE / sc.every_s * sc.devices
+    )
     out: dict[str, Any] = {
-        "readings": sc.readings, "devices": sc.devices, "every_s": sc.every_s,
-        "seconds": sc.seconds, "batch_max_age_s": DEFAULT_BATCH_AGE,
+        "readings": sc.readings,
+        "devices": sc.devices,
+        "every_s": sc.every_s,
+        "seconds": sc.seconds,
+        "batch_max_age_s": DEFAULT_BATCH_AGE,
         "long_batch_max_age_s": LONG_BATCH_AGE,
         "per_reading": base.as_dict(),
         "designs": {},
@@ -317,7 +337,8 @@ def run_scenario(sc: Scenario, wire: dict[str, tuple[int, int]]) -> dict[str, An
             "fewer_calls_x": _ratio(base.calls, d.calls),
             "fewer_aws_calls_x": _ratio(base.calls * 2, d.calls),
             "fewer_billable_x": _ratio(base.billable_bytes, d.billable_bytes)
-            if d.billable_bytes else None,
+            if d.billable_bytes
+            else None,
         }
     return out
 
@@ -330,29 +351,60 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.parse_args(argv)
     wire = _botocore_request_sizes()
-    result: dict[str, Any] = {"targets_x": TARGETS, "wire_model": {
-        k: {"fixed_bytes": v[0], "per_record_bytes": v[1]} for k, v in wire.items()},
-        "scenarios": {}}
+    result: dict[str, Any] = {
+        "targets_x": TARGETS,
+        "wire_model": {k: {"fixed_bytes": v[0], "per_record_bytes": v[1]} for k, v in wire.items()},
+        "scenarios": {},
+    }
     for sc in SCENARIOS:
         r = run_scenario(sc, wire)
         result["scenarios"][sc.name] = r
         base = r["per_reading"]
-        rows = [("one JSON publish per reading (talk)", fmt_bytes(base["payload_bytes"]),
-                 fmt_bytes(base["wire_bytes"]), f"{base['calls']:,}",
-                 fmt_bytes(base["billable_bytes"]), f"{base['s3_puts']:,}", "", "", "")]
+        rows = [
+            (
+                "one JSON publish per reading (talk)",
+                fmt_bytes(base["payload_bytes"]),
+                fmt_bytes(base["wire_bytes"]),
+                f"{base['calls']:,}",
+                fmt_bytes(base["billable_bytes"]),
+                f"{base['s3_puts']:,}",
+                "",
+                "",
+                "",
+            )
+        ]
         for name, d in r["designs"].items():
-            rows.append((name, fmt_bytes(d["payload_bytes"]), fmt_bytes(d["wire_bytes"]),
-                         f"{d['calls']:,}",
-                         fmt_bytes(d["billable_bytes"]) if d["billable_bytes"] else "-",
-                         f"{d['s3_puts']:,}", f"{d['fewer_bytes_x']}x",
-                         f"{d['fewer_calls_x']}x",
-                         f"{d['fewer_billable_x']}x" if d["fewer_billable_x"] else "-"))
-        table(f"Economics — {sc.name} ({sc.readings:,} readings)",
-              ["design", "payload", "wire", "API calls", "Firehose billable", "S3 PUTs",
-               "fewer bytes", "fewer calls", "fewer billable"], rows,
-              caption="targets: ≥50x fewer billable bytes, ≥100x fewer calls, ≥10x fewer "
-                      "bytes. Per-reading calls = the device's IoT Core publishes; its IoT "
-                      "rule makes as many Firehose PutRecord calls again (not counted here).")
+            rows.append(
+                (
+                    name,
+                    fmt_bytes(d["payload_bytes"]),
+                    fmt_bytes(d["wire_bytes"]),
+                    f"{d['calls']:,}",
+                    fmt_bytes(d["billable_bytes"]) if d["billable_bytes"] else "-",
+                    f"{d['s3_puts']:,}",
+                    f"{d['fewer_bytes_x']}x",
+                    f"{d['fewer_calls_x']}x",
+                    f"{d['fewer_billable_x']}x" if d["fewer_billable_x"] else "-",
+                )
+            )
+        table(
+            f"Economics — {sc.name} ({sc.readings:,} readings)",
+            [
+                "design",
+                "payload",
+                "wire",
+                "API calls",
+                "Firehose billable",
+                "S3 PUTs",
+                "fewer bytes",
+                "fewer calls",
+                "fewer billable",
+            ],
+            rows,
+            caption="targets: ≥50x fewer billable bytes, ≥100x fewer calls, ≥10x fewer "
+            "bytes. Per-reading calls = the device's IoT Core publishes; its IoT "
+            "rule makes as many Firehose PutRecord calls again (not counted here).",
+        )
     write_json("economics", result)
     return result
 

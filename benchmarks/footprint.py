@@ -36,9 +36,24 @@ from benchmarks._common import (
     write_yaml,
 )
 
-HEAVY = ("boto3", "botocore", "aiobotocore", "elasticsearch", "opensearchpy", "serial",
-         "pymodbus", "paho", "sklearn", "onnxruntime", "streamlit", "duckdb", "psutil",
-         "pandas", "numpy", "scipy")
+HEAVY = (
+    "boto3",
+    "botocore",
+    "aiobotocore",
+    "elasticsearch",
+    "opensearchpy",
+    "serial",
+    "pymodbus",
+    "paho",
+    "sklearn",
+    "onnxruntime",
+    "streamlit",
+    "duckdb",
+    "psutil",
+    "pandas",
+    "numpy",
+    "scipy",
+)
 TARGET_RSS_MB = 150
 TARGET_CPU_PCT = 2.0
 STEADY_AFTER_S = 10.0
@@ -49,13 +64,17 @@ def config(data_dir: Path, devices: int) -> dict[str, Any]:
         "device": "edge",
         "data_dir": str(data_dir),
         "telemetry": {"enabled": True, "port": 0},
-        "sources": [{
-            "name": "sensors", "type": "simulated", "every": "1s", "seed": 1,
-            "devices": devices,
-            "metrics": {"temperature": {"kind": "uniform", "min": 0, "max": 30, "unit": "C"}},
-        }],
-        "transforms": [{"type": "window", "every": "1m",
-                        "aggs": ["mean", "min", "max", "count"]}],
+        "sources": [
+            {
+                "name": "sensors",
+                "type": "simulated",
+                "every": "1s",
+                "seed": 1,
+                "devices": devices,
+                "metrics": {"temperature": {"kind": "uniform", "min": 0, "max": 30, "unit": "C"}},
+            }
+        ],
+        "transforms": [{"type": "window", "every": "1m", "aggs": ["mean", "min", "max", "count"]}],
         "sinks": [{"name": "lake", "type": "lake", "path": str(data_dir / "lake")}],
     }
 
@@ -85,8 +104,14 @@ print(json.dumps(out))
 
 def probe(*args: str) -> dict[str, Any]:
     """RSS and imported heavy modules of a fresh interpreter at a given stage."""
-    proc = subprocess.run([sys.executable, "-c", _PROBE, *args, ",".join(HEAVY)], env=env(),
-                          capture_output=True, text=True, timeout=120, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE, *args, ",".join(HEAVY)],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -118,12 +143,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         started = time.perf_counter()
 
         def on_start(pid: int) -> None:
-            threading.Thread(target=_cpu_at, args=(pid, STEADY_AFTER_S, mark),
-                             daemon=True).start()
+            threading.Thread(target=_cpu_at, args=(pid, STEADY_AFTER_S, mark), daemon=True).start()
 
-        res = run_measured(collector_cmd(cfg, "--for", f"{args.seconds:g}s", "--log-level",
-                                         "warning"), cwd=work, sample_every=1.0,
-                           on_start=on_start)
+        res = run_measured(
+            collector_cmd(cfg, "--for", f"{args.seconds:g}s", "--log-level", "warning"),
+            cwd=work,
+            sample_every=1.0,
+            on_start=on_start,
+        )
         check_ok(res, "collector run")
         ended = started + res.wall_s
         steady_pct = None
@@ -158,10 +185,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         [
             ("peak RSS (VmHWM)", f"{res.peak_rss_mb:.0f} MB", f"≤ {TARGET_RSS_MB} MB"),
             ("  of which private (RssAnon)", f"{res.peak_anon_mb:.0f} MB", ""),
-            ("CPU, whole run", f"{res.cpu_s:.2f} s = {whole_pct:.2f} % of one core",
-             f"≤ {TARGET_CPU_PCT} %"),
-            ("CPU, steady state", "-" if steady_pct is None else f"{steady_pct:.2f} % of one core",
-             f"≤ {TARGET_CPU_PCT} %"),
+            (
+                "CPU, whole run",
+                f"{res.cpu_s:.2f} s = {whole_pct:.2f} % of one core",
+                f"≤ {TARGET_CPU_PCT} %",
+            ),
+            (
+                "CPU, steady state",
+                "-" if steady_pct is None else f"{steady_pct:.2f} % of one core",
+                f"≤ {TARGET_CPU_PCT} %",
+            ),
             ("RSS after `import collector.cli`", f"{light['import_cli_mb']:.0f} MB", ""),
             ("RSS with config + runtime built", f"{built['runtime_mb']:.0f} MB", ""),
             ("heavy optional modules imported", ", ".join(built["heavy_loaded"]) or "none", ""),
@@ -176,8 +209,9 @@ def _lake_readings(root: Path) -> int:
 
     if not any(root.rglob("*.parquet")):
         return 0
-    return int(pl.scan_parquet(root, hive_partitioning=True).select(pl.col("count").sum())
-               .collect().item())
+    return int(
+        pl.scan_parquet(root, hive_partitioning=True).select(pl.col("count").sum()).collect().item()
+    )
 
 
 if __name__ == "__main__":

@@ -65,8 +65,11 @@ def wait_http(url: str, timeout: float = 60.0) -> None:
     raise SystemExit(f"moto server at {url} did not answer within {timeout:.0f}s")
 
 
-def build_spool(folder: Path, size: int) -> tuple[int, int, int]:
-    """Spool files until ``size`` bytes are on disk; (files, rows, bytes)."""
+def build_spool(folder: Path, size: int) -> tuple[int, int, int, int]:
+    """Spool files until ``size`` bytes are on disk; (files, rows, bytes on disk, Arrow bytes).
+
+    Arrow bytes (the tables' in-memory size) stay comparable if the spool format compresses.
+    """
     import numpy as np
     import pyarrow as pa
 
@@ -83,20 +86,31 @@ def build_spool(folder: Path, size: int) -> tuple[int, int, int]:
     metrics = pa.array([METRICS[k % len(METRICS)] for k in i])
     units = pa.array(["C" if k % len(METRICS) == 0 else "%" for k in i])
     source = pa.array(["plant"] * ROWS_PER_FILE)
-    files = rows = total = 0
+    files = rows = total = arrow = 0
     offset = 0
     while total < size:
         ticks = (offset + i) // per_tick
         ts = pa.array(START_US + ticks * 1_000_000, pa.timestamp("us", tz="UTC"))
         batch_id = f"{offset:012d}-{offset + ROWS_PER_FILE - 1:012d}"
-        tbl = pa.table([ts, devices, source, metrics, pa.array(rng.normal(25, 5, ROWS_PER_FILE)),
-                        units, pa.array([f"{batch_id}:{k}" for k in i])], schema=schema)
+        tbl = pa.table(
+            [
+                ts,
+                devices,
+                source,
+                metrics,
+                pa.array(rng.normal(25, 5, ROWS_PER_FILE)),
+                units,
+                pa.array([f"{batch_id}:{k}" for k in i]),
+            ],
+            schema=schema,
+        )
         spool.put(tbl, batch_id)
+        arrow += tbl.nbytes
         files += 1
         rows += ROWS_PER_FILE
         total = spool.backlog_bytes
         offset += ROWS_PER_FILE
-    return files, rows, total
+    return files, rows, total, arrow
 
 
 def config(data_dir: Path, endpoint: str) -> dict[str, Any]:
@@ -106,11 +120,17 @@ def config(data_dir: Path, endpoint: str) -> dict[str, Any]:
         "shutdown_timeout": "1h",  # --once drains for at most this long
         "telemetry": {"enabled": False},
         "sources": [{"name": "plant", "type": "simulated", "every": "1h"}],
-        "sinks": [{
-            "name": "lake", "type": "s3", "bucket": BUCKET, "key_prefix": "lake",
-            "endpoint_url": endpoint, "region": "us-east-1",
-            "spool": {"max_bytes": "64GiB"},
-        }],
+        "sinks": [
+            {
+                "name": "lake",
+                "type": "s3",
+                "bucket": BUCKET,
+                "key_prefix": "lake",
+                "endpoint_url": endpoint,
+                "region": "us-east-1",
+                "spool": {"max_bytes": "64GiB"},
+            }
+        ],
     }
 
 
@@ -122,24 +142,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     work = Path(tempfile.mkdtemp(prefix="bench-recovery-"))
     port = free_port()
-    aws = {"AWS_ACCESS_KEY_ID": "AKIDBENCH", "AWS_SECRET_ACCESS_KEY": "bench-secret",
-           "AWS_CONFIG_FILE": str(work / "none"), "AWS_SHARED_CREDENTIALS_FILE":
-           str(work / "none"), "AWS_EC2_METADATA_DISABLED": "true"}
+    aws = {
+        "AWS_ACCESS_KEY_ID": "AKIDBENCH",
+        "AWS_SECRET_ACCESS_KEY": "bench-secret",
+        "AWS_CONFIG_FILE": str(work / "none"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(work / "none"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
     moto_log = open(work / "moto.log", "wb")  # noqa: SIM115 - closed in finally
-    moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port), "-H",
-                             "127.0.0.1"], stdout=moto_log, stderr=subprocess.STDOUT,
-                            env={**env(), **aws})
+    moto = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-p", str(port), "-H", "127.0.0.1"],
+        stdout=moto_log,
+        stderr=subprocess.STDOUT,
+        env={**env(), **aws},
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/moto-api/")
         import boto3
 
-        s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1",
-                          aws_access_key_id="AKIDBENCH", aws_secret_access_key="bench-secret")
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=url,
+            region_name="us-east-1",
+            aws_access_key_id="AKIDBENCH",
+            aws_secret_access_key="bench-secret",
+        )
         s3.create_bucket(Bucket=BUCKET)
         data = work / "data"
         t = time.perf_counter()
-        files, rows, spool_bytes = build_spool(data / "spool" / "lake", size)
+        files, rows, spool_bytes, arrow_bytes = build_spool(data / "spool" / "lake", size)
         build_s = time.perf_counter() - t
         cfg = write_yaml(work / "recovery.yaml", config(data, url))
         cmd = collector_cmd(cfg, "--once", "--log-level", "warning")
@@ -166,6 +198,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "spool_files": files,
         "spool_rows": rows,
         "spool_bytes": spool_bytes,
+        "arrow_bytes": arrow_bytes,
+        "arrow_mb_per_s": round(arrow_bytes / 1e6 / res.wall_s, 1),
         "build_s": round(build_s, 1),
         "left_in_spool_bytes": left,
         "s3_objects": objects,
@@ -180,16 +214,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for k in ("drain", "fixed_cost"):
         result[k].pop("stderr_tail", None)
     write_json("recovery", result)
-    table(f"Recovery: {fmt_bytes(spool_bytes)} spool backlog ({files:,} files, {rows:,} rows) "
-          "→ S3 (moto server)",
-          ["measure", "value"],
-          [("drain, end to end", f"{res.wall_s:.1f} s → {mb / res.wall_s:.1f} MB/s "
-            f"({rows / res.wall_s:,.0f} rows/s)"),
-           ("fixed cost (same run, empty spool)", f"{empty.wall_s:.1f} s"),
-           ("net drain rate", f"{mb / net_s:.1f} MB/s"),
-           ("collector CPU / peak RSS", f"{res.cpu_s:.1f} s / {res.peak_rss_mb:.0f} MB"),
-           ("S3 objects / bytes (Parquet zstd)", f"{objects:,} / {fmt_bytes(s3_bytes)}"),
-           ("left in the spool", fmt_bytes(left))])
+    table(
+        f"Recovery: {fmt_bytes(spool_bytes)} spool backlog ({files:,} files, {rows:,} rows) "
+        "→ S3 (moto server)",
+        ["measure", "value"],
+        [
+            (
+                "drain, end to end",
+                f"{res.wall_s:.1f} s → {mb / res.wall_s:.1f} MB/s "
+                f"({rows / res.wall_s:,.0f} rows/s)",
+            ),
+            ("in-memory Arrow data rate", f"{arrow_bytes / 1e6 / res.wall_s:.1f} MB/s"),
+            ("fixed cost (same run, empty spool)", f"{empty.wall_s:.1f} s"),
+            ("net drain rate", f"{mb / net_s:.1f} MB/s"),
+            ("collector CPU / peak RSS", f"{res.cpu_s:.1f} s / {res.peak_rss_mb:.0f} MB"),
+            ("S3 objects / bytes (Parquet zstd)", f"{objects:,} / {fmt_bytes(s3_bytes)}"),
+            ("left in the spool", fmt_bytes(left)),
+        ],
+    )
     return result
 
 

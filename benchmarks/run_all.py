@@ -82,14 +82,17 @@ def _k(x: float) -> str:
 
 def rows_throughput(d: dict[str, Any]) -> list[list[str]]:
     c, b = d["collector"], d["baseline"]
-    return [[
-        f"Throughput: replay of {d['rows'] / 1e6:g} M narrow rows ({d['devices']} devices) → "
-        "filter → 1-min window → Parquet lake, `collector run --once` end to end",
-        f"{_k(c['rows_per_s'])} rows/s ({c['wall_s']:.1f} s, peak RSS {c['peak_rss_mb']:.0f} MB)"
-        f" = **{d['ratio']:.2f}x** the baseline",
-        f"plain Polars script: {_k(b['rows_per_s'])} rows/s ({b['wall_s']:.1f} s)",
-        "≥ 0.7x", _m(d),
-    ]]
+    return [
+        [
+            f"Throughput: replay of {d['rows'] / 1e6:g} M narrow rows ({d['devices']} devices) → "
+            "filter → 1-min window → Parquet lake, `collector run --once` end to end",
+            f"{_k(c['rows_per_s'])} rows/s ({c['wall_s']:.1f} s, "
+            f"peak RSS {c['peak_rss_mb']:.0f} MB) = **{d['ratio']:.2f}x** the baseline",
+            f"plain Polars script: {_k(b['rows_per_s'])} rows/s ({b['wall_s']:.1f} s)",
+            "≥ 0.7x",
+            _m(d),
+        ]
+    ]
 
 
 def rows_footprint(d: dict[str, Any]) -> list[list[str]]:
@@ -98,14 +101,17 @@ def rows_footprint(d: dict[str, Any]) -> list[list[str]]:
     cpu = f"{d['cpu_pct_of_one_core']:.2f} % of one core over the run"
     if steady is not None:
         cpu = f"{steady:.2f} % steady, {cpu} (startup included)"
-    return [[
-        f"Footprint: {d['devices']} simulated sensors at 1 Hz → 1-min window → lake, "
-        f"{d['seconds']:g} s",
-        f"peak RSS **{c['peak_rss_mb']:.0f} MB**; CPU **{cpu}**",
-        f"`import collector.cli`: {d['import_cli_rss_mb']:.0f} MB; optional heavy modules "
-        f"loaded: {', '.join(d['heavy_modules_loaded']) or 'none'}",
-        "≤ 150 MB, ≤ 2 %", _m(d),
-    ]]
+    return [
+        [
+            f"Footprint: {d['devices']} simulated sensors at 1 Hz → 1-min window → lake, "
+            f"{d['seconds']:g} s",
+            f"peak RSS **{c['peak_rss_mb']:.0f} MB**; CPU **{cpu}**",
+            f"`import collector.cli`: {d['import_cli_rss_mb']:.0f} MB; optional heavy modules "
+            f"loaded: {', '.join(d['heavy_modules_loaded']) or 'none'}",
+            "≤ 150 MB, ≤ 2 %",
+            _m(d),
+        ]
+    ]
 
 
 ECONOMICS_DESIGNS = (
@@ -127,30 +133,40 @@ def rows_economics(d: dict[str, Any]) -> list[list[str]]:
             default = sc["designs"].get("firehose, 1-min aggregates + gzip") or {}
             if "15-min" in design and (default.get("fewer_calls_x") or 0) >= 100:
                 continue  # the default batch age already clears the target here
-            billable = (f"**{_x(x['fewer_billable_x'])}** fewer billable bytes, "
-                        if x.get("fewer_billable_x") else "")
-            out.append([
-                f"Economics, {name}: {design}",
-                f"{billable}**{_x(x['fewer_calls_x'])}** fewer calls, "
-                f"**{_x(x['fewer_bytes_x'])}** fewer bytes ({x['calls']:,} calls, "
-                f"{x['payload_bytes'] / 1e3:,.0f} kB, "
-                f"{x['s3_puts']:,} S3 PUTs)",
-                f"one JSON publish per reading: {base['calls']:,} calls, "
-                f"{base['payload_bytes'] / 1e3:,.0f} kB, {base['billable_bytes'] / 1e6:,.1f} MB "
-                "billable",
-                "≥ 50x billable, ≥ 100x calls, ≥ 10x bytes", _m(d),
-            ])
+            billable = (
+                f"**{_x(x['fewer_billable_x'])}** fewer billable bytes, "
+                if x.get("fewer_billable_x")
+                else ""
+            )
+            out.append(
+                [
+                    f"Economics, {name}: {design}",
+                    f"{billable}**{_x(x['fewer_calls_x'])}** fewer calls, "
+                    f"**{_x(x['fewer_bytes_x'])}** fewer bytes ({x['calls']:,} calls, "
+                    f"{x['payload_bytes'] / 1e3:,.0f} kB, "
+                    f"{x['s3_puts']:,} S3 PUTs)",
+                    f"one JSON publish per reading: {base['calls']:,} calls, "
+                    f"{base['payload_bytes'] / 1e3:,.0f} kB, "
+                    f"{base['billable_bytes'] / 1e6:,.1f} MB billable",
+                    "≥ 50x billable, ≥ 100x calls, ≥ 10x bytes",
+                    _m(d),
+                ]
+            )
     return out
 
 
 def rows_recovery(d: dict[str, Any]) -> list[list[str]]:
-    return [[
-        f"Recovery: {d['spool_bytes'] / 1e9:.2f} GB spool backlog ({d['spool_files']:,} files) "
-        "drained to S3 (moto server on the same machine)",
-        f"**{d['mb_per_s']:.1f} MB/s** end to end ({d['drain']['wall_s']:.0f} s), "
-        f"{d['net_mb_per_s']:.1f} MB/s net of the {d['fixed_cost']['wall_s']:.1f} s fixed cost",
-        "", "", _m(d),
-    ]]
+    return [
+        [
+            f"Recovery: {d['spool_bytes'] / 1e9:.2f} GB spool backlog ({d['spool_files']:,} files) "
+            "drained to S3 (moto server on the same machine)",
+            f"**{d['mb_per_s']:.1f} MB/s** end to end ({d['drain']['wall_s']:.0f} s), "
+            f"{d['net_mb_per_s']:.1f} MB/s net of the {d['fixed_cost']['wall_s']:.1f} s fixed cost",
+            "",
+            "",
+            _m(d),
+        ]
+    ]
 
 
 def rows_dashboard(d: dict[str, Any]) -> list[list[str]]:
@@ -159,17 +175,26 @@ def rows_dashboard(d: dict[str, Any]) -> list[list[str]]:
         total = (v.get("median_s") or {}).get("total")
         if total is None:
             continue
-        out.append([
-            f"Dashboard page load, {view} view ({d.get('devices')} devices, {v.get('files')} "
-            f"files, {v.get('rows', 0):,} rows)",
-            f"**{total:.2f} s** median", "", "", _m(d),
-        ])
+        out.append(
+            [
+                f"Dashboard page load, {view} view ({d.get('devices')} devices, {v.get('files')} "
+                f"files, {v.get('rows', 0):,} rows)",
+                f"**{total:.2f} s** median",
+                "",
+                "",
+                _m(d),
+            ]
+        )
     return out
 
 
-BUILDERS = {"throughput": rows_throughput, "footprint": rows_footprint,
-            "economics": rows_economics, "recovery": rows_recovery,
-            "dashboard": rows_dashboard}
+BUILDERS = {
+    "throughput": rows_throughput,
+    "footprint": rows_footprint,
+    "economics": rows_economics,
+    "recovery": rows_recovery,
+    "dashboard": rows_dashboard,
+}
 
 
 def notes() -> list[str]:
@@ -218,8 +243,10 @@ def notes() -> list[str]:
 
 
 def markdown() -> str:
-    lines = ["| Benchmark | Collector | Baseline / context (same run) | Target | Machine |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "| Benchmark | Collector | Baseline / context (same run) | Target | Machine |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     dates: list[str] = []
     machine = None
     for name in ORDER:
@@ -236,9 +263,11 @@ def markdown() -> str:
         for r in rows:
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |")
     when = ", ".join(sorted(set(dates))) or "never"
-    head = (f"Measured by `make bench` ({when}) on {machine_line(machine) if machine else '?'}. "
-            "Each figure and its baseline come from the same run; raw numbers in "
-            "`benchmarks/out/*.json`.")
+    head = (
+        f"Measured by `make bench` ({when}) on {machine_line(machine) if machine else '?'}. "
+        "Each figure and its baseline come from the same run; raw numbers in "
+        "`benchmarks/out/*.json`."
+    )
     extra = notes()
     return "\n".join([head, "", *lines, *(["", *extra] if extra else [])])
 

@@ -66,12 +66,14 @@ def generate(rows: int) -> Path:
     value = base + rng.random(rows) * spread
     value[rng.random(rows) < 0.005] = 999.0  # a broken sensor: the filter's job
     names = pl.Series([f"dev-{d:03d}" for d in range(DEVICES)])
-    df = pl.DataFrame({
-        "ts": pl.Series(START_US + tick * 1_000_000).cast(pl.Datetime("us", "UTC")),
-        "device": names.gather(pl.Series(device)),
-        "metric": pl.Series(list(METRICS)).gather(pl.Series(metric)),
-        "value": value,
-    })
+    df = pl.DataFrame(
+        {
+            "ts": pl.Series(START_US + tick * 1_000_000).cast(pl.Datetime("us", "UTC")),
+            "device": names.gather(pl.Series(device)),
+            "metric": pl.Series(list(METRICS)).gather(pl.Series(metric)),
+            "value": value,
+        }
+    )
     tmp = path.with_suffix(".tmp")
     df.write_parquet(tmp, compression="zstd", row_group_size=1_000_000)
     tmp.replace(path)
@@ -79,8 +81,13 @@ def generate(rows: int) -> Path:
 
 
 def collector_config(src: Path, lake: Path, chunk_rows: int | None) -> dict[str, Any]:
-    replay: dict[str, Any] = {"name": "replay", "type": "replay", "path": str(src),
-                              "device_column": "device", "speed": "max"}
+    replay: dict[str, Any] = {
+        "name": "replay",
+        "type": "replay",
+        "path": str(src),
+        "device_column": "device",
+        "speed": "max",
+    }
     if chunk_rows:
         replay["chunk_rows"] = chunk_rows
     return {
@@ -91,10 +98,14 @@ def collector_config(src: Path, lake: Path, chunk_rows: int | None) -> dict[str,
             {"type": "filter", "where": WHERE},
             {"type": "window", "every": "1m", "aggs": ["mean", "min", "max", "count"]},
         ],
-        "sinks": [{
-            "name": "lake", "type": "lake", "path": str(lake),
-            "batch": {"max_rows": 1_000_000, "max_bytes": "256MiB", "max_age": "1h"},
-        }],
+        "sinks": [
+            {
+                "name": "lake",
+                "type": "lake",
+                "path": str(lake),
+                "batch": {"max_rows": 1_000_000, "max_bytes": "256MiB", "max_age": "1h"},
+            }
+        ],
     }
 
 
@@ -112,8 +123,9 @@ def baseline(src: str, dest: str) -> None:
             pl.col("value").max().alias("max"),
             pl.col("value").count().cast(pl.Int64).alias("count"),
         )
-        .with_columns(pl.lit("replay").alias("source"),
-                      pl.col("ts").dt.strftime("%Y-%m-%d").alias("date"))
+        .with_columns(
+            pl.lit("replay").alias("source"), pl.col("ts").dt.strftime("%Y-%m-%d").alias("date")
+        )
         .collect()
     )
     out.write_parquet(dest, partition_by=["metric", "date"], compression="zstd", mkdir=True)
@@ -126,24 +138,32 @@ def lake_summary(root: Path) -> dict[str, Any]:
     files = sorted(root.rglob("*.parquet"))
     if not files:
         return {"files": 0, "rows": 0, "readings": 0}
-    df = pl.scan_parquet(root, hive_partitioning=True).select(
-        pl.len().alias("rows"), pl.col("count").sum().alias("readings")).collect()
+    df = (
+        pl.scan_parquet(root, hive_partitioning=True)
+        .select(pl.len().alias("rows"), pl.col("count").sum().alias("readings"))
+        .collect()
+    )
     return {"files": len(files), "rows": int(df["rows"][0]), "readings": int(df["readings"][0])}
 
 
 def expected_readings(src: Path) -> int:
     import polars as pl
 
-    return int(pl.scan_parquet(src).filter(pl.col("value").is_between(-40, 85))
-               .select(pl.len()).collect().item())
+    return int(
+        pl.scan_parquet(src)
+        .filter(pl.col("value").is_between(-40, 85))
+        .select(pl.len())
+        .collect()
+        .item()
+    )
 
 
-def run_collector(src: Path, work: Path, chunk_rows: int | None,
-                  wrap: list[str] | None = None) -> tuple[Any, dict[str, Any]]:
+def run_collector(
+    src: Path, work: Path, chunk_rows: int | None, wrap: list[str] | None = None
+) -> tuple[Any, dict[str, Any]]:
     lake = work / "lake"
     cfg = write_yaml(work / "throughput.yaml", collector_config(src, lake, chunk_rows))
-    cmd = collector_cmd(cfg, "--once", "--data-dir", str(work / "data"), "--log-level",
-                        "warning")
+    cmd = collector_cmd(cfg, "--once", "--data-dir", str(work / "data"), "--log-level", "warning")
     res = run_measured([*(wrap or []), *cmd], cwd=work)
     check_ok(res, "collector run")
     return res, lake_summary(lake)
@@ -151,8 +171,10 @@ def run_collector(src: Path, work: Path, chunk_rows: int | None,
 
 def run_baseline(src: Path, work: Path) -> tuple[Any, dict[str, Any]]:
     lake = work / "baseline"
-    res = run_measured([sys.executable, "-m", "benchmarks.throughput", "--_baseline",
-                        str(src), str(lake)], cwd=work)
+    res = run_measured(
+        [sys.executable, "-m", "benchmarks.throughput", "--_baseline", str(src), str(lake)],
+        cwd=work,
+    )
     check_ok(res, "baseline")
     return res, lake_summary(lake)
 
@@ -171,9 +193,12 @@ def profile(src: Path, chunk_rows: int | None) -> Path | None:
     work = Path(tempfile.mkdtemp(prefix="bench-prof-"))
     dest = OUT / "throughput-profile.txt"
     try:
-        run_collector(src, work, chunk_rows,
-                      wrap=[pyspy, "record", "-r", "200", "--threads", "-f", "raw", "-o",
-                            str(dest), "--"])
+        run_collector(
+            src,
+            work,
+            chunk_rows,
+            wrap=[pyspy, "record", "-r", "200", "--threads", "-f", "raw", "-o", str(dest), "--"],
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"profile: {dest} (collapsed stacks; flamegraph.pl or speedscope read it)")
@@ -184,8 +209,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=10_000_000, help="input rows (default 10M)")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each side; the best is kept")
-    ap.add_argument("--chunk-rows", type=int, default=None,
-                    help="replay chunk_rows (default: the source's default)")
+    ap.add_argument(
+        "--chunk-rows",
+        type=int,
+        default=None,
+        help="replay chunk_rows (default: the source's default)",
+    )
     ap.add_argument("--profile", action="store_true", help="also profile one collector run")
     ap.add_argument("--_baseline", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -210,8 +239,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             finally:
                 shutil.rmtree(work, ignore_errors=True)
             if summary["readings"] != want:
-                raise SystemExit(f"{side}: lake holds {summary['readings']} readings, "
-                                 f"expected {want}")
+                raise SystemExit(
+                    f"{side}: lake holds {summary['readings']} readings, expected {want}"
+                )
             runs[side].append(res)
             summaries[side] = summary
     best = {side: min(rs, key=lambda r: r.wall_s) for side, rs in runs.items()}
@@ -226,12 +256,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "generate_s": round(gen_s, 1),
         "readings_after_filter": want,
         "chunk_rows": args.chunk_rows,
-        "collector": {**best["collector"].as_dict(), "rows_per_s": round(rate["collector"]),
-                      "lake": summaries["collector"], "all_wall_s": [
-                          round(r.wall_s, 2) for r in runs["collector"]]},
-        "baseline": {**best["baseline"].as_dict(), "rows_per_s": round(rate["baseline"]),
-                     "lake": summaries["baseline"], "all_wall_s": [
-                         round(r.wall_s, 2) for r in runs["baseline"]]},
+        "collector": {
+            **best["collector"].as_dict(),
+            "rows_per_s": round(rate["collector"]),
+            "lake": summaries["collector"],
+            "all_wall_s": [round(r.wall_s, 2) for r in runs["collector"]],
+        },
+        "baseline": {
+            **best["baseline"].as_dict(),
+            "rows_per_s": round(rate["baseline"]),
+            "lake": summaries["baseline"],
+            "all_wall_s": [round(r.wall_s, 2) for r in runs["baseline"]],
+        },
         "ratio": round(ratio, 3),
         "target_ratio": 0.7,
     }
@@ -242,13 +278,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["profile"] = str(prof) if prof else None
     write_json("throughput", result)
     rows = [
-        (side, f"{best[side].wall_s:.1f}", f"{rate[side]:,.0f}", f"{best[side].cpu_s:.1f}",
-         f"{best[side].peak_rss_mb:.0f}", summaries[side]["rows"], summaries[side]["files"])
+        (
+            side,
+            f"{best[side].wall_s:.1f}",
+            f"{rate[side]:,.0f}",
+            f"{best[side].cpu_s:.1f}",
+            f"{best[side].peak_rss_mb:.0f}",
+            summaries[side]["rows"],
+            summaries[side]["files"],
+        )
         for side in ("collector", "baseline")
     ]
-    table(f"Throughput: {args.rows:,} rows → filter → 1-min window → Parquet lake",
-          ["", "wall s", "rows/s", "CPU s", "peak RSS MB", "aggregate rows", "files"], rows,
-          caption=f"ratio collector/baseline = {ratio:.2f} (target ≥ 0.7)")
+    table(
+        f"Throughput: {args.rows:,} rows → filter → 1-min window → Parquet lake",
+        ["", "wall s", "rows/s", "CPU s", "peak RSS MB", "aggregate rows", "files"],
+        rows,
+        caption=f"ratio collector/baseline = {ratio:.2f} (target ≥ 0.7)",
+    )
     return result
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 
+import polars as pl
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
@@ -50,10 +51,16 @@ class Entry:
     table: pa.Table | None
 
 
-def encode_table(table: pa.Table) -> bytes:
+def encode_table(table: pa.Table | pl.DataFrame) -> bytes:
+    """Arrow IPC stream, zstd-compressed: about 10x less to write, fsync and read back on a
+    device's flash, for less CPU than the I/O it saves (Polars writes its frames directly)."""
     sink = io.BytesIO()
-    with ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
+    if isinstance(table, pl.DataFrame):
+        table.write_ipc_stream(sink, compression="zstd")
+    else:
+        options = ipc.IpcWriteOptions(compression="zstd")
+        with ipc.new_stream(sink, table.schema, options=options) as writer:
+            writer.write_table(table)
     return sink.getvalue()
 
 
@@ -119,7 +126,10 @@ class DeviceLog:
     # -- writing ------------------------------------------------------------------------------
 
     def append(
-        self, table: pa.Table | None, kind: Kind = Kind.DATA, wall_us: int | None = None
+        self,
+        table: pa.Table | pl.DataFrame | None,
+        kind: Kind = Kind.DATA,
+        wall_us: int | None = None,
     ) -> int:
         """Append one record durably (per the fsync policy); returns its offset."""
         payload = encode_table(table) if table is not None else b""

@@ -63,15 +63,15 @@ class Route:
         p.rows += df.height
         p.nbytes += int(df.estimated_size())
 
-    def due(self, wall_us: int) -> bool:
+    def expired(self, wall_us: int) -> bool:
+        """The oldest pending row has waited `max_age` (checked before adding new rows, so a
+        5-minute batch of 5-second ticks holds 60 readings, not 61)."""
         p = self.pending
-        if p.first_offset is None:
-            return False
-        return (
-            p.rows >= self.batch.max_rows
-            or p.nbytes >= self.batch.max_bytes
-            or wall_us - (p.first_wall_us or wall_us) >= self.batch.max_age * 1e6
-        )
+        return p.first_wall_us is not None and wall_us - p.first_wall_us >= self.batch.max_age * 1e6
+
+    def full(self) -> bool:
+        p = self.pending
+        return p.rows >= self.batch.max_rows or p.nbytes >= self.batch.max_bytes
 
     def cut(self, last_offset: int, wall_us: int) -> list[Batch]:
         p = self.pending
@@ -138,9 +138,11 @@ class Pipeline:
         else:
             result = None
         for r in self.routes:
+            if r.expired(entry.wall_us):
+                out.extend(r.cut(entry.offset - 1, entry.wall_us))
             if result is not None and result.height:
                 r.add(result, entry.offset, entry.wall_us)
-            if flush or r.due(entry.wall_us):
+            if flush or r.full():
                 out.extend(r.cut(entry.offset, entry.wall_us))
         self.offset = entry.offset
         return out

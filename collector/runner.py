@@ -141,7 +141,7 @@ class Runtime:
         if df.height == 0:
             return 0
         try:
-            self.log.append(df.to_arrow(), Kind.DATA)
+            self.log.append(df, Kind.DATA)
         except OSError as exc:  # disk full: count the loss, keep running
             self.counters.inc("dropped_rows_total", df.height, sink="*", reason="log_write")
             self._log_errors += 1

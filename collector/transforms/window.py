@@ -136,7 +136,9 @@ class WindowTransform(Transform):
         cfg = self.config
         if self.with_unit and "unit" not in rows.columns:
             rows = rows.with_columns(pl.lit(None, pl.String).alias("unit"))
-        rows = rows.sort(_TS, maintain_order=True)  # first/last follow event time
+        if not rows.get_column(_TS).is_sorted():
+            # event-time order: first/last follow it, and sums do not depend on batching
+            rows = rows.sort(_TS, maintain_order=True)
         aggs = [_agg_expr(a, cfg.field) for a in cfg.aggs]
         if self.with_unit:
             aggs.insert(0, pl.col("unit").drop_nulls().first().alias("unit"))
@@ -166,6 +168,32 @@ class WindowTransform(Transform):
         if rows.is_empty():
             return self._aggregate(rows, partial=False)
         every, lateness = self._every_us, round(self.config.allowed_lateness * 1e6)
+        in_order = rows.get_column(_TS).is_sorted()
+        first_end = int(rows.get_column(_W)[0]) + every
+        if not (in_order and (self.max_ts is None or first_end > self.max_ts - lateness)):
+            rows = self._drop_late(rows, every, lateness)
+        # else (the common case): time-ordered rows whose first window is still open cannot be
+        # late, since each row's window ends after every earlier row's time
+        if rows.is_empty():
+            return self._aggregate(rows, partial=False)
+        batch_max = rows.get_column(_TS).max()
+        if batch_max is not None:
+            self.max_ts = max(int(batch_max), self.max_ts if self.max_ts is not None else -(2**62))  # type: ignore[arg-type]
+        assert self.max_ts is not None
+        watermark = self.max_ts - lateness
+        if in_order:  # closed windows are a prefix of time-ordered rows
+            idx = int(rows.get_column(_W).search_sorted(watermark - every, side="right"))
+            closed, still_open = [rows.slice(0, idx)], rows.slice(idx)
+        else:
+            is_closed = pl.col(_W) + every <= watermark
+            closed, still_open = [rows.filter(is_closed)], rows.filter(~is_closed)
+        for start in sorted(s for s in self.open if s + every <= watermark):
+            closed.extend(self.open.pop(start))
+        self._keep_open(still_open)
+        return self._aggregate(pl.concat(closed, how="diagonal_relaxed"), partial=False)
+
+    def _drop_late(self, rows: pl.DataFrame, every: int, lateness: int) -> pl.DataFrame:
+        """Rows whose window had closed before they arrived are dropped and counted."""
         # Watermark each row is judged by: the max event time of everything before it.
         before = pl.col(_TS).cum_max().shift(1)
         if self.max_ts is not None:
@@ -175,18 +203,7 @@ class WindowTransform(Transform):
         n_late = int(flagged.get_column("__late").sum())
         if n_late:
             self.ctx.counters.inc("late_rows_total", n_late, component=self.ctx.component)
-        rows = flagged.filter(~pl.col("__late")).drop("__late")
-        batch_max = rows.get_column(_TS).max()
-        if batch_max is not None:
-            self.max_ts = max(int(batch_max), self.max_ts if self.max_ts is not None else -(2**62))  # type: ignore[arg-type]
-        assert self.max_ts is not None
-        watermark = self.max_ts - lateness
-        is_closed = pl.col(_W) + every <= watermark
-        closed = [rows.filter(is_closed)]
-        for start in sorted(s for s in self.open if s + every <= watermark):
-            closed.extend(self.open.pop(start))
-        self._keep_open(rows.filter(~is_closed))
-        return self._aggregate(pl.concat(closed, how="diagonal_relaxed"), partial=False)
+        return flagged.filter(~pl.col("__late")).drop("__late")
 
     def flush(self) -> pl.DataFrame | None:
         if not self.open:

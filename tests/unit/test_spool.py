@@ -20,6 +20,13 @@ def rows(n: int, start: int = 0) -> pa.Table:
     )
 
 
+def file_size(tmp_path: Path, n: int) -> int:
+    """Bytes one spooled batch of ``n`` rows takes on disk (files are compressed)."""
+    probe = Spool(tmp_path / "probe", SpoolConfig(), "probe")
+    probe.put(rows(n), "000000000000-000000000000")
+    return probe.backlog_bytes
+
+
 def make(tmp_path: Path, **kw: object) -> tuple[Spool, Counters]:
     c = Counters()
     return Spool(tmp_path / "s", SpoolConfig(**kw), "out", c), c
@@ -70,7 +77,7 @@ def test_partial_replace_keeps_only_retry_rows(tmp_path: Path) -> None:
 
 
 def test_drop_oldest_counts_dropped_rows(tmp_path: Path) -> None:
-    one = rows(100).nbytes
+    one = file_size(tmp_path, 100)
     sp, c = make(tmp_path, max_bytes=int(one * 2.5), when_full="drop_oldest")
     for i in range(6):
         assert sp.put(rows(100, i * 100), f"{i:012d}-{i:012d}") == "ok"
@@ -84,7 +91,7 @@ def test_drop_oldest_counts_dropped_rows(tmp_path: Path) -> None:
 
 
 def test_drop_newest_refuses_new_batches(tmp_path: Path) -> None:
-    one = rows(100).nbytes
+    one = file_size(tmp_path, 100)
     sp, c = make(tmp_path, max_bytes=int(one * 1.5), when_full="drop_newest")
     assert sp.put(rows(100), "000000000000-000000000000") == "ok"
     assert sp.put(rows(100, 100), "000000000001-000000000001") == "dropped"
