@@ -250,15 +250,15 @@ class Runtime:
 
     async def _housekeeping(self) -> None:
         n = 0
-        while True:
-            await asyncio.sleep(0.5)
+        while True:  # once a second: cheap on a small device, fine-grained enough for max_age
+            await asyncio.sleep(1.0)
             n += 1
             if self.pipeline.has_pending() and time.monotonic() - self._last_append >= 1.0:
                 await asyncio.to_thread(self._append_marker, Kind.TICK)
             for run in self.sinks.values():
                 run.spool.expire()
             self._refresh_sink_state()
-            if n % 4 == 0:
+            if n % 3 == 0:
                 await asyncio.to_thread(self.telemetry.write_status)
 
     def _append_marker(self, kind: Kind) -> None:

@@ -29,8 +29,8 @@ def check_on(expr: pl.Expr, sql: str, schema_frame: pl.DataFrame, boolean: bool 
 
 
 def apply_where(df: pl.DataFrame, expr: pl.Expr) -> pl.DataFrame:
-    """Rows where ``expr`` is true (SQL semantics: null counts as false)."""
-    return df.filter(expr.fill_null(False))
+    """Rows where ``expr`` is true (SQL semantics: Polars' filter drops null like false)."""
+    return df.filter(expr)
 
 
 def _reason(exc: Exception) -> str:

@@ -183,12 +183,15 @@ class WindowTransform(Transform):
         watermark = self.max_ts - lateness
         if in_order:  # closed windows are a prefix of time-ordered rows
             idx = int(rows.get_column(_W).search_sorted(watermark - every, side="right"))
-            closed, still_open = [rows.slice(0, idx)], rows.slice(idx)
+            now_closed, still_open = rows.slice(0, idx), rows.slice(idx)
         else:
             is_closed = pl.col(_W) + every <= watermark
-            closed, still_open = [rows.filter(is_closed)], rows.filter(~is_closed)
+            now_closed, still_open = rows.filter(is_closed), rows.filter(~is_closed)
+        # held rows first: they arrived earlier, so time-ordered input stays ordered (no sort)
+        closed: list[pl.DataFrame] = []
         for start in sorted(s for s in self.open if s + every <= watermark):
             closed.extend(self.open.pop(start))
+        closed.append(now_closed)
         self._keep_open(still_open)
         return self._aggregate(pl.concat(closed, how="diagonal_relaxed"), partial=False)
 
