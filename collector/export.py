@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from collector.schema import POLARS_SCHEMA
 from collector.sqlexpr import compile_expr
 from sinks._partition import sanitize
 
@@ -311,18 +312,8 @@ def scan_files(files: Sequence[LakeFile], query: LakeQuery) -> pl.LazyFrame:
         pred = row_filter(query, schema.names)
         frames.append(lf if pred is None else lf.filter(pred))
     if not frames:
-        return pl.LazyFrame(schema=_EMPTY_SCHEMA)
+        return pl.LazyFrame(schema=POLARS_SCHEMA)
     return frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")
-
-
-_EMPTY_SCHEMA: dict[str, pl.DataType] = {
-    "ts": pl.Datetime("us", "UTC"),
-    "device": pl.String(),
-    "source": pl.String(),
-    "metric": pl.String(),
-    "value": pl.Float64(),
-    "unit": pl.String(),
-}
 
 
 def apply_where(lf: pl.LazyFrame, where: str | None) -> pl.LazyFrame:

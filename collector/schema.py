@@ -112,11 +112,9 @@ def rows_to_frame(
             if isinstance(value, Mapping | list):
                 continue
             out.append({**base, "metric": key, "value": _as_float(value), "unit": units.get(key)})
-    schema = dict(POLARS_SCHEMA)
-    schema.update({t: pl.String() for t in tags})
     if not out:
-        return pl.DataFrame(schema=schema)
-    return pl.DataFrame(out, schema=schema)
+        return empty_readings(tags)
+    return pl.DataFrame(out, schema=empty_readings(tags).schema)
 
 
 def normalize(
