@@ -109,6 +109,7 @@ class Pipeline:
         for t in self.transforms:
             parts: list[pl.DataFrame] = []
             if df is not None and df.height:
+                t.ctx.counters.inc("transform_rows_in_total", df.height, component=t.ctx.component)
                 try:
                     parts.append(t.apply(df))
                 except Exception as exc:
@@ -121,6 +122,8 @@ class Pipeline:
                 df = pl.concat(parts, how="diagonal_relaxed")
             else:
                 df = parts[0] if parts else None
+            if df is not None and df.height:
+                t.ctx.counters.inc("transform_rows_out_total", df.height, component=t.ctx.component)
             if df is None and not flush:
                 return None
         return df

@@ -21,10 +21,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from collector.config import Component, LoadedConfig
 from collector.delivery import SinkWorker
+from collector.errors import TransformError
 from collector.fsutil import atomic_write
-from collector.log import DeviceLog, Kind
+from collector.log import DeviceLog, Entry, Kind
 from collector.pipeline import Batch, Pipeline, Route
 from collector.plugin import Context, Counters, Source, Transform
 from collector.schema import normalize
@@ -202,7 +206,12 @@ class Runtime:
             if start < end:
                 try:
                     for entry in self.log.read(start, end):
-                        for batch in self.pipeline.process(entry):
+                        try:
+                            batches = self.pipeline.process(entry)
+                        except TransformError as exc:
+                            self._dead_letter_entry(entry, exc)
+                            continue
+                        for batch in batches:
                             self._spool(batch)
                 except _Abort:
                     return
@@ -213,6 +222,30 @@ class Runtime:
                 self._checkpoint()
                 return
             self._new_data.wait(0.5)
+
+    def _dead_letter_entry(self, entry: Entry, exc: TransformError) -> None:
+        """A transform failed on these readings: keep them with the reason, go on with the next.
+
+        The file is named by log offset, so a replay after a crash rewrites the same file.
+        """
+        self.pipeline.offset = entry.offset
+        log.error(
+            "%s; %d readings kept in dead-letter/",
+            exc,
+            entry.table.num_rows if entry.table is not None else 0,
+        )
+        if entry.table is None:
+            return
+        table = entry.table.append_column(
+            "dead_letter_reason", pa.array([str(exc)] * entry.table.num_rows, pa.string())
+        )
+        folder = self.data_dir / "dead-letter"
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(
+            folder / f"pipeline-{entry.offset:012d}.parquet",
+            lambda tmp: pq.write_table(table, str(tmp), compression="zstd"),
+        )
+        self.counters.inc("dead_letter_rows_total", table.num_rows, sink="pipeline")
 
     def _spool(self, batch: Batch) -> None:
         """Hand a batch to its spool; with `when_full: block` wait here (the log holds data)."""

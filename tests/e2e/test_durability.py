@@ -313,3 +313,22 @@ def test_max_retries_dead_letters_instead_of_waiting_forever(tmp_path: Path) -> 
     assert dead["dead_letter_reason"].str.starts_with("gave up after 2 retries").all()
     s = status(data)["sinks"]["flaky"]
     assert s["dead_lettered_rows"] == 200 and s["retries"] == 6
+
+
+def test_a_failing_transform_dead_letters_its_readings_and_the_pipeline_goes_on(
+        tmp_path: Path) -> None:
+    data, lake = tmp_path / "data", tmp_path / "lake"
+    cfg = write_config(tmp_path / "c.yaml", {
+        "device": "gw", "data_dir": str(data),
+        "sources": [{"name": "bad", "type": "python", "function": "tests.e2e.user_code:poison"},
+                    {"name": "good", "type": "python", "function": "tests.e2e.user_code:burst"}],
+        "transforms": [{"type": "python", "function": "tests.e2e.user_code:refuse_negative"}],
+        "sinks": [{"name": "lake", "type": "lake", "path": str(lake)}],
+    })
+    res = run_cli("run", str(cfg), "--once")
+    assert res.returncode == 0, res.stderr
+    assert sorted(read_lake(lake)["value"].to_list()) == [float(v) for v in range(200)]
+    dead = pl.read_parquet(data / "dead-letter" / "pipeline-*.parquet")
+    assert dead["value"].to_list() == [-1.0]
+    assert "negative level" in dead["dead_letter_reason"][0]
+    assert "negative level" in res.stderr

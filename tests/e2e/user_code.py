@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import polars as pl
+
 BASE = datetime(2024, 5, 1, tzinfo=UTC)
 
 
@@ -16,3 +18,15 @@ def burst() -> list[dict]:
 def nothing() -> list[dict]:
     """No readings: a run that only delivers what is already spooled."""
     return []
+
+
+def poison() -> list[dict]:
+    """One reading the `refuse_negative` transform cannot handle."""
+    return [{"ts": BASE, "metric": "level", "value": -1.0}]
+
+
+def refuse_negative(df: pl.DataFrame) -> pl.DataFrame:
+    """A user transform with a bug for negative values."""
+    if (df["value"] < 0).any():
+        raise ValueError("negative level: sensor wiring?")
+    return df
