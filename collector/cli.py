@@ -289,9 +289,11 @@ def status(data_dir: str, config_file: str | None, as_json: bool) -> None:
         return
     console = Console()
     state = "running" if st.get("alive") else "not running"
-    console.print(
-        f"collector in {data_dir}: [bold]{state}[/] "
-        f"(status written {fmt_time(st.get('updated_at'))})"
+    if not st.get("sinks") and not st.get("updated_at"):
+        click.echo(f"no collector has run with data dir {data_dir} (no status.json, no spool)")
+        return
+    click.echo(
+        f"collector in {data_dir}: {state} (status written {fmt_time(st.get('updated_at'))})"
     )
     table = Table(
         "sink",
@@ -328,6 +330,13 @@ def status(data_dir: str, config_file: str | None, as_json: bool) -> None:
 )
 @click.option("--s3", "s3_url", metavar="s3://BUCKET/PREFIX", help="Or: a lake location.")
 @click.option(
+    "--firehose",
+    "firehose_url",
+    metavar="s3://BUCKET/PREFIX",
+    help="Or: the S3 destination of a Firehose delivery stream (NDJSON objects under "
+    "Firehose's YYYY/MM/DD/HH/ prefixes).",
+)
+@click.option(
     "--partition-by",
     default="metric,date",
     show_default=True,
@@ -336,7 +345,12 @@ def status(data_dir: str, config_file: str | None, as_json: bool) -> None:
 @click.option("--database", help="Glue database to create the table in.")
 @click.option("--table", help="Table name (default: the sink's name, or `readings`).")
 def catalog(
-    config_file: str | None, s3_url: str | None, partition_by: str, database: str | None, table: str
+    config_file: str | None,
+    s3_url: str | None,
+    firehose_url: str | None,
+    partition_by: str,
+    database: str | None,
+    table: str | None,
 ) -> None:
     """Print Athena/Glue DDL for the S3 lake (partition projection: no crawler, no MSCK).
 
@@ -348,8 +362,8 @@ def catalog(
     """
     from collector import catalog as cat
 
-    if bool(config_file) == bool(s3_url):
-        raise click.UsageError("give exactly one of --config and --s3")
+    if sum(map(bool, (config_file, s3_url, firehose_url))) != 1:
+        raise click.UsageError("give exactly one of --config, --s3 and --firehose")
     try:
         if config_file:
             cfg = _load_or_exit(config_file)
@@ -360,6 +374,12 @@ def catalog(
                     "record_id": "string",
                 }
             click.echo(cat.ddl_for_config(cfg, columns=columns, table=table, database=database))
+        elif firehose_url:
+            click.echo(
+                cat.ddl_firehose_json(
+                    firehose_url, table=table or "readings_stream", database=database
+                )
+            )
         else:
             parts = [p.strip() for p in partition_by.split(",") if p.strip()]
             click.echo(cat.ddl(s3_url, parts, None, table or "readings", database))  # type: ignore[arg-type]

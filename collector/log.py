@@ -115,12 +115,10 @@ class DeviceLog:
                 os.fsync(fh.fileno())
         self.next_offset = next_offset
         self._fh = open(last, "ab", buffering=0)  # noqa: SIM115 - kept open for appends
-        self._segment_first = int(last.stem)
 
     def _open_segment(self, first: int) -> None:
         path = self.folder / f"{first:020d}{_SUFFIX}"
         self._fh = open(path, "ab", buffering=0)  # noqa: SIM115 - kept open for appends
-        self._segment_first = first
         fsync_dir(self.folder)
 
     # -- writing ------------------------------------------------------------------------------

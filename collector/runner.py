@@ -88,7 +88,6 @@ class Runtime:
                 opener()  # e.g. loads a model; a ConfigError here stops the start (exit 2)
         self._new_data = threading.Event()
         self._stop = threading.Event()
-        self._consumer_done = threading.Event()
         self._last_checkpoint = 0.0
         self._last_append = time.monotonic()
         self._ticks: set[asyncio.Task[Any]] = set()
