@@ -86,7 +86,10 @@ class ReplayConfig(SourceConfig):
         description="Pace: `1` real time, `10` ten times faster, `max` as fast as possible.",
     )
     chunk_rows: int = Field(
-        default=50_000, gt=0, description="Largest number of narrow rows yielded at once."
+        default=200_000,
+        gt=0,
+        description="Largest number of narrow rows yielded at once (one log record each: "
+        "larger chunks cost fewer per-batch steps, smaller ones less memory).",
     )
     separator: str = Field(
         default=",", min_length=1, max_length=1, description="CSV field separator."
