@@ -4,10 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP_RUN := $(VENV)/.installed-run
 STAMP_TEST := $(VENV)/.installed-test
+STAMP_DASH := $(VENV)/.installed-dashboard
 APT_PACKAGES := socat mosquitto chromium openssl
 PYTEST_ARGS ?=
 
-.PHONY: run test lint bench sample-lake clean system-deps
+.PHONY: run test dashboard lint bench sample-lake clean system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +30,14 @@ run: $(STAMP_RUN)
 test: $(STAMP_TEST) system-deps
 	$(BIN)/ruff check collector sinks dashboards tests benchmarks
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
+
+$(STAMP_DASH): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dashboard]'
+	touch $@
+
+## make dashboard: the Streamlit dashboard on ./data/lake (or the sample lake)
+dashboard: $(STAMP_DASH)
+	$(BIN)/streamlit run dashboards/app.py
 
 system-deps:
 	@missing=""; \
