@@ -28,7 +28,7 @@ run: $(STAMP_RUN)
 
 ## make test: install everything the tests need (Python extras and Debian packages), run them all
 test: $(STAMP_TEST) system-deps
-	$(BIN)/ruff check collector sinks dashboards tests benchmarks
+	$(BIN)/ruff check collector sinks dashboards tests benchmarks sample_data
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
 $(STAMP_DASH): pyproject.toml | $(BIN)/python
@@ -50,7 +50,7 @@ system-deps:
 	fi
 
 lint: $(STAMP_TEST)
-	$(BIN)/ruff check collector sinks dashboards tests benchmarks
+	$(BIN)/ruff check collector sinks dashboards tests benchmarks sample_data
 	$(BIN)/ruff format --check collector sinks dashboards tests benchmarks
 
 ## make bench: run the benchmarks and rewrite the table in README.md

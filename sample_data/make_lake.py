@@ -11,7 +11,6 @@ arguments always give the same rows.
 from __future__ import annotations
 
 import shutil
-import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -132,9 +131,24 @@ def write_lake(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    root = Path(args[0]) if args else Path(__file__).resolve().parent / "lake"
+    """Regenerate the sample lake (``make sample-lake``), or write it to another folder."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument(
+        "out",
+        nargs="?",
+        type=Path,
+        default=Path(__file__).resolve().parent / "lake",
+        help="target folder (default: sample_data/lake); replaced if it is a lake",
+    )
+    root: Path = ap.parse_args(argv).out
     if root.exists():
+        strangers = [p.name for p in root.iterdir() if not p.name.startswith("metric=")]
+        if strangers:
+            ap.error(
+                f"{root} holds more than a lake ({', '.join(strangers[:3])}): not replacing it"
+            )
         shutil.rmtree(root)
     files = write_lake(aggregate_table(), root)
     size = sum(p.stat().st_size for p in root.rglob("*.parquet"))
