@@ -149,7 +149,13 @@ async def _run(
     reload_to: dict[str, Any] = {}
 
     def on_stop() -> None:
-        log.info("stopping: flushing windows and batches")
+        if stop.is_set() and "cfg" not in reload_to:
+            # a second Ctrl-C: leave now; the log and spools are durable, the next start
+            # replays from the last checkpoint
+            log.warning("second stop signal: exiting without waiting for the sinks")
+            logging.shutdown()
+            os._exit(1)
+        log.info("stopping: flushing windows and batches (again to exit at once)")
         stop.set()
 
     def on_hup() -> None:

@@ -64,6 +64,7 @@ class SinkWorker:
         self.settings = component.config.spool
         self.wake = asyncio.Event()
         self.backoff_until = 0.0
+        self.finished = False
         self.peers: Sequence[SinkWorker] = ()
 
     # -- decisions ----------------------------------------------------------------------------
@@ -75,6 +76,8 @@ class SinkWorker:
             o.settings.priority < self.settings.priority
             and o.spool.has_ready()
             and o.backoff_until <= now
+            and not o.finished
+            and not o.gave_up()
             for o in self.peers
             if o is not self
         )
@@ -114,6 +117,12 @@ class SinkWorker:
 
     async def run(self, draining: Callable[[], bool]) -> None:
         """Deliver until ``draining()`` and the spool is empty (or the sink gave up)."""
+        try:
+            await self._loop(draining)
+        finally:
+            self.finished = True  # lower-priority sinks stop waiting for this one
+
+    async def _loop(self, draining: Callable[[], bool]) -> None:
         bucket = TokenBucket(self.settings.bandwidth) if self.settings.bandwidth else None
         opened = False
         while True:
@@ -127,6 +136,7 @@ class SinkWorker:
                 try:
                     await self.sink.open()
                     opened = True
+                    self.state.consecutive_failures = 0  # retries count sends, not connects
                 except Exception as exc:
                     self._failed(exc)
                     log.warning("sink %s cannot open: %s", self.name, exc)
@@ -141,9 +151,18 @@ class SinkWorker:
                     return
                 await self._sleep_or_wake(1.0)
                 continue
-            if bucket is not None:
-                await bucket.take(item.nbytes)
-            await self._send(item)
+            try:
+                if bucket is not None:
+                    await bucket.take(item.nbytes)
+                await self._send(item)
+            except asyncio.CancelledError:
+                self.spool.release_if_inflight(item)
+                raise
+            except Exception as exc:  # spool I/O (a full disk): the batch stays, retried later
+                log.exception("sink %s: delivery step failed", self.name)
+                self.spool.release_if_inflight(item)
+                self._failed(exc)
+                self._backoff()
 
     async def _send(self, item: SpoolItem) -> None:
         table = self.spool.read(item)
@@ -157,7 +176,6 @@ class SinkWorker:
             self.spool.done(item, delivered_rows=0)
             log.error("sink %s rejected batch %s for good: %s", self.name, item.batch_id, exc)
         except asyncio.CancelledError:
-            self.spool.release(item)
             raise
         except Exception as exc:  # transient, or a sink bug: the batch waits, never lost
             self.spool.release(item)

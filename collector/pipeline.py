@@ -51,9 +51,11 @@ class Route:
         self.batch = batch
         self.pending = _Pending()
 
+    def select(self, df: pl.DataFrame) -> pl.DataFrame:
+        """The rows this sink takes (its `where:`)."""
+        return df if self.expr is None else apply_where(df, self.expr)
+
     def add(self, df: pl.DataFrame, offset: int, wall_us: int) -> None:
-        if self.expr is not None:
-            df = apply_where(df, self.expr)
         if df.height == 0:
             return
         p = self.pending
@@ -115,7 +117,10 @@ class Pipeline:
                 except Exception as exc:
                     raise TransformError(f"transform {t.ctx.component}: {exc}") from exc
             if flush:
-                extra = t.flush()
+                try:
+                    extra = t.flush()
+                except Exception as exc:
+                    raise TransformError(f"transform {t.ctx.component} flush: {exc}") from exc
                 if extra is not None and extra.height:
                     parts.append(extra)
             if len(parts) > 1:
@@ -140,11 +145,20 @@ class Pipeline:
             result = self._run_chain(None, flush=True)
         else:
             result = None
-        for r in self.routes:
+        selected: list[pl.DataFrame | None] = []
+        for r in self.routes:  # every filter first: a failing one leaves no route half-fed
+            if result is None or not result.height:
+                selected.append(None)
+                continue
+            try:
+                selected.append(r.select(result))
+            except Exception as exc:
+                raise TransformError(f"sink {r.sink} where: {exc}") from exc
+        for r, rows in zip(self.routes, selected, strict=True):
             if r.expired(entry.wall_us):
                 out.extend(r.cut(entry.offset - 1, entry.wall_us))
-            if result is not None and result.height:
-                r.add(result, entry.offset, entry.wall_us)
+            if rows is not None:
+                r.add(rows, entry.offset, entry.wall_us)
             if flush or r.full():
                 out.extend(r.cut(entry.offset, entry.wall_us))
         self.offset = entry.offset

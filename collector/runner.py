@@ -207,7 +207,9 @@ class Runtime:
                     for entry in self.log.read(start, end):
                         try:
                             batches = self.pipeline.process(entry)
-                        except TransformError as exc:
+                        except Exception as exc:  # a plugin bug must not stop the pipeline
+                            if not isinstance(exc, TransformError):
+                                log.exception("pipeline failed on log entry %d", entry.offset)
                             self._dead_letter_entry(entry, exc)
                             continue
                         for batch in batches:
@@ -222,7 +224,7 @@ class Runtime:
                 return
             self._new_data.wait(0.5)
 
-    def _dead_letter_entry(self, entry: Entry, exc: TransformError) -> None:
+    def _dead_letter_entry(self, entry: Entry, exc: Exception) -> None:
         """A transform failed on these readings: keep them with the reason, go on with the next.
 
         The file is named by log offset, so a replay after a crash rewrites the same file.
@@ -244,7 +246,7 @@ class Runtime:
             folder / f"pipeline-{entry.offset:012d}.parquet",
             lambda tmp: pq.write_table(table, str(tmp), compression="zstd"),
         )
-        self.counters.inc("dead_letter_rows_total", table.num_rows, sink="pipeline")
+        self.counters.inc("pipeline_dead_letter_rows_total", table.num_rows)
 
     def _spool(self, batch: Batch) -> None:
         """Hand a batch to its spool; with `when_full: block` wait here (the log holds data)."""
@@ -378,6 +380,7 @@ class Runtime:
                 done.set_result(None)
             except BaseException as exc:
                 log.exception("pipeline stopped")
+                self.telemetry.pipeline_error = f"pipeline stopped: {exc!r}"[:500]
                 done.set_exception(exc)
 
         threading.Thread(target=target, name="pipeline", daemon=True).start()
@@ -452,6 +455,8 @@ class Runtime:
             await asyncio.wait_for(asyncio.shield(consumer), timeout=max(timeout, 30.0))
         except TimeoutError:
             log.error("pipeline did not catch up with the log; the rest is replayed next start")
+        except Exception:  # already logged by the thread; shut down the rest all the same
+            log.error("pipeline had stopped; the log is replayed from the last checkpoint")
         for run in self.sinks.values():
             run.wake.set()
         draining["on"] = True

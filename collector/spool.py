@@ -13,6 +13,7 @@ are deterministic, so a batch replayed after a crash replaces its own file inste
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -216,6 +217,15 @@ class Spool:
         rows = item.rows if delivered_rows is None else delivered_rows
         self.counters.inc("delivered_rows_total", rows, sink=self.sink)
 
+    def release_if_inflight(self, item: SpoolItem) -> None:
+        """Return a claimed batch to the queue unless it was already settled."""
+        with self._lock:
+            claimed = self._inflight.get(item.batch_id) is item
+        if claimed and item.path.exists():
+            # if even that fails, the file stays in inflight/, which returns on the next start
+            with contextlib.suppress(OSError):
+                self.release(item)
+
     def release(self, item: SpoolItem) -> None:
         """Sending failed: back to ready, still the oldest."""
         dest = self.folder / item.path.name
@@ -226,12 +236,22 @@ class Spool:
             self._ready[item.batch_id] = item
 
     def replace(self, item: SpoolItem, retry: pa.Table) -> None:
-        """Partial success: only ``retry`` rows go back, under the same batch id."""
+        """Partial success: only ``retry`` rows go back, under the same batch id.
+
+        The retry rows are durable before the claimed file goes: if writing them fails (full
+        disk), the whole batch is still there and is sent again.
+        """
         with self._lock:
             self._inflight.pop(item.batch_id, None)
+        try:
+            self.put(retry, item.batch_id, created_ms=item.created_ms)
+        except OSError:
+            with self._lock:
+                self._inflight[item.batch_id] = item
+            self.release(item)
+            raise
         self.counters.inc("spooled_rows_total", -retry.num_rows, sink=self.sink)
         item.path.unlink(missing_ok=True)
-        self.put(retry, item.batch_id, created_ms=item.created_ms)
 
     def dead_letter(self, table: pa.Table, reasons: str | list[str], batch_id: str) -> Path:
         """Keep rejected rows as Parquet beside the spool, with reason and sink name."""

@@ -95,6 +95,7 @@ class Telemetry:
         self.unhealthy_after = unhealthy_after
         self.log_bytes = log_bytes
         self.sinks: dict[str, SinkState] = {}
+        self.pipeline_error: str | None = None
         self.started = time.time()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_CountersCollector(self))
@@ -108,6 +109,8 @@ class Telemetry:
             for name, s in self.sinks.items()
             if s.failing_since is not None and now - s.failing_since > self.unhealthy_after
         }
+        if self.pipeline_error:
+            failing["pipeline"] = {"last_error": self.pipeline_error}
         return not failing, {"status": "unhealthy" if failing else "ok", "failing": failing}
 
     def status(self, running: bool = True) -> dict[str, Any]:
