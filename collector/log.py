@@ -169,6 +169,26 @@ class DeviceLog:
                 os.fsync(self._fh.fileno())
                 self._last_sync = now
 
+    def sync(self) -> None:
+        """fsync now, whatever the policy (before a checkpoint is written past these records)."""
+        with self._lock:
+            os.fsync(self._fh.fileno())
+
+    def skip_to(self, offset: int) -> None:
+        """Continue numbering at ``offset`` in a new segment.
+
+        After a power cut took the unsynced tail of the log while the checkpoint (fsynced)
+        already covers it, new readings must not reuse offsets the pipeline has passed: they
+        would be skipped, and their batch ids would collide with batches already delivered.
+        """
+        with self._lock:
+            if offset <= self.next_offset:
+                return
+            self._fh.close()
+            self._open_segment(offset)
+            self.next_offset = offset
+            self._cursor = None
+
     def close(self) -> None:
         with self._lock:
             if not self._fh.closed:

@@ -19,9 +19,28 @@ from typing import Any, ClassVar
 
 import polars as pl
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from collector.units import Duration, Size
+
+RESERVED_COLUMNS = frozenset(
+    {
+        "ts",
+        "time",
+        "timestamp",
+        "device",
+        "source",
+        "metric",
+        "value",
+        "unit",
+        "record_id",
+        "partial",
+        "dead_letter_reason",
+        "dead_letter_sink",
+        "dead_letter_ts",
+    }
+)
+"""Column names a tag may not take: the canonical schema's and the runtime's own."""
 
 
 class Model(BaseModel):
@@ -56,6 +75,17 @@ class SourceConfig(ComponentConfig):
     units: dict[str, str] = Field(
         default_factory=dict, description="Unit per metric, for readings that carry none."
     )
+
+    @field_validator("tags")
+    @classmethod
+    def _no_reserved_tags(cls, tags: dict[str, str]) -> dict[str, str]:
+        clash = sorted(set(tags) & RESERVED_COLUMNS)
+        if clash:
+            raise ValueError(
+                f"tag name(s) {', '.join(clash)} clash with columns every reading "
+                f"has ({', '.join(sorted(RESERVED_COLUMNS))})"
+            )
+        return tags
 
     @model_validator(mode="after")
     def _one_schedule(self) -> SourceConfig:
@@ -144,6 +174,11 @@ class Counters:
 
     def get(self, name: str, **labels: str) -> float:
         return self.values.get((name, tuple(sorted(labels.items()))), 0)
+
+    def snapshot(self) -> list[tuple[tuple[str, tuple[tuple[str, str], ...]], float]]:
+        """A consistent copy to iterate over while other threads keep counting."""
+        with self._lock:
+            return list(self.values.items())
 
 
 @dataclass

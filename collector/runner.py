@@ -82,6 +82,14 @@ class Runtime:
         self.pipeline = Pipeline(transforms, routes)
         self.checkpoint_path = self.data_dir / "state" / "checkpoint.pkl"
         self._restore()
+        if self.log.next_offset <= self.pipeline.offset:
+            log.warning(
+                "the device log ends at offset %d, before the checkpoint (%d): its "
+                "unsynced tail was lost (power cut?); continuing after the checkpoint",
+                self.log.next_offset - 1,
+                self.pipeline.offset,
+            )
+            self.log.skip_to(self.pipeline.offset + 1)
         for t in self.pipeline.transforms:  # after restore: it replaces the objects
             opener = getattr(t, "open", None)
             if callable(opener):
@@ -122,6 +130,8 @@ class Runtime:
         self._last_checkpoint = time.monotonic()
         blob = self.pipeline.snapshot(self.cfg.transforms_fingerprint)
         try:
+            if self.cfg.settings.log.fsync != "every_tick":
+                self.log.sync()  # never commit past records a power cut could still take
             self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(self.checkpoint_path, lambda tmp: Path(tmp).write_bytes(blob))
         except OSError as exc:  # disk full: keep the log, the next checkpoint may succeed
@@ -287,13 +297,16 @@ class Runtime:
         while True:  # once a second: cheap on a small device, fine-grained enough for max_age
             await asyncio.sleep(1.0)
             n += 1
-            if self.pipeline.has_pending() and time.monotonic() - self._last_append >= 1.0:
-                await asyncio.to_thread(self._append_marker, Kind.TICK)
-            for run in self.sinks.values():
-                run.spool.expire()
-            self._refresh_sink_state()
-            if n % 3 == 0:
-                await asyncio.to_thread(self.telemetry.write_status)
+            try:
+                if self.pipeline.has_pending() and time.monotonic() - self._last_append >= 1.0:
+                    await asyncio.to_thread(self._append_marker, Kind.TICK)
+                for run in self.sinks.values():
+                    run.spool.expire()
+                self._refresh_sink_state()
+                if n % 3 == 0:
+                    await asyncio.to_thread(self.telemetry.write_status)
+            except Exception:  # one bad round (a full disk) must not end housekeeping
+                log.exception("housekeeping")
 
     def _append_marker(self, kind: Kind) -> None:
         try:

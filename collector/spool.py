@@ -69,6 +69,9 @@ class Spool:
             item = self._describe(p)
             if item is not None:
                 self._ready[item.batch_id] = item
+        # rows inherited from the last run count as offered to this run, so that per run
+        # spooled = delivered + dead-lettered + dropped + backlog
+        self.counters.inc("spooled_rows_total", self.backlog_rows, sink=self.sink)
 
     @staticmethod
     def _describe(path: Path) -> SpoolItem | None:
@@ -134,29 +137,29 @@ class Spool:
         )
         table = table.replace_schema_metadata(meta)
         with self._lock:
-            if batch_id in self._inflight:
-                return "ok"  # a replay of the batch being sent right now: same rows, same id
-            replaced = self._ready.get(batch_id)
+            if batch_id in self._inflight or batch_id in self._ready:
+                return "ok"  # a replay of a batch still queued or being sent: same id, same rows
         data = encode_table(table)
-        nbytes = len(data) - (replaced.nbytes if replaced else 0)
-        if not self.has_room(nbytes):
+        if not self.has_room(len(data)):
             policy = self.settings.when_full
             if policy == "block" and wait_if_full:
                 return "full"
-            if policy == "drop_newest":
+            if policy == "drop_oldest":
+                while not self.has_room(len(data)) and self._drop_oldest("spool_full"):
+                    pass
+            if not self.has_room(len(data)) and policy != "block":
+                # drop_newest, or drop_oldest with only batches in flight left: refuse this one
+                # (offered all the same: counted as spooled and as dropped)
+                self.counters.inc("spooled_rows_total", table.num_rows, sink=self.sink)
                 self.counters.inc(
                     "dropped_rows_total", table.num_rows, sink=self.sink, reason="spool_full"
                 )
                 return "dropped"
-            if policy == "drop_oldest":
-                while not self.has_room(nbytes) and self._drop_oldest("spool_full"):
-                    pass
         path = self.folder / f"{batch_id}.arrow"
         atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
         with self._lock:
             self._ready[batch_id] = SpoolItem(batch_id, table.num_rows, len(data), created, path)
-        if replaced is None:
-            self.counters.inc("spooled_rows_total", table.num_rows, sink=self.sink)
+        self.counters.inc("spooled_rows_total", table.num_rows, sink=self.sink)
         return "ok"
 
     def _drop_oldest(self, reason: str) -> bool:

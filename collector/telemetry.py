@@ -50,7 +50,7 @@ class _CountersCollector(Collector):
 
     def collect(self) -> Any:
         by_name: dict[str, list[tuple[dict[str, str], float]]] = {}
-        for (name, labels), value in list(self.t.counters.values.items()):
+        for (name, labels), value in self.t.counters.snapshot():
             by_name.setdefault(name, []).append((dict(labels), value))
         for name, samples in sorted(by_name.items()):
             label_names = sorted({k for labels, _ in samples for k in labels})
@@ -115,11 +115,12 @@ class Telemetry:
 
     def status(self, running: bool = True) -> dict[str, Any]:
         c = self.counters
+        items = c.snapshot()
         sinks = {}
         for name, s in self.sinks.items():
             dropped = {
                 dict(labels).get("reason", ""): v
-                for (n, labels), v in c.values.items()
+                for (n, labels), v in items
                 if n == "dropped_rows_total" and dict(labels).get("sink") == name
             }
             sinks[name] = {
@@ -136,8 +137,8 @@ class Telemetry:
             "updated_at": time.time(),
             "started_at": self.started,
             "sinks": sinks,
-            "rows_in": sum(v for (n, _), v in c.values.items() if n == "rows_in_total"),
-            "missed_ticks": sum(v for (n, _), v in c.values.items() if n == "missed_ticks_total"),
+            "rows_in": sum(v for (n, _), v in items if n == "rows_in_total"),
+            "missed_ticks": sum(v for (n, _), v in items if n == "missed_ticks_total"),
         }
 
     def write_status(self, running: bool = True) -> None:

@@ -332,3 +332,40 @@ def test_a_failing_transform_dead_letters_its_readings_and_the_pipeline_goes_on(
     assert dead["value"].to_list() == [-1.0]
     assert "negative level" in dead["dead_letter_reason"][0]
     assert "negative level" in res.stderr
+
+
+def test_a_sink_filter_that_cannot_run_dead_letters_instead_of_wedging(tmp_path: Path) -> None:
+    data, lake = tmp_path / "data", tmp_path / "lake"
+    cfg = write_config(tmp_path / "c.yaml", {
+        "device": "gw", "data_dir": str(data),
+        "sources": [{"name": "good", "type": "python", "function": "tests.e2e.user_code:burst"}],
+        "transforms": [{"type": "python", "function": "tests.e2e.user_code:values_as_text"}],
+        "sinks": [{"name": "lake", "type": "lake", "path": str(lake), "where": "value > 3"}],
+    })
+    assert run_cli("check", str(cfg)).returncode == 0  # user code hides the type from check
+    for _ in range(2):  # and a second start does not trip over the same entry again
+        res = run_cli("run", str(cfg), "--once")
+        assert res.returncode == 0, res.stderr
+    dead = pl.read_parquet(data / "dead-letter" / "pipeline-*.parquet")
+    assert dead.height == 200 + 200  # each run's burst, kept with the reason
+    assert dead["dead_letter_reason"].str.contains("sink lake where").all()
+
+
+def test_a_failing_important_sink_does_not_hold_back_the_others(tmp_path: Path) -> None:
+    data, flag = tmp_path / "data", tmp_path / "DOWN"
+    flag.touch()  # the important sink is down for good
+    cfg = write_config(tmp_path / "c.yaml", {
+        "device": "gw", "data_dir": str(data), "shutdown_timeout": "1s",
+        "sources": [{"name": "src", "type": "python", "function": "tests.e2e.user_code:burst"}],
+        "sinks": [
+            {"name": "alerts", "type": "tests.e2e.flaky_sink:FlakySink",
+             "path": str(tmp_path / "a"), "down_flag": str(flag),
+             "spool": {"priority": 0, "retry_base": "100ms", "retry_cap": "200ms"}},
+            {"name": "bulk", "type": "tests.e2e.flaky_sink:FlakySink",
+             "path": str(tmp_path / "b"), "down_flag": str(tmp_path / "never"),
+             "spool": {"priority": 5}},
+        ],
+    })
+    res = run_cli("run", str(cfg), "--once", timeout=60)
+    assert res.returncode == 1, res.stderr  # alerts kept in the spool, and said so
+    assert read_lake(tmp_path / "b").height == 200

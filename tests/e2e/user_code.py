@@ -30,3 +30,8 @@ def refuse_negative(df: pl.DataFrame) -> pl.DataFrame:
     if (df["value"] < 0).any():
         raise ValueError("negative level: sensor wiring?")
     return df
+
+
+def values_as_text(df: pl.DataFrame) -> pl.DataFrame:
+    """A user transform that turns `value` into text, so a numeric `where:` cannot run on it."""
+    return df.with_columns(pl.col("value").cast(pl.String))

@@ -259,3 +259,9 @@ def test_plugins_lists_descriptions() -> None:
     assert res.returncode == 0, res.stderr
     for name in ("simulated", "replay", "window", "deadband", "lake", "console"):
         assert name in res.stdout
+
+
+def test_tag_named_like_a_column_is_rejected() -> None:
+    text = GOOD.replace("    every: 5s\n", "    every: 5s\n    tags: {value: x}\n", 1)
+    found = issues_of(text)
+    assert any(p == "sources[0].tags" and "clash" in m for _, p, m in found), found

@@ -113,3 +113,16 @@ def test_consecutive_reads_resume_across_segments(tmp_path: Path) -> None:
     seen.extend(v for e in log.read(nxt) for v in e.table.column("value").to_pylist())
     assert len(list(tmp_path.glob("*.log"))) > 2
     assert seen == [float(v) for v in range(60)]
+
+
+def test_skip_to_continues_numbering_after_a_lost_tail(tmp_path: Path) -> None:
+    log = DeviceLog(tmp_path)
+    for i in range(3):
+        log.append(table(1, i))
+    log.skip_to(10)  # the checkpoint said 9 was processed, the log only had 0..2
+    assert log.append(table(1, 7)) == 10
+    log.close()
+    reopened = DeviceLog(tmp_path)
+    assert reopened.next_offset == 11
+    assert [e.offset for e in reopened.read(0)] == [0, 1, 2, 10]
+    assert [e.offset for e in reopened.read(10)] == [10]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
+import pytest
 
 from collector.plugin import Counters, SpoolConfig
 from collector.spool import Spool
@@ -136,3 +137,22 @@ def test_block_holds_batches_back_and_never_passes_max_bytes(tmp_path: Path) -> 
     on_disk = sum(p.stat().st_size for p in (tmp_path / "s").glob("*.arrow"))
     assert on_disk == sp.backlog_bytes
     assert c.get("dropped_rows_total", sink="out", reason="spool_full") == 0
+
+
+def test_partial_retry_rows_survive_a_failed_rewrite(tmp_path: Path, monkeypatch) -> None:
+    import collector.spool as spool_module
+
+    sp, _ = make(tmp_path)
+    sp.put(rows(5), "000000000000-000000000001")
+    item = sp.claim()
+    assert item is not None
+
+    def disk_full(path, write):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(spool_module, "atomic_write", disk_full)
+    with pytest.raises(OSError):
+        sp.replace(item, rows(5).slice(3, 2))
+    monkeypatch.undo()
+    again = Spool(tmp_path / "s", SpoolConfig(), "out")  # even after a restart
+    assert again.backlog_rows == 5
