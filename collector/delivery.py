@@ -178,14 +178,15 @@ class SinkWorker:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # transient, or a sink bug: the batch waits, never lost
-            self.spool.release(item)
             self._failed(exc)
             if not isinstance(exc, TransientSinkError):
                 log.exception("sink %s raised an unexpected error", self.name)
+            if self._give_up(item, table):
+                return
+            self.spool.release(item)
             hint = exc.retry_after if isinstance(exc, TransientSinkError) else None
             delay = self._backoff(hint)
             log.warning("sink %s: %s; retry in %.1fs", self.name, exc, delay)
-            self._give_up_if_needed()
         else:
             self.spool.done(item)
             self._succeeded(time.monotonic() - t0)
@@ -210,21 +211,17 @@ class SinkWorker:
         else:
             self.spool.done(item, delivered_rows=0)
 
-    def _give_up_if_needed(self) -> None:
-        """`spool.max_retries`: after that many failures in a row the batch is dead-lettered."""
+    def _give_up(self, item: SpoolItem, table: pa.Table) -> bool:
+        """`spool.max_retries`: after that many failures in a row, dead-letter this batch."""
         limit = self.settings.max_retries
         if limit is None or self.state.consecutive_failures <= limit:
-            return
-        item = self.spool.claim()  # the batch that just failed: released as the oldest
-        if item is not None:
-            self.spool.dead_letter(
-                self.spool.read(item),
-                f"gave up after {limit} retries: {self.state.last_error}",
-                item.batch_id,
-            )
-            self.spool.done(item, delivered_rows=0)
+            return False
+        reason = f"gave up after {limit} retries: {self.state.last_error}"
+        self.spool.dead_letter(table, reason, item.batch_id)
+        self.spool.done(item, delivered_rows=0)
         self.state.consecutive_failures = 0
         self.backoff_until = 0
+        return True
 
     async def _sleep_or_wake(self, seconds: float) -> None:
         self.wake.clear()
