@@ -160,10 +160,18 @@ async def _run(
 
     def on_hup() -> None:
         try:
-            reload_to["cfg"] = config.load(path)
+            new = config.load(path)
         except ConfigError as exc:
             log.error("reload rejected, keeping the running config:\n%s", exc)
             return
+        if data_dir is None and Path(new.settings.data_dir) != Path(cfg.settings.data_dir):
+            log.error(
+                "reload rejected: data_dir changed (%s -> %s); restart the collector to move it",
+                cfg.settings.data_dir,
+                new.settings.data_dir,
+            )
+            return
+        reload_to["cfg"] = new
         log.info("reloading %s", path)
         stop.set()
 

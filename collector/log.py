@@ -117,8 +117,13 @@ class DeviceLog:
         self._fh = open(last, "ab", buffering=0)  # noqa: SIM115 - kept open for appends
 
     def _open_segment(self, first: int) -> None:
+        """Switch appends to a new segment; if it cannot be created the current one stays."""
         path = self.folder / f"{first:020d}{_SUFFIX}"
-        self._fh = open(path, "ab", buffering=0)  # noqa: SIM115 - kept open for appends
+        new = open(path, "ab", buffering=0)  # noqa: SIM115 - kept open for appends
+        old = getattr(self, "_fh", None)
+        self._fh = new
+        if old is not None:
+            old.close()
         fsync_dir(self.folder)
 
     # -- writing ------------------------------------------------------------------------------
@@ -137,7 +142,6 @@ class DeviceLog:
             body = struct.pack("<QqB", offset, wall, int(kind)) + payload
             head = struct.pack("<II", len(payload), zlib.crc32(body))
             if self._fh.tell() >= self.segment_bytes:
-                self._fh.close()
                 self._open_segment(offset)
             self._write_all(head + body)
             self._sync()
@@ -184,7 +188,6 @@ class DeviceLog:
         with self._lock:
             if offset <= self.next_offset:
                 return
-            self._fh.close()
             self._open_segment(offset)
             self.next_offset = offset
             self._cursor = None

@@ -346,15 +346,14 @@ class Runtime:
         scheduler = None
         code = 0
         try:
-            for comp, src in self.sources:
-                try:
-                    await src.open()
-                except Exception as exc:
-                    log.error("source %s cannot start: %s", comp.name, exc)
-                    self.counters.inc("source_errors_total", source=comp.name)
-                    continue
-                opened.append(src)
-            if once:
+            opening = asyncio.create_task(self._open_sources(opened))
+            stopped = asyncio.create_task(stop.wait())
+            await asyncio.wait([opening, stopped], return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            if not opening.done():  # a stop while a device is still opening: skip to shutdown
+                opening.cancel()
+                await asyncio.gather(opening, return_exceptions=True)
+            elif once:
                 await self._run_once(opened)
             else:
                 scheduler = self._schedule(opened, tasks)
@@ -382,6 +381,16 @@ class Runtime:
                     log.warning("source close: %r", exc)
             code = await self._shutdown(consumer, workers, housekeeping, draining, once)
         return code
+
+    async def _open_sources(self, opened: list[Source]) -> None:
+        for comp, src in self.sources:
+            try:
+                await src.open()
+            except Exception as exc:  # that source stays off; the others run
+                log.error("source %s cannot start: %s", comp.name, exc)
+                self.counters.inc("source_errors_total", source=comp.name)
+                continue
+            opened.append(src)
 
     def _start_consumer(self) -> asyncio.Future[None]:
         """The pipeline runs in a daemon thread: a stuck plugin can never block the exit."""
