@@ -204,6 +204,12 @@ async def _run(
             code = await runtime.run(once=once, duration=duration, stop=stop)
             if "cfg" not in reload_to:
                 return code
+            if runtime.pipeline_still_running:  # two pipelines on one log would collide
+                log.error(
+                    "cannot reload while the old pipeline is still busy; exiting so the "
+                    "service manager starts the collector again with the new config"
+                )
+                return 1
             cfg = reload_to.pop("cfg")
             stop.clear()
     finally:

@@ -99,6 +99,8 @@ class Runtime:
         self._last_checkpoint = 0.0
         self._last_append = time.monotonic()
         self._ticks: set[asyncio.Task[Any]] = set()
+        self.pipeline_still_running = False
+        """Set when a stop gave up waiting for the pipeline thread (no in-process restart)."""
         self._log_errors = 0
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -477,6 +479,7 @@ class Runtime:
             await asyncio.wait_for(asyncio.shield(consumer), timeout=max(timeout, 30.0))
         except TimeoutError:
             log.error("pipeline did not catch up with the log; the rest is replayed next start")
+            self.pipeline_still_running = True
         except Exception:  # already logged by the thread; shut down the rest all the same
             log.error("pipeline had stopped; the log is replayed from the last checkpoint")
         for run in self.sinks.values():
