@@ -90,7 +90,9 @@ class SourceConfig(ComponentConfig):
     @model_validator(mode="after")
     def _one_schedule(self) -> SourceConfig:
         if self.every is not None and self.cron is not None:
-            raise ValueError("give either `every` or `cron`, not both")
+            if "every" in self.model_fields_set:
+                raise ValueError("give either `every` or `cron`, not both")
+            self.every = None  # a plugin's default interval gives way to the user's cron
         if self.cron is not None:
             from apscheduler.triggers.cron import CronTrigger
 

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from collector.errors import ConfigError, ConfigIssue
 from collector.plugin import Context, Source, SourceConfig
@@ -68,13 +68,6 @@ class PythonSourceConfig(SourceConfig):
         default=False,
         description="For a generator function that ends on its own: `--once` waits for its end.",
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _cron_replaces_default_every(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("cron") is not None and "every" not in data:
-            data = {**data, "every": None}
-        return data
 
 
 class PythonSource(Source):

@@ -111,13 +111,6 @@ class SimulatedConfig(SourceConfig):
         default=False, description='Add a string tag column `anomaly` = "1" / "0" (ground truth).'
     )
 
-    @model_validator(mode="before")
-    @classmethod
-    def _cron_replaces_default_every(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("cron") is not None and "every" not in data:
-            data = {**data, "every": None}
-        return data
-
     @field_validator("start")
     @classmethod
     def _utc(cls, value: datetime | None) -> datetime | None:
