@@ -17,26 +17,21 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from benchmarks._common import (
     check_ok,
     collector_cmd,
-    env,
     fmt_bytes,
     run_measured,
     table,
     write_json,
     write_yaml,
 )
+from collector.testing import start_moto
 from collector.units import parse_size
 
 ROWS_PER_FILE = 10_000
@@ -44,25 +39,6 @@ DEVICES = 100
 METRICS = ("temperature", "humidity")
 BUCKET = "recovery-bench"
 START_US = 1_717_200_000_000_000  # 2024-06-01T00:00:00Z
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_http(url: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=2).close()
-            return
-        except urllib.error.HTTPError:
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"moto server at {url} did not answer within {timeout:.0f}s")
 
 
 def build_spool(folder: Path, size: int) -> tuple[int, int, int, int]:
@@ -141,7 +117,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     size = int(parse_size(args.size))
 
     work = Path(tempfile.mkdtemp(prefix="bench-recovery-"))
-    port = free_port()
     aws = {
         "AWS_ACCESS_KEY_ID": "AKIDBENCH",
         "AWS_SECRET_ACCESS_KEY": "bench-secret",
@@ -149,47 +124,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "AWS_SHARED_CREDENTIALS_FILE": str(work / "none"),
         "AWS_EC2_METADATA_DISABLED": "true",
     }
-    moto_log = open(work / "moto.log", "wb")  # noqa: SIM115 - closed in finally
-    moto = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-p", str(port), "-H", "127.0.0.1"],
-        stdout=moto_log,
-        stderr=subprocess.STDOUT,
-        env={**env(), **aws},
-    )
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_http(url + "/moto-api/")
-        import boto3
+        with start_moto(work / "moto.log") as moto:
+            url = moto.url
+            import boto3
 
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=url,
-            region_name="us-east-1",
-            aws_access_key_id="AKIDBENCH",
-            aws_secret_access_key="bench-secret",
-        )
-        s3.create_bucket(Bucket=BUCKET)
-        data = work / "data"
-        t = time.perf_counter()
-        files, rows, spool_bytes, arrow_bytes = build_spool(data / "spool" / "lake", size)
-        build_s = time.perf_counter() - t
-        cfg = write_yaml(work / "recovery.yaml", config(data, url))
-        cmd = collector_cmd(cfg, "--once", "--log-level", "warning")
-        res = run_measured(cmd, cwd=work, extra_env=aws)
-        check_ok(res, "collector run (drain)")
-        left = sum(p.stat().st_size for p in (data / "spool" / "lake").glob("*.arrow"))
-        objects, s3_bytes = _bucket_totals(s3)
-        empty = run_measured(cmd, cwd=work, extra_env=aws)
-        check_ok(empty, "collector run (empty spool)")
-        moto_rss = _rss_mb(moto.pid)
+            s3 = boto3.client(
+                "s3",
+                endpoint_url=url,
+                region_name="us-east-1",
+                aws_access_key_id="AKIDBENCH",
+                aws_secret_access_key="bench-secret",
+            )
+            s3.create_bucket(Bucket=BUCKET)
+            data = work / "data"
+            t = time.perf_counter()
+            files, rows, spool_bytes, arrow_bytes = build_spool(data / "spool" / "lake", size)
+            build_s = time.perf_counter() - t
+            cfg = write_yaml(work / "recovery.yaml", config(data, url))
+            cmd = collector_cmd(cfg, "--once", "--log-level", "warning")
+            res = run_measured(cmd, cwd=work, extra_env=aws)
+            check_ok(res, "collector run (drain)")
+            left = sum(p.stat().st_size for p in (data / "spool" / "lake").glob("*.arrow"))
+            objects, s3_bytes = _bucket_totals(s3)
+            empty = run_measured(cmd, cwd=work, extra_env=aws)
+            check_ok(empty, "collector run (empty spool)")
+            moto_rss = _rss_mb(moto.pid)
     finally:
-        moto.terminate()
-        try:
-            moto.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            moto.kill()
-            moto.wait()
-        moto_log.close()
         shutil.rmtree(work, ignore_errors=True)
     mb = spool_bytes / 1e6
     net_s = max(res.wall_s - empty.wall_s, 1e-9)

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar
@@ -112,13 +113,17 @@ def wait_http(url: str, timeout: float = 60.0, proc: Any = None) -> None:
     raise RuntimeError(f"{url} did not answer within {timeout}s: {last}")
 
 
-@contextlib.contextmanager
-def moto_server(log_file: Path | None = None) -> Iterator[str]:
-    """A real ``moto.server`` process on a free loopback port; yields its URL.
+@dataclass
+class MotoServer:
+    """A running ``moto.server`` process: its URL and process id (for measurements)."""
 
-    Point sinks at it with ``endpoint_url`` (and fake ``AWS_ACCESS_KEY_ID``/``SECRET``): S3 and
-    Firehose answer over HTTP as AWS would, so tests exercise the real clients.
-    """
+    url: str
+    pid: int
+
+
+@contextlib.contextmanager
+def start_moto(log_file: Path | None = None) -> Iterator[MotoServer]:
+    """A real ``moto.server`` process on a free loopback port, stopped on exit."""
     import subprocess
     import sys
 
@@ -126,12 +131,13 @@ def moto_server(log_file: Path | None = None) -> Iterator[str]:
     out = open(log_file, "wb") if log_file else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-p", str(port), "-H", "127.0.0.1"],
-        stdout=out, stderr=subprocess.STDOUT,
+        stdout=out,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(url + "/moto-api/", proc=proc)
-        yield url
+        yield MotoServer(url, proc.pid)
     finally:
         proc.terminate()
         try:
@@ -141,3 +147,86 @@ def moto_server(log_file: Path | None = None) -> Iterator[str]:
             proc.wait()
         if log_file:
             out.close()  # type: ignore[union-attr]
+
+
+@contextlib.contextmanager
+def moto_server(log_file: Path | None = None) -> Iterator[str]:
+    """A real ``moto.server`` process on a free loopback port; yields its URL.
+
+    Point sinks at it with ``endpoint_url`` (and fake ``AWS_ACCESS_KEY_ID``/``SECRET``): S3 and
+    Firehose answer over HTTP as AWS would, so tests exercise the real clients.
+    """
+    with start_moto(log_file) as server:
+        yield server.url
+
+
+@dataclass
+class TokenExchange:
+    """A running fake Greengrass token exchange service (see ``fake_token_exchange``)."""
+
+    url: str
+    token: str
+    requests: list[dict[str, str]]
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Exactly the variables a Greengrass v2 nucleus gives a component."""
+        return {
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI": self.url,
+            "AWS_CONTAINER_AUTHORIZATION_TOKEN": self.token,
+        }
+
+
+@contextlib.contextmanager
+def fake_token_exchange(
+    token: str = "gg-token",
+    access_key: str = "ASIAGREENGRASS",
+    secret_key: str = "gg-secret",
+    session_token: str = "gg-session-token",
+) -> Iterator[TokenExchange]:
+    """A loopback stand-in for Greengrass's token exchange service.
+
+    It answers like the ECS container-credentials endpoint botocore's default chain reads
+    (403 without the right ``Authorization`` token), so AWS sinks can be shown to work on a
+    Greengrass core with no credentials in the config. Every request is recorded.
+    """
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    requests: list[dict[str, str]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            auth = self.headers.get("Authorization", "")
+            requests.append({"path": self.path, "auth": auth})
+            if auth != token:
+                self.send_response(403)
+                self.end_headers()
+                return
+            expires = (datetime.now(UTC) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+            body = json.dumps(
+                {
+                    "AccessKeyId": access_key,
+                    "SecretAccessKey": secret_key,
+                    "Token": session_token,
+                    "Expiration": expires,
+                }
+            ).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/2016-11-01/credentialprovider/"
+    try:
+        yield TokenExchange(url, token, requests)
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -8,22 +8,18 @@ the Greengrass nucleus would, with this checkout's venv standing in for the inst
 from __future__ import annotations
 
 import configparser
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 
-from collector.testing import moto_server
+from collector.testing import TokenExchange, fake_token_exchange, moto_server
 from tests.sources.peers import ROOT, read_lake, stop_process, wait_for
 
 VENV = Path(sys.executable).parent.parent
@@ -152,43 +148,10 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
 # -- Greengrass token exchange service -> botocore's container provider -> S3 sink --------------
 
 
-class _FakeTes(BaseHTTPRequestHandler):
-    """What the token exchange service answers (the ECS container-credentials format)."""
-
-    token = "gg-tes-token"
-    seen: list[str] = []
-
-    def do_GET(self) -> None:
-        _FakeTes.seen.append(self.headers.get("Authorization", ""))
-        if self.headers.get("Authorization") != self.token:
-            self.send_response(403)
-            self.end_headers()
-            return
-        body = json.dumps(
-            {
-                "AccessKeyId": "ASIAGREENGRASSTES",
-                "SecretAccessKey": "secret",
-                "Token": "session",
-                "Expiration": "2099-01-01T00:00:00Z",
-            }
-        ).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *_: Any) -> None:
-        pass
-
-
 @pytest.fixture
-def fake_tes() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeTes)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    _FakeTes.seen = []
-    yield f"http://127.0.0.1:{server.server_address[1]}/2016-11-01/credentialprovider/"
-    server.shutdown()
+def fake_tes() -> Iterator[TokenExchange]:
+    with fake_token_exchange(token="gg-tes-token", access_key="ASIAGREENGRASSTES") as tes:
+        yield tes
 
 
 @pytest.fixture
@@ -199,7 +162,7 @@ def moto(tmp_path: Path) -> Iterator[str]:
 
 @pytest.mark.slow
 def test_token_exchange_credentials_need_no_config(
-    tmp_path: Path, fake_tes: str, moto: str
+    tmp_path: Path, fake_tes: TokenExchange, moto: str
 ) -> None:
     import boto3
 
@@ -225,8 +188,7 @@ sinks:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(
         {
-            "AWS_CONTAINER_CREDENTIALS_FULL_URI": fake_tes,
-            "AWS_CONTAINER_AUTHORIZATION_TOKEN": _FakeTes.token,
+            **fake_tes.env,
             "AWS_REGION": "us-east-1",
             "AWS_CONFIG_FILE": str(tmp_path / "none"),
             "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
@@ -253,4 +215,5 @@ sinks:
         assert proc.poll() is None, log.read_text()[-3000:]
     finally:
         stop_process(proc)
-    assert _FakeTes.seen and set(_FakeTes.seen) == {_FakeTes.token}
+    seen = {r["auth"] for r in fake_tes.requests}
+    assert fake_tes.requests and seen == {fake_tes.token}

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -14,64 +10,24 @@ import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
 from collector.errors import PermanentSinkError, TransientSinkError
+from collector.testing import fake_token_exchange
 from sinks import _aws
 from sinks.s3 import S3Config
-
-
-class _Credentials(BaseHTTPRequestHandler):
-    """Serves credential JSON like Greengrass's token exchange service, if the token matches."""
-
-    requests: list[dict[str, str]] = []
-
-    def do_GET(self) -> None:
-        self.requests.append({"path": self.path, "auth": self.headers.get("Authorization", "")})
-        if self.headers.get("Authorization") != "gg-token-123":
-            self.send_response(403)
-            self.end_headers()
-            return
-        body = json.dumps(
-            {
-                "AccessKeyId": "ASIAGREENGRASS",
-                "SecretAccessKey": "gg-secret",
-                "Token": "gg-session-token",
-                "Expiration": (datetime.now(UTC) + timedelta(hours=1)).strftime(
-                    "%Y-%m-%dT%H:%M:%SZ"
-                ),
-            }
-        ).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
 
 
 @pytest.fixture
 def token_exchange(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[list[dict]]:
     """A loopback credential endpoint and exactly the env Greengrass v2 gives a component."""
-    handler = type("H", (_Credentials,), {"requests": []})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
-                "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv(
-        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-        f"http://127.0.0.1:{server.server_address[1]}/2016-11-01/credentialprovider/",
-    )
-    monkeypatch.setenv("AWS_CONTAINER_AUTHORIZATION_TOKEN", "gg-token-123")
-    try:
-        yield handler.requests
-    finally:
-        server.shutdown()
-        server.server_close()
+    with fake_token_exchange(token="gg-token-123") as tes:
+        for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                    "AWS_PROFILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"):
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        for var, value in tes.env.items():
+            monkeypatch.setenv(var, value)
+        yield tes.requests
 
 
 async def test_session_uses_greengrass_container_credentials(token_exchange: list[dict]):
