@@ -28,7 +28,7 @@ from typing import Any
 
 import polars as pl
 
-from collector.export import LakeQuery, list_files
+from collector.commands.export import LakeQuery, list_files
 from dashboards import data
 from sample_data.make_lake import aggregate_table, write_lake
 

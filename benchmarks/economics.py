@@ -5,7 +5,7 @@ fleet (100 sensors at 1 Hz for 1 h, 360,000 readings). Values come from the `sim
 pure ``generate``.
 
 Our side runs the runtime's own deterministic code: every tick becomes a log entry fed to
-:class:`collector.pipeline.Pipeline` (the real filter and window transforms and the real
+:class:`collector.runtime.pipeline.Pipeline` (the real filter and window transforms and the real
 batcher, cutting on the entry's wall clock = event time, as it would live), and every batch it
 cuts goes through the sinks' own encoders: ``sinks.firehose.ndjson_lines`` + ``pack`` /
 ``pack_gzip`` + ``calls`` for Firehose, ``sinks._partition.split`` + ``sinks.s3.to_parquet`` for
@@ -14,12 +14,12 @@ the S3 lake. Nothing is estimated on our side except the HTTP envelope (see belo
 The per-reading side is the talk's design: one JSON message per reading (the same fields as our
 lines, without ``record_id``), published over MQTT to IoT Core, whose rule calls Firehose
 ``PutRecord`` once per message. Firehose bills each record rounded up to 5 KiB
-(``collector.economics.billable``).
+(``collector.commands.economics.billable``).
 
 Figures per scenario and design: payload bytes leaving the device, wire bytes (HTTP requests as
 botocore serialises them, or MQTT PUBLISH packets; TLS excluded), API calls, Firehose records
-and billable bytes, and S3 PUTs. ``collector.economics.firehose_costs`` is printed beside the
-measured packing as a cross-check of the cost model.
+and billable bytes, and S3 PUTs. ``collector.commands.economics.firehose_costs`` is printed beside
+the measured packing as a cross-check of the cost model.
 
     python -m benchmarks.economics
 """
@@ -36,10 +36,10 @@ from typing import Any
 import pyarrow as pa
 
 from benchmarks._common import fmt_bytes, table, write_json
-from collector.economics import billable, firehose_costs
-from collector.log import Entry, Kind
-from collector.pipeline import Pipeline, Route
+from collector.commands.economics import billable, firehose_costs
 from collector.plugin import BatchConfig, Context, Transform
+from collector.runtime.log import Entry, Kind
+from collector.runtime.pipeline import Pipeline, Route
 from collector.schema import normalize
 from collector.sources.simulated import SimulatedConfig, generate
 from collector.transforms.filter import FilterConfig, FilterTransform

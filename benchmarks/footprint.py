@@ -91,7 +91,7 @@ out = {'import_cli_mb': rss()}
 if stage == 'runtime':
     from pathlib import Path
     from collector import config
-    from collector.runner import Runtime
+    from collector.runtime.runner import Runtime
     cfg = config.load(sys.argv[2])
     Runtime(cfg, Path(sys.argv[3]))
     out['runtime_mb'] = rss()

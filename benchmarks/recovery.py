@@ -50,8 +50,8 @@ def build_spool(folder: Path, size: int) -> tuple[int, int, int, int]:
     import pyarrow as pa
 
     from collector.plugin import SpoolConfig
+    from collector.runtime.spool import Spool
     from collector.schema import READING_SCHEMA, RECORD_ID
-    from collector.spool import Spool
 
     spool = Spool(folder, SpoolConfig(max_bytes=size * 4), "lake")
     schema = READING_SCHEMA.append(pa.field(RECORD_ID, pa.string()))

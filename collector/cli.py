@@ -137,7 +137,7 @@ async def _run(
     path: str, cfg: Any, once: bool, duration: float | None, data_dir: Path | None
 ) -> int:
     from collector import config
-    from collector.runner import Runtime, pid_lock
+    from collector.runtime.runner import Runtime, pid_lock
 
     root = data_dir or Path(cfg.settings.data_dir)
     lock = pid_lock(root)
@@ -235,7 +235,7 @@ def check(config_file: str, estimate: bool) -> None:
         f"transform(s), {len(cfg.sinks)} sink(s))"
     )
     if estimate:
-        from collector.estimate import print_estimate
+        from collector.commands.estimate import print_estimate
 
         print_estimate(cfg)
 
@@ -299,7 +299,7 @@ def status(data_dir: str, config_file: str | None, as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from collector.telemetry import fmt_time, read_status
+    from collector.runtime.telemetry import fmt_time, read_status
 
     if config_file:
         data_dir = str(_load_or_exit(config_file).settings.data_dir)
@@ -380,7 +380,7 @@ def catalog(
       collector catalog --config collector.yaml
       collector catalog --s3 s3://my-sensor-lake/readings --partition-by device,date,hour
     """
-    from collector import catalog as cat
+    from collector.commands import catalog as cat
 
     if sum(map(bool, (config_file, s3_url, firehose_url))) != 1:
         raise click.UsageError("give exactly one of --config, --s3 and --firehose")
@@ -446,7 +446,7 @@ def export_cmd(
     \b
       collector export --lake ./data/lake --since -1d --metric temperature --out today.parquet
     """
-    from collector.export import run_export
+    from collector.commands.export import run_export
 
     try:
         n = run_export(

@@ -75,7 +75,7 @@ def load_config(config: dict[str, Any] | str | Path) -> LoadedConfig:
 
 def run_once(config: dict[str, Any] | str | Path, data_dir: Path | str) -> int:
     """`collector run --once` in-process; returns its exit code."""
-    from collector.runner import Runtime
+    from collector.runtime.runner import Runtime
 
     cfg = load_config(config)
     cfg.settings.telemetry.enabled = False

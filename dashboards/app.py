@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `streamlit run dashboards/app.py` puts only dashboards/ on it
     sys.path.insert(0, str(ROOT))
 
-from collector.export import LakeFile, LakeQuery, export, listing_key  # noqa: E402
+from collector.commands.export import LakeFile, LakeQuery, export, listing_key  # noqa: E402
 from dashboards import data  # noqa: E402
 
 PRESETS: dict[str, timedelta | None] = {

@@ -1,6 +1,7 @@
 """Pure query functions behind the dashboard, on Polars lazy frames; no Streamlit here.
 
-Reading goes through :mod:`collector.export` (the same path as ``collector export``), so what the
+Reading goes through :mod:`collector.commands.export` (the same path as ``collector export``), so
+what the
 dashboard shows and what a user downloads are the same rows. Every view function first maps rows
 to one "stats" shape (``mean``/``min``/``max``/``count`` per row): a raw reading is a window of
 one (mean = min = max = value, count = 1) and an aggregate is itself. Downsampling and tiles then
@@ -23,7 +24,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from collector.export import (
+from collector.commands.export import (
     LakeFile,
     LakeQuery,
     apply_where,
@@ -70,7 +71,7 @@ def default_data_dir(cwd: Path | None = None) -> Path:
 
 
 def lake_files(query: LakeQuery) -> list[LakeFile]:
-    """The partition-pruned listing; its :func:`collector.export.listing_key` keys caches."""
+    """The partition-pruned listing (:func:`collector.commands.export.listing_key` keys caches)."""
     return list_files(query)
 
 
@@ -434,7 +435,7 @@ def choices(stats: pl.LazyFrame) -> dict[str, list[str]]:
 def read_status(data_dir: Path) -> dict[str, Any] | None:
     """What ``collector status`` shows (status file + a fresh look at the spools), or None when
     no collector has ever run in ``data_dir``."""
-    from collector.telemetry import read_status as runtime_status
+    from collector.runtime.telemetry import read_status as runtime_status
 
     if not (data_dir / "status.json").exists() and not (data_dir / "spool").is_dir():
         return None

@@ -2,7 +2,7 @@
 
 Firehose bills every record rounded up to a 5 KB increment, so one 150-byte reading per record
 is billed ~33 times its size. Packing many NDJSON lines into one record just under a multiple of
-5 KB makes the billable bytes almost equal to the real bytes (see ``collector.economics``).
+5 KB makes the billable bytes almost equal to the real bytes (see ``collector.commands.economics``).
 
 Delivery is at least once: a failed record is re-sent (only that record's rows, never the whole
 batch), and a call that timed out may have landed. Every line carries ``record_id`` so a reader

@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
 from collector.errors import PermanentSinkError, TransientSinkError
-from collector.fsutil import atomic_write, fsync_dir
 from collector.plugin import Context, Sink, SinkConfig
+from collector.runtime.fsutil import atomic_write, fsync_dir
 from sinks._partition import DEFAULT_PARTITIONS, sanitize, split, validate_partitions
 
 

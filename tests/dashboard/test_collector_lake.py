@@ -11,7 +11,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from collector.export import LakeQuery, export, list_files
+from collector.commands.export import LakeQuery, export, list_files
 from dashboards import data
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
 
-from collector.export import LakeQuery, list_files
+from collector.commands.export import LakeQuery, list_files
 from dashboards import data
 
 DAY2 = datetime(2024, 6, 2, tzinfo=UTC)

@@ -9,7 +9,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from collector.export import LakeQuery, export, list_files, scan_lake
+from collector.commands.export import LakeQuery, export, list_files, scan_lake
 from collector.testing import moto_server
 from dashboards import data
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from collector.log import DeviceLog, Kind
+from collector.runtime.log import DeviceLog, Kind
 from tests.e2e.conftest import Collector, read_lake, run_cli, wait_for, write_config
 
 KEY = ["ts", "device", "metric"]

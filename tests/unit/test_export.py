@@ -1,4 +1,4 @@
-"""collector.export: time arguments, partition pruning, and the files `collector export` writes."""
+"""collector.commands.export: time arguments, partition pruning, the files export writes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from collector.export import LakeQuery, export, list_files, parse_time, run_export, scan_lake
+from collector.commands.export import (
+    LakeQuery,
+    export,
+    list_files,
+    parse_time,
+    run_export,
+    scan_lake,
+)
 from sample_data.make_lake import aggregate_table, write_lake
 from sinks._partition import split
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from collector.log import DeviceLog, Kind
+from collector.runtime.log import DeviceLog, Kind
 
 
 def table(n: int, start: int = 0) -> pa.Table:

@@ -9,10 +9,10 @@ from datetime import UTC, datetime, timedelta
 import polars as pl
 import pytest
 
-from collector import delivery
-from collector.log import Entry, Kind
-from collector.pipeline import Pipeline, Route
 from collector.plugin import BatchConfig, Context
+from collector.runtime import delivery
+from collector.runtime.log import Entry, Kind
+from collector.runtime.pipeline import Pipeline, Route
 from collector.transforms.window import WindowConfig, WindowTransform
 
 

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from collector.plugin import Counters, SpoolConfig
-from collector.spool import Spool
+from collector.runtime.spool import Spool
 
 
 def rows(n: int, start: int = 0) -> pa.Table:
@@ -140,7 +140,7 @@ def test_block_holds_batches_back_and_never_passes_max_bytes(tmp_path: Path) -> 
 
 
 def test_partial_retry_rows_survive_a_failed_rewrite(tmp_path: Path, monkeypatch) -> None:
-    import collector.spool as spool_module
+    import collector.runtime.spool as spool_module
 
     sp, _ = make(tmp_path)
     sp.put(rows(5), "000000000000-000000000001")

@@ -11,7 +11,7 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from collector.catalog import (
+from collector.commands.catalog import (
     columns_from_schema,
     ddl,
     ddl_firehose_json,

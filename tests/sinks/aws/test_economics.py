@@ -2,7 +2,7 @@
 
 Billable bytes come from the real packer on real lines of the canonical schema (values from the
 `simulated` source, record ids in the runtime's format), cut into the batches the sink's default
-`batch` settings produce; the cost model in `collector.economics` must agree with them.
+`batch` settings produce; the cost model in `collector.commands.economics` must agree with them.
 
 What the numbers say (asserted below): one record per reading is billed 5 KiB for a ~170-byte
 line, so plain NDJSON packing saves at most 5120/170 ~ 30x, whatever the rate. ``compression:
@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 import pyarrow as pa
 import pytest
 
-from collector.economics import (
+from collector.commands.economics import (
     billable,
     firehose_costs,
     format_estimate,
@@ -156,7 +156,7 @@ def test_default_record_target_is_under_a_5kb_multiple():
 
 def test_estimate_sink_measures_with_the_sinks_own_settings():
     """What `collector check --estimate` prints, for the sink's real settings."""
-    from collector.economics import estimate_sink
+    from collector.commands.economics import estimate_sink
 
     demo = estimate_sink(FH, 0.2)
     assert demo["readings_per_batch"] == 60

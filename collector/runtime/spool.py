@@ -25,9 +25,9 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from collector.fsutil import atomic_write
-from collector.log import encode_table
 from collector.plugin import Counters, SpoolConfig
+from collector.runtime.fsutil import atomic_write
+from collector.runtime.log import encode_table
 
 _META_ROWS = b"edge_collector.rows"
 _META_CREATED = b"edge_collector.created_ms"

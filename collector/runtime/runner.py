@@ -25,15 +25,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from collector.config import Component, LoadedConfig
-from collector.delivery import SinkWorker
 from collector.errors import TransformError
-from collector.fsutil import atomic_write
-from collector.log import DeviceLog, Entry, Kind
-from collector.pipeline import Batch, Pipeline, Route
 from collector.plugin import Context, Counters, Source, Transform
+from collector.runtime.delivery import SinkWorker
+from collector.runtime.fsutil import atomic_write
+from collector.runtime.log import DeviceLog, Entry, Kind
+from collector.runtime.pipeline import Batch, Pipeline, Route
+from collector.runtime.spool import Spool
+from collector.runtime.telemetry import SinkState, Telemetry
 from collector.schema import normalize
-from collector.spool import Spool
-from collector.telemetry import SinkState, Telemetry
 
 log = logging.getLogger("collector")
 

@@ -16,8 +16,8 @@ import polars as pl
 import pyarrow as pa
 
 from collector.errors import TransformError
-from collector.log import Entry, Kind
 from collector.plugin import BatchConfig, Context, Transform
+from collector.runtime.log import Entry, Kind
 from collector.schema import RECORD_ID
 from collector.sqlexpr import apply_where, compile_expr
 

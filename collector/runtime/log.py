@@ -28,7 +28,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from collector.fsutil import fsync_dir
+from collector.runtime.fsutil import fsync_dir
 
 _SUFFIX = ".log"
 

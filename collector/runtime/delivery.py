@@ -19,8 +19,8 @@ import pyarrow as pa
 from collector.config import Component
 from collector.errors import PartialWriteError, PermanentSinkError, TransientSinkError
 from collector.plugin import Counters, Sink
-from collector.spool import Spool, SpoolItem
-from collector.telemetry import SinkState
+from collector.runtime.spool import Spool, SpoolItem
+from collector.runtime.telemetry import SinkState
 
 log = logging.getLogger("collector")
 

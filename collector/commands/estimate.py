@@ -52,7 +52,7 @@ def rates(cfg: LoadedConfig) -> tuple[float, list[str]]:
 
 
 def print_estimate(cfg: LoadedConfig) -> None:
-    from collector.economics import estimate_sink, format_estimate
+    from collector.commands.economics import estimate_sink, format_estimate
 
     rate, notes = rates(cfg)
     firehoses = [c for c in cfg.sinks if c.config.type == "firehose"]

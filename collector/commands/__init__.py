@@ -1,0 +1,1 @@
+"""CLI work beyond `collector run`: export, catalog, estimate, economics."""
