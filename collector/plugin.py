@@ -255,6 +255,21 @@ class Source(Plugin):
     def stream(self) -> AsyncIterator[Any]:
         raise NotImplementedError
 
+    def position(self) -> dict[str, Any] | None:
+        """Where this source stands after the data it last handed over (JSON-able), or None.
+
+        The runtime asks right after each ``read()`` / each item of ``stream()`` and logs the
+        answer in the same device-log record as that data, so the position a restart resumes
+        from is exactly the last data that reached the log: nothing twice, nothing skipped.
+        """
+        return None
+
+    def resume(self, position: dict[str, Any]) -> None:
+        """Continue after ``position`` (the last one logged); called before ``open()``.
+
+        Not called on a fresh data dir or with ``collector run --from-start``.
+        """
+
 
 class Transform(Plugin):
     """Maps a micro-batch to a micro-batch; stateful ones also ``flush``.

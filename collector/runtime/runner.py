@@ -45,8 +45,12 @@ class _Abort(Exception):
 class Runtime:
     """One run of one config: build, start, stop. A SIGHUP reload builds a new Runtime."""
 
-    def __init__(self, cfg: LoadedConfig, data_dir: Path | None = None) -> None:
+    def __init__(
+        self, cfg: LoadedConfig, data_dir: Path | None = None, *, from_start: bool = False
+    ) -> None:
         self.cfg = cfg
+        self.from_start = from_start
+        """Sources ignore their logged positions (``collector run --from-start``)."""
         s = cfg.settings
         self.data_dir = Path(data_dir or s.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -327,8 +331,13 @@ class Runtime:
         once: bool = False,
         duration: float | None = None,
         stop: asyncio.Event | None = None,
+        flush: bool = True,
     ) -> int:
-        """Run until ``stop`` is set (or once / for ``duration``); returns the exit code."""
+        """Run until ``stop`` is set (or once / for ``duration``); returns the exit code.
+
+        ``flush=False`` (a reload that keeps the transform chain) stops without flushing open
+        windows: the next Runtime restores them from the checkpoint and carries on.
+        """
         self.loop = asyncio.get_running_loop()
         stop = stop or asyncio.Event()
         tele = self.cfg.settings.telemetry
