@@ -4,17 +4,29 @@ Rows keep their recorded event times; only the pace of delivery follows the wall
 time, a speed factor, or as fast as possible). The file is scanned lazily and converted to the
 canonical narrow schema batch by batch with vectorised Polars operations, so a 10M-row file
 never passes through per-row Python.
+
+Every chunk handed on covers a contiguous range of source rows, so the source's position (file
+identity + rows consumed) after a chunk means "every row before this point is in this or an
+earlier chunk, none after": a restart resumes after the last logged row, and a file that was
+fully replayed is not replayed again. Cells that are not numbers go to the dead letter one by
+one; the rest of their row and file go on (a bad cell never restarts the file).
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
+import glob
+import hashlib
 import json
+import logging
+import os
 import time
 import zoneinfo
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import polars as pl
 from pydantic import Field, field_validator, model_validator
@@ -26,7 +38,17 @@ from collector.schema import POLARS_SCHEMA
 _CSV_SUFFIXES = (".csv", ".tsv", ".txt", ".csv.gz")
 _PARQUET_SUFFIXES = (".parquet", ".pq")
 _TS = "__ts"
-_PACE = "__pace"
+_ROW = "__row"
+_BAD = "__bad"
+_DEVICE = "__device"
+_MISSING_TEXT = ["", "na", "n/a", "nan", "null", "none", "-"]
+"""Cell texts that mean 'no reading' (compared lower-case): null values, never dead-lettered."""
+_SAMPLE_ROWS = 10_000
+"""Rows from the top of a file that decide which text columns are metrics (wide, no `columns`)."""
+_ID_BYTES = 1024
+"""Bytes hashed to recognise a file again (its head; for Parquet also its footer)."""
+
+log = logging.getLogger("collector.sources.replay")
 
 
 def resolve_format(path: str, fmt: str) -> Literal["csv", "parquet"]:
@@ -97,6 +119,11 @@ class ReplayConfig(SourceConfig):
     decimal_comma: bool = Field(
         default=False, description="CSV numbers use a decimal comma (`2,6`)."
     )
+    restart: bool = Field(
+        default=False,
+        description="Replay the file from the top on every start, instead of continuing after "
+        "the last logged row (and skipping a file that was fully replayed).",
+    )
 
     @field_validator("speed")
     @classmethod
@@ -150,8 +177,76 @@ class Pacer:
         return self.w0 + (ts_us - self.t0) / 1e6 / self.speed - self.clock()
 
 
+def _cell(column: str, dtype: pl.DataType, decimal_comma: bool) -> pl.Expr:
+    """One input column as a struct of ``value`` (Float64) and ``__bad`` (the text, when bad).
+
+    A cell is bad when it holds something (not empty, not a missing-value marker such as `NA`)
+    that is not a finite number: its value becomes null and its text is kept for the dead
+    letter, so the caller can reject exactly that cell and keep the rest of the row. NaN means
+    'no reading' (null), as everywhere in the collector.
+    """
+    col = pl.col(column)
+    if dtype == pl.String:
+        text = col.str.strip_chars()
+        number = text.str.replace_all(",", ".", literal=True) if decimal_comma else text
+        value = number.cast(pl.Float64, strict=False)
+        empty = text.is_null() | text.str.to_lowercase().is_in(_MISSING_TEXT)
+        shown = col
+    else:
+        value = col.cast(pl.Float64, strict=False)
+        empty = col.is_null()
+        shown = col.cast(pl.String, strict=False)
+    bad = ~empty & (value.is_null() | value.is_infinite())
+    return pl.struct(
+        pl.when(bad).then(None).otherwise(value).fill_nan(None).alias("value"),
+        pl.when(bad).then(shown.fill_null("?")).otherwise(None).alias(_BAD),
+    ).alias(column)
+
+
+def _bad_reason(what: str, text: str) -> str:
+    try:
+        infinite = float(text.replace(",", ".")) in (float("inf"), float("-inf"))
+    except ValueError:
+        infinite = False
+    return f"{what}: {text[:80]!r} is {'not finite' if infinite else 'not a number'}"
+
+
+@dataclass
+class _FilePlan:
+    """How one file of the replay is read: its scan (with `__ts`), metric columns, identity."""
+
+    file: str
+    lf: pl.LazyFrame
+    metrics: list[str]
+    dtypes: dict[str, pl.DataType]
+    identity: dict[str, Any]
+
+
+def file_identity(file: str, fmt: str, head_bytes: int | None = None) -> dict[str, Any]:
+    """What recognises a file again after a restart: a hash of its head, its size.
+
+    ``head_bytes`` hashes as many bytes as a logged identity did, so a small CSV that only grew
+    (rows appended) still matches. Parquet adds its footer (rewritten whenever its data is).
+    """
+    size = os.path.getsize(file)
+    n = min(_ID_BYTES, size) if head_bytes is None else head_bytes
+    digest = hashlib.blake2b(digest_size=16)
+    with open(file, "rb") as fh:
+        digest.update(fh.read(n))
+        if fmt == "parquet":
+            fh.seek(max(0, size - _ID_BYTES))
+            digest.update(fh.read())
+    return {"fingerprint": digest.hexdigest(), "head_bytes": n, "size": size}
+
+
 class ReplaySource(Source):
-    """Replays a recorded CSV/Parquet file at real time, a speed factor, or as fast as possible."""
+    """Replays a recorded CSV/Parquet file at real time, a speed factor, or as fast as possible.
+
+    The position handed to the runtime is ``{"path", "file", "fingerprint", "head_bytes",
+    "size", "rows", "done"}``: the config's path (glob), the absolute file, its identity, the
+    source rows of that file consumed so far and whether that was all of them. Files of a glob
+    are replayed in name order, so files that sort before the logged one count as done.
+    """
 
     Config = ReplayConfig
     description = "Replay a recorded CSV or Parquet file at real time, a speed factor or max."
@@ -177,31 +272,143 @@ class ReplaySource(Source):
         # Injectable so tests can check pacing without waiting (and without timing asserts).
         self.clock: Callable[[], float] = time.monotonic
         self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
-        self._plan_cache: tuple[pl.LazyFrame, list[str]] | None = None
+        self._format = resolve_format(config.path, config.format)
+        self._resume_from: dict[str, Any] | None = None
+        self._files: list[str] | None = None
+        self._cursor: tuple[int, int] = (0, 0)
+        """(file index, rows of it consumed): where the next stream() call continues."""
+        self._handed: dict[str, Any] | None = None
+        self._plan_cache: _FilePlan | None = None
+
+    # -- position ----------------------------------------------------------------------------
+
+    def position(self) -> dict[str, Any] | None:
+        return None if self._handed is None else dict(self._handed)
+
+    def resume(self, position: dict[str, Any]) -> None:
+        # Only remembered here: the files are looked at in open(), where I/O belongs.
+        self._resume_from = dict(position) if position else None
+
+    def _hand(self, plan: _FilePlan, index: int, rows: int, done: bool) -> None:
+        """Record that rows ``[0, rows)`` of file ``index`` are handed on (the next yield)."""
+        self._handed = {
+            "path": self.config.path,
+            "file": plan.file,
+            **plan.identity,
+            "rows": rows,
+            "done": done,
+        }
+        self._cursor = (index + 1, 0) if done else (index, rows)
+
+    def _list_files(self) -> list[str]:
+        cfg = self.config
+        pattern = os.path.expanduser(cfg.path)
+        if not glob.has_magic(pattern):
+            if not Path(pattern).exists():
+                raise ConfigError(
+                    [
+                        ConfigIssue(
+                            path="path", message=f"{self.ctx.component}: no file {cfg.path!r}"
+                        )
+                    ]
+                )
+            return [os.path.abspath(pattern)]
+        files = sorted(os.path.abspath(f) for f in glob.glob(pattern, recursive=True))
+        files = [f for f in files if os.path.isfile(f)]
+        if not files:
+            raise ConfigError(
+                [
+                    ConfigIssue(
+                        path="path", message=f"{self.ctx.component}: no file matches {cfg.path!r}"
+                    )
+                ]
+            )
+        return files
+
+    def _start(self, files: list[str]) -> tuple[int, int]:
+        """Where to begin given the logged position: (file index, rows to skip)."""
+        cfg, name, pos = self.config, self.ctx.component, self._resume_from
+        if pos is None:
+            return 0, 0
+        if cfg.restart:
+            log.info("replay %s: `restart: true`, replaying %s from the top", name, cfg.path)
+            return 0, 0
+        if pos.get("path") != cfg.path or not isinstance(pos.get("file"), str):
+            log.info(
+                "replay %s: path is now %r (was %r): starting from the top",
+                name,
+                cfg.path,
+                pos.get("path"),
+            )
+            return 0, 0
+        file = pos["file"]
+        if file not in files:
+            index = sum(1 for f in files if f <= file)
+            log.warning(
+                "replay %s: %s, logged as replayed up to row %s, is gone; continuing "
+                "with the files after it",
+                name,
+                file,
+                pos.get("rows"),
+            )
+            return index, 0
+        index = files.index(file)
+        try:
+            now = file_identity(file, self._format, int(pos.get("head_bytes", _ID_BYTES)))
+        except OSError as exc:
+            log.warning("replay %s: cannot read %s (%s): trying it from the top", name, file, exc)
+            return index, 0
+        size, rows = int(pos.get("size", -1)), int(pos.get("rows", 0))
+        grown = self._format == "csv" and now["size"] > size
+        if now["fingerprint"] != pos.get("fingerprint") or not (now["size"] == size or grown):
+            log.warning(
+                "replay %s: %s changed since it was replayed up to row %d (different "
+                "content or size): replaying it from the top",
+                name,
+                file,
+                rows,
+            )
+            return index, 0
+        if pos.get("done") and not grown:
+            if index + 1 >= len(files):
+                log.info(
+                    "replay %s: %s was fully replayed already (%d rows); nothing to do. "
+                    "`collector run --from-start` or `restart: true` replays it",
+                    name,
+                    cfg.path,
+                    rows,
+                )
+            return index + 1, 0
+        if rows:
+            log.info("replay %s: continuing %s after row %d", name, file, rows)
+        return index, rows
 
     async def open(self) -> None:
-        path = self.config.path
-        if not any(c in path for c in "*?[") and not Path(path).expanduser().exists():
-            raise ConfigError(
-                [ConfigIssue(path="path", message=f"{self.ctx.component}: no file {path!r}")]
-            )
-        # Columns and time format are checked here, where a failure stops this source, rather
-        # than in stream(), which the runtime would restart again and again.
-        self._plan_cache = await asyncio.to_thread(self._plan)
+        files = await asyncio.to_thread(self._list_files)
+        self._files = files
+        self._cursor = self._start(files)
+        if self._resume_from is not None and not self.config.restart:
+            self._handed = dict(self._resume_from)
+        index = self._cursor[0]
+        if index < len(files):
+            # Columns and time format are checked here, where a failure stops this source (a
+            # config error), rather than in stream(), which the runtime would restart.
+            self._plan_cache = await asyncio.to_thread(self._plan, files[index])
 
     # -- building the scan -------------------------------------------------------------------
 
-    def _scan(self) -> pl.LazyFrame:
+    def _scan(self, file: str) -> pl.LazyFrame:
         cfg = self.config
-        path = str(Path(cfg.path).expanduser())
-        if resolve_format(cfg.path, cfg.format) == "parquet":
-            return pl.scan_parquet(path)
+        if self._format == "parquet":
+            return pl.scan_parquet(file)
+        # Every CSV column is read as text: numbers are cast per cell below, so one bad cell
+        # costs only itself (instead of failing the scan or turning the column into text).
         return pl.scan_csv(
-            path,
+            file,
             separator=cfg.separator,
-            decimal_comma=cfg.decimal_comma,
-            infer_schema_length=10_000,
+            infer_schema=False,
             truncate_ragged_lines=True,
+            encoding="utf8-lossy",
         )
 
     def _time_expr(self, lf: pl.LazyFrame, schema: pl.Schema) -> pl.Expr:
@@ -216,26 +423,86 @@ class ReplaySource(Source):
             return raw.dt.cast_time_unit("us")
         if dtype == pl.Date:
             return raw.cast(pl.Datetime("us"))
-        if dtype.is_numeric():
-            return pl.from_epoch((raw.cast(pl.Float64) * 1e6).cast(pl.Int64), time_unit="us")
         text = raw.cast(pl.String).str.strip_chars()
+        if dtype == pl.String and not cfg.time_format:
+            # CSV times are text: numbers (all of the sample) are epoch seconds.
+            sample = lf.select(text.alias("t")).drop_nulls().head(1000).collect()["t"]
+            if sample.len() and sample.cast(pl.Float64, strict=False).null_count() == 0:
+                dtype = pl.Float64()
+        if dtype.is_numeric():
+            seconds = raw.cast(pl.Float64, strict=False)
+            return pl.from_epoch((seconds * 1e6).cast(pl.Int64, strict=False), time_unit="us")
         if cfg.time_format:
             return text.str.strptime(pl.Datetime("us"), cfg.time_format, strict=False)
         # Lazy ISO parsing must be told up front whether the text carries offsets: look at
-        # the first value (eagerly, where Polars may infer it).
-        sample = lf.select(text.alias("t")).drop_nulls().head(1).collect().get_column("t")
+        # the first values (eagerly, where Polars may infer it; a bad first value is skipped).
+        sample = lf.select(text.alias("t")).drop_nulls().head(100).collect().get_column("t")
         aware = False
         if sample.len():
-            parsed = sample.str.to_datetime(time_unit="us", strict=False)
+            try:
+                parsed = sample.str.to_datetime(time_unit="us", strict=False)
+            except pl.exceptions.PolarsError:
+                shown = ", ".join(repr(v[:40]) for v in sample.head(3))
+                raise ConfigError(
+                    [
+                        ConfigIssue(
+                            path="time_column",
+                            message=f"{self.ctx.component}: no ISO time among the first values "
+                            f"of {', '.join(cols)} ({shown}): set `time_format`",
+                        )
+                    ]
+                ) from None
             aware = isinstance(parsed.dtype, pl.Datetime) and parsed.dtype.time_zone is not None
         if aware:
             return text.str.to_datetime(time_unit="us", time_zone="UTC", strict=False)
         return text.str.to_datetime(time_unit="us", strict=False)
 
-    def _plan(self) -> tuple[pl.LazyFrame, list[str]]:
-        """The lazy scan with a parsed UTC `__ts` column, and the metric columns (wide)."""
+    def _wide_metrics(self, lf: pl.LazyFrame, schema: pl.Schema) -> list[str]:
+        """Metric columns of a wide file without `columns`: numeric ones, and text columns whose
+        non-empty cells are mostly numbers (decided on the top of the file, so the same on
+        every start). A few bad cells never drop a metric: they go to the dead letter."""
         cfg = self.config
-        lf = self._scan()
+        skip = {*cfg.time_columns, cfg.device_column}
+        texts = [n for n, dt in schema.items() if n not in skip and dt == pl.String]
+        counts: dict[str, tuple[int, int]] = {}
+        if texts:
+            exprs = []
+            for name in texts:
+                cell = _cell(name, pl.String(), cfg.decimal_comma)
+                text = pl.col(name).str.strip_chars()
+                filled = text.is_not_null() & ~text.str.to_lowercase().is_in(_MISSING_TEXT)
+                exprs += [
+                    filled.sum().alias(f"{name}\x00n"),
+                    cell.struct.field("value").is_not_null().sum().alias(f"{name}\x00ok"),
+                ]
+            sample = lf.head(_SAMPLE_ROWS).select(exprs).collect().row(0)
+            counts = {name: (sample[2 * i], sample[2 * i + 1]) for i, name in enumerate(texts)}
+        metrics: list[str] = []
+        for name, dtype in schema.items():
+            if name in skip:
+                continue
+            if dtype.is_numeric():
+                metrics.append(name)
+            elif name in counts:
+                filled, ok = counts[name]
+                if ok and ok * 2 > filled:
+                    metrics.append(name)
+                elif filled:
+                    log.info(
+                        "replay %s: column %r is text (%d of %d sampled cells are numbers): "
+                        "not a metric; name it in `columns:` to read it as one",
+                        self.ctx.component,
+                        name,
+                        ok,
+                        filled,
+                    )
+        return metrics
+
+    def _plan(self, file: str) -> _FilePlan:
+        """The lazy scan of ``file`` with a parsed UTC `__ts` column, and its metric columns."""
+        cfg = self.config
+        identity = file_identity(file, self._format)
+        lf = self._scan(file)
         schema = lf.collect_schema()
         needed = [*cfg.time_columns]
         if cfg.device_column:
@@ -250,7 +517,7 @@ class ReplaySource(Source):
                 [
                     ConfigIssue(
                         path="path",
-                        message=f"{self.ctx.component}: {cfg.path!r} has no column(s) "
+                        message=f"{self.ctx.component}: {file!r} has no column(s) "
                         f"{', '.join(absent)} (it has {', '.join(schema.names())})",
                     )
                 ]
@@ -262,54 +529,81 @@ class ReplaySource(Source):
         ts = ts.dt.convert_time_zone("UTC")
         metrics: list[str] = []
         if cfg.layout == "wide":
-            skip = {*cfg.time_columns, cfg.device_column}
-            metrics = cfg.columns or [
-                name for name, dt in schema.items() if name not in skip and dt.is_numeric()
-            ]
+            metrics = list(cfg.columns) if cfg.columns else self._wide_metrics(lf, schema)
             if not metrics:
                 raise ConfigError(
-                    [ConfigIssue(path="columns", message=f"{cfg.path!r} has no numeric columns")]
+                    [ConfigIssue(path="columns", message=f"{file!r} has no numeric columns")]
                 )
-        return lf.with_columns(ts.alias(_TS)), metrics
+        return _FilePlan(file, lf.with_columns(ts.alias(_TS)), metrics, dict(schema), identity)
 
-    def _narrow(self, batch: pl.DataFrame, metrics: list[str]) -> pl.DataFrame:
-        """Canonical narrow rows from one scanned batch (rows without a time are rejected)."""
+    def _narrow(
+        self, batch: pl.DataFrame, plan: _FilePlan
+    ) -> tuple[pl.DataFrame, list[tuple[int, str, str]]]:
+        """Canonical narrow rows of consecutive source rows, in row order, with their `__row`;
+        and the rejects ``(row, raw, reason)`` in row order: rows without a time, and each cell
+        that is not a number. The rejects are dead-lettered when their rows are handed on, so
+        a restart in the middle of a batch never dead-letters a row twice.
+        """
         cfg = self.config
-        bad = batch.filter(pl.col(_TS).is_null())
-        if bad.height:
+        rejects: list[tuple[int, str, str]] = []
+        batch = batch.with_row_index(_ROW)
+        bad_ts = batch.filter(pl.col(_TS).is_null())
+        if bad_ts.height:
             # Blank lines (every field empty) carry nothing to keep; anything else is kept.
-            blank = pl.all_horizontal(pl.all().exclude(_TS).is_null())
-            for row in bad.filter(~blank).drop(_TS).iter_rows(named=True):
-                self.ctx.reject(json.dumps(row, default=str), "no parseable time")
+            blank = pl.all_horizontal(pl.all().exclude(_TS, _ROW).is_null())
+            for row in bad_ts.filter(~blank).drop(_TS).iter_rows(named=True):
+                at = row.pop(_ROW)
+                rejects.append((at, json.dumps(row, default=str), "no parseable time"))
             batch = batch.filter(pl.col(_TS).is_not_null())
         device = (
             pl.col(cfg.device_column).cast(pl.String).fill_null(self.ctx.device)
             if cfg.device_column
             else pl.lit(self.ctx.device, pl.String)
         )
-        batch = batch.with_columns(device.alias("__device"))
+        batch = batch.with_columns(device.alias(_DEVICE))
         if cfg.layout == "wide":
+            metrics = plan.metrics
+            cells = [_cell(m, plan.dtypes[m], cfg.decimal_comma) for m in metrics]
             narrow = (
-                batch.select(_TS, "__device", *[pl.col(m).cast(pl.Float64) for m in metrics])
-                .unpivot(metrics, index=[_TS, "__device"], variable_name="metric")
+                batch.select(_ROW, _TS, _DEVICE, *cells)
+                .unpivot(
+                    metrics, index=[_ROW, _TS, _DEVICE], variable_name="metric", value_name="__cell"
+                )
+                .unnest("__cell")
                 .with_columns(pl.lit(None, pl.String).alias("unit"))
+                .sort(_ROW, maintain_order=True)  # row-major: a row range is a narrow range
             )
         else:
             unit = pl.col("unit").cast(pl.String) if "unit" in batch.columns else pl.lit(None)
             narrow = batch.select(
+                _ROW,
                 _TS,
-                "__device",
+                _DEVICE,
                 pl.col("metric").cast(pl.String),
-                pl.col("value").cast(pl.Float64, strict=False),
+                _cell("value", plan.dtypes["value"], cfg.decimal_comma).alias("__cell"),
                 unit.cast(pl.String).alias("unit"),
+            ).unnest("__cell")
+            nameless = narrow.filter(pl.col("metric").is_null())
+            if nameless.height:
+                rejects += self._rejects(batch, nameless, lambda _r: "no metric name")
+                narrow = narrow.filter(pl.col("metric").is_not_null())
+        bad = narrow.filter(pl.col(_BAD).is_not_null())
+        if bad.height:
+            what = "value" if cfg.layout == "narrow" else None
+            rejects += self._rejects(
+                batch,
+                bad,
+                lambda r: _bad_reason(f"column {what or r['metric']!r}", r[_BAD]),
             )
-        value = pl.col("value").fill_nan(None)
+            narrow = narrow.filter(pl.col(_BAD).is_null())
+        value = pl.col("value")
         if cfg.missing_values:
             value = pl.when(value.is_in(cfg.missing_values)).then(None).otherwise(value)
         unit_map = pl.col("metric").replace_strict(cfg.units, default=None, return_dtype=pl.String)
         narrow = narrow.select(
+            _ROW,
             pl.col(_TS).alias("ts"),
-            pl.col("__device").alias("device"),
+            pl.col(_DEVICE).alias("device"),
             pl.lit(self.ctx.component, pl.String).alias("source"),
             "metric",
             value.alias("value"),
@@ -317,53 +611,144 @@ class ReplaySource(Source):
         )
         if cfg.drop_missing:
             narrow = narrow.filter(pl.col("value").is_not_null())
+        rejects.sort(key=lambda r: r[0])
+        return narrow, rejects
+
+    @staticmethod
+    def _rejects(
+        batch: pl.DataFrame, bad: pl.DataFrame, reason: Callable[[dict[str, Any]], str]
+    ) -> list[tuple[int, str, str]]:
+        """Each bad cell/row with its whole source row (only bad ones reach Python)."""
+        raw = batch.filter(pl.col(_ROW).is_in(bad[_ROW].implode())).drop(_TS, _DEVICE)
+        by_row = {r.pop(_ROW): r for r in raw.iter_rows(named=True)}
+        return [
+            (r[_ROW], json.dumps(by_row.get(r[_ROW], {}), default=str), reason(r))
+            for r in bad.iter_rows(named=True)
+        ]
+
+    def _dead_letter(self, rejects: list[tuple[int, str, str]], lo: int, hi: int) -> None:
+        """Dead-letter the rejects of source rows ``[lo, hi)`` of the batch being handed on."""
+        start = bisect.bisect_left(rejects, lo, key=lambda r: r[0])
+        stop = bisect.bisect_left(rejects, hi, key=lambda r: r[0])
+        for _row, raw, reason in rejects[start:stop]:
+            self.ctx.reject(raw, reason)
+
+    @staticmethod
+    def _finish(part: pl.DataFrame) -> pl.DataFrame:
+        """A chunk as handed on: canonical schema, time order within the chunk."""
+        part = part.drop(_ROW)
         # Recorded order is time order for the windows downstream; ties keep file order.
-        if not narrow.get_column("ts").is_sorted():  # recordings usually are: skip the sort
-            narrow = narrow.sort("ts", maintain_order=True)
-        return narrow.cast(POLARS_SCHEMA)  # type: ignore[arg-type]
+        if not part.get_column("ts").is_sorted():  # recordings usually are: skip the sort
+            part = part.sort("ts", maintain_order=True)
+        return part.cast(POLARS_SCHEMA)  # type: ignore[arg-type]
 
     # -- streaming ---------------------------------------------------------------------------
 
-    def _batches(self, lf: pl.LazyFrame, width: int) -> Iterator[pl.DataFrame]:
-        chunk = max(1, self.config.chunk_rows // max(1, width))
-        return iter(lf.collect_batches(chunk_size=chunk, lazy=True))
+    def _batches(self, plan: _FilePlan, skip: int) -> Iterator[pl.DataFrame]:
+        per = max(1, self.config.chunk_rows // max(1, len(plan.metrics)))
+        lf = plan.lf.slice(skip) if skip else plan.lf
+        return iter(lf.collect_batches(chunk_size=per, lazy=True))
 
     async def stream(self) -> AsyncIterator[pl.DataFrame]:
-        cfg = self.config
-        if self._plan_cache is None:
-            self._plan_cache = await asyncio.to_thread(self._plan)
-        lf, metrics = self._plan_cache
-        batches = await asyncio.to_thread(self._batches, lf, len(metrics) or 1)
-        pacer = None if cfg.speed == "max" else Pacer(float(cfg.speed), self.clock)
-        running_max: int | None = None
-        while True:
-            batch = await asyncio.to_thread(next, batches, None)
-            if batch is None:
-                return
-            narrow = await asyncio.to_thread(self._narrow, batch, metrics)
-            if narrow.is_empty():
+        """Chunks from the cursor on: a restarted stream continues, it never starts over."""
+        if self._files is None:
+            await self.open()
+        files = self._files or []
+        pacer = None if self.config.speed == "max" else Pacer(float(self.config.speed), self.clock)
+        state: dict[str, int | None] = {"running_max": None}
+        while self._cursor[0] < len(files):
+            index, skip = self._cursor
+            file = files[index]
+            plan = self._plan_cache
+            self._plan_cache = None
+            try:
+                if plan is None or plan.file != file:
+                    plan = await asyncio.to_thread(self._plan, file)
+                batches = await asyncio.to_thread(self._batches, plan, skip)
+            except (ConfigError, pl.exceptions.PolarsError, OSError) as exc:
+                # One unreadable file of a glob costs itself; the next one goes on.
+                log.error("replay %s: skipping %s: %s", self.ctx.component, file, exc)
+                self.ctx.reject(file, f"cannot replay this file: {exc}")
+                self._cursor = (index + 1, 0)
                 continue
-            if pacer is None:
-                for start in range(0, narrow.height, cfg.chunk_rows):
-                    yield narrow.slice(start, cfg.chunk_rows)
-                continue
-            # Pace on the running maximum, so an out-of-order row is simply due at once.
-            pace = narrow.get_column("ts").dt.epoch("us").cum_max()
-            if running_max is not None:
-                pace = pace.clip(lower_bound=running_max)
-            running_max = int(pace[-1])
-            async for part in self._paced(narrow, pace, pacer):
+            async for part in self._replay_file(plan, index, skip, batches, pacer, state):
                 yield part
 
-    async def _paced(
-        self, narrow: pl.DataFrame, pace: pl.Series, pacer: Pacer
+    async def _next(
+        self, batches: Iterator[pl.DataFrame], plan: _FilePlan, rows: int
+    ) -> pl.DataFrame | None:
+        try:
+            return await asyncio.to_thread(next, batches, None)
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            # A damaged file (bad compression, cut short): keep what was read, say what was not.
+            log.error(
+                "replay %s: %s is unreadable after row %d: %s; going on with the next file",
+                self.ctx.component,
+                plan.file,
+                rows,
+                exc,
+            )
+            self.ctx.reject(plan.file, f"unreadable after row {rows}: {exc}")
+            return None
+
+    async def _replay_file(
+        self,
+        plan: _FilePlan,
+        index: int,
+        rows: int,
+        batches: Iterator[pl.DataFrame],
+        pacer: Pacer | None,
+        state: dict[str, int | None],
     ) -> AsyncIterator[pl.DataFrame]:
-        pos, n = 0, narrow.height
+        ahead = await self._next(batches, plan, rows)
+        if ahead is None:  # nothing (left) in this file: hand on the position alone
+            self._hand(plan, index, rows, done=True)
+            yield self._finish(pl.DataFrame(schema={_ROW: pl.UInt32, **POLARS_SCHEMA}))
+            return
+        while ahead is not None:
+            batch = ahead
+            # One batch of look-ahead: the last chunk of a file says so (done), and reading
+            # the next batch overlaps with handing on this one.
+            ahead = await self._next(batches, plan, rows + batch.height)
+            narrow, rejects = await asyncio.to_thread(self._narrow, batch, plan)
+            if pacer is None:
+                self._dead_letter(rejects, 0, batch.height)
+                self._hand(plan, index, rows + batch.height, done=ahead is None)
+                yield self._finish(narrow)
+            else:
+                row_index = narrow.get_column(_ROW)  # ascending: narrow is in row order
+                async for lo, hi in self._paced(batch, pacer, state):
+                    start = row_index.search_sorted(lo, side="left")
+                    stop = row_index.search_sorted(hi, side="left")
+                    last = ahead is None and hi == batch.height
+                    self._dead_letter(rejects, lo, hi)
+                    self._hand(plan, index, rows + hi, done=last)
+                    if stop > start or last:
+                        yield self._finish(narrow.slice(start, stop - start))
+            rows += batch.height
+
+    async def _paced(
+        self, batch: pl.DataFrame, pacer: Pacer, state: dict[str, int | None]
+    ) -> AsyncIterator[tuple[int, int]]:
+        """Source-row ranges of ``batch`` as they fall due (sleeping in between)."""
+        n = batch.height
+        # Pace on the running maximum, so an out-of-order row is simply due at once; a row
+        # without a time travels with its neighbours.
+        pace = batch.get_column(_TS).dt.epoch("us").cum_max().forward_fill()
+        running_max = state["running_max"]
+        if running_max is not None:
+            pace = pace.fill_null(running_max).clip(lower_bound=running_max)
+        pace = pace.backward_fill()
+        if pace.null_count():  # no time in the batch, none before: nothing to wait for
+            yield 0, n
+            return
+        state["running_max"] = int(pace[-1])
+        pos = 0
         while pos < n:
             limit = pacer.limit(int(pace[pos]))
-            end = min(pace.search_sorted(limit, side="right"), pos + self.config.chunk_rows)
+            end = min(pace.search_sorted(limit, side="right"), n)
             if end <= pos:
                 await self.sleep(max(pacer.delay(int(pace[pos])), 1e-6))
                 continue
-            yield narrow.slice(pos, end - pos)
+            yield pos, end
             pos = end

@@ -7,6 +7,7 @@ time, so a test can recompute what a pipeline should have seen with :func:`gener
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import statistics
 from datetime import datetime, timedelta
@@ -19,6 +20,7 @@ from collector.plugin import Model, Source, SourceConfig
 from collector.schema import to_utc
 from collector.units import Duration
 
+log = logging.getLogger("collector.sources.simulated")
 _NORMAL = statistics.NormalDist()
 _KIND_FIELDS = {
     "uniform": {"min", "max"},
@@ -238,6 +240,35 @@ class SimulatedSource(Source):
         super().__init__(config, ctx)
         self.tick = 0
         self._walks: dict[tuple[int, str], tuple[int, float]] = {}
+
+    def position(self) -> dict[str, Any] | None:
+        """The next tick, when ticks fix event times (``start`` set); else None (clock times).
+
+        ``start`` and ``every`` travel with it: a restart with other values is another
+        timeline, which begins at tick 0.
+        """
+        if self.config.start is None:
+            return None
+        return {
+            "tick": self.tick,
+            "start": self.config.start.isoformat(),
+            "every": self.config.every,
+        }
+
+    def resume(self, position: dict[str, Any]) -> None:
+        """Continue the tick counter, so event times after a restart never repeat."""
+        cfg = self.config
+        if cfg.start is None or not position:
+            return
+        same = position.get("start") == cfg.start.isoformat() and position.get("every") == cfg.every
+        tick = position.get("tick")
+        if not same or not isinstance(tick, int) or tick < 0:
+            log.info(
+                "simulated %s: `start`/`every` changed since the last run: starting at tick 0",
+                self.ctx.component,
+            )
+            return
+        self.tick = tick
 
     def read(self) -> pl.DataFrame:
         rows = generate(

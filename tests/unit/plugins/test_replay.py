@@ -21,8 +21,6 @@ from .conftest import collect
 UCI_HEADER = "Date;Time;CO(GT);NOx(GT);T;Station\n"
 
 
-
-
 def make(tmp_path: Path, **cfg: Any) -> ReplaySource:
     config = ReplayConfig.model_validate({"name": "air", "speed": "max", **cfg})
     return ReplaySource(config, Context(device="d1", component="air", data_dir=tmp_path))
@@ -75,11 +73,19 @@ async def test_drop_missing_and_column_choice(tmp_path: Path) -> None:
         + "10/03/2004;18.00.00;2,6;-200;13,6;a\n"
         + "10/03/2004;19.00.00;-200;103;13,3;b\n"
     )
-    src = make(tmp_path, path=str(path), drop_missing=True, columns=["CO(GT)", "NOx(GT)"],
-               units={"CO(GT)": "mg/m3"}, **UCI)
+    src = make(
+        tmp_path,
+        path=str(path),
+        drop_missing=True,
+        columns=["CO(GT)", "NOx(GT)"],
+        units={"CO(GT)": "mg/m3"},
+        **UCI,
+    )
     df = pl.concat(await run(src))
     assert sorted(zip(df["metric"], df["value"], strict=True)) == [
-        ("CO(GT)", 2.6), ("NOx(GT)", 103.0)]
+        ("CO(GT)", 2.6),
+        ("NOx(GT)", 103.0),
+    ]
     assert df.filter(pl.col("metric") == "CO(GT)")["unit"].to_list() == ["mg/m3"]
     assert df["ts"].dt.hour().to_list() == [18, 19]  # naive times default to UTC
 
@@ -92,9 +98,16 @@ async def test_chunks_are_bounded_and_complete(tmp_path: Path) -> None:
         rows.append(f"{t:%d/%m/%Y};{t:%H:%M:%S};{i};{-200 if i % 4 == 0 else i};{i * 2}")
     path = tmp_path / "big.csv"
     path.write_text("\n".join(rows) + "\n")
-    src = make(tmp_path, path=str(path), separator=";", time_column=["Date", "Time"],
-               time_format="%d/%m/%Y %H:%M:%S", layout="wide", missing_values=[-200],
-               chunk_rows=500)
+    src = make(
+        tmp_path,
+        path=str(path),
+        separator=";",
+        time_column=["Date", "Time"],
+        time_format="%d/%m/%Y %H:%M:%S",
+        layout="wide",
+        missing_values=[-200],
+        chunk_rows=500,
+    )
     frames = await run(src)
     assert all(f.height <= 500 for f in frames)
     df = pl.concat(frames)
@@ -117,8 +130,14 @@ async def test_narrow_parquet_with_device_column_and_unit(tmp_path: Path) -> Non
             "unit": ["C", "C", None, "C"],
         }
     ).write_parquet(path)
-    src = make(tmp_path, path=str(path), device_column="sensor", missing_values=[-200],
-               timezone="America/New_York", units={"h": "%"})
+    src = make(
+        tmp_path,
+        path=str(path),
+        device_column="sensor",
+        missing_values=[-200],
+        timezone="America/New_York",
+        units={"h": "%"},
+    )
     df = pl.concat(await run(src))
     assert df["device"].to_list() == ["a", "b", "a", "d1"]
     assert df["value"].to_list() == [1.0, None, 3.0, 4.0]
@@ -141,7 +160,7 @@ async def test_narrow_csv_iso_times_and_bad_rows_go_to_dead_letter(tmp_path: Pat
     assert df["ts"][1] == datetime(2024, 1, 1, 0, 0, 10, tzinfo=UTC)
     dead = (tmp_path / "dead-letter" / "air.ndjson").read_text().splitlines()
     assert len(dead) == 1  # the blank line carries nothing; the bad time is kept
-    assert json.loads(json.loads(dead[0])["raw"])["value"] == 2.5
+    assert json.loads(json.loads(dead[0])["raw"])["value"] == "2.5"  # the text, as recorded
     assert src.ctx.counters.get("source_rejected_total", component="air") == 1
 
 
@@ -243,3 +262,203 @@ async def test_uci_shaped_file_end_to_end(tmp_path: Path) -> None:
     df = pl.concat(await run(make(tmp_path, path=str(path), **UCI)))
     got = {(r["ts"], r["metric"]): r["value"] for r in df.to_dicts()}
     assert got == pytest.approx(expected)
+
+
+# -- resuming --------------------------------------------------------------------------------
+
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
+NARROW_ROWS = [
+    (0, "t", "1"),
+    (1, "t", "2"),
+    (1, "h", "40"),
+    (2, "t", "oops"),
+    (3, "t", "4"),
+    (None, "t", "5"),
+    (4, "h", "41"),
+    (6, "t", "7"),
+    (6, "h", "42"),
+    (9, "t", "10"),
+]
+WIDE_ROWS = [
+    (0, "1", "10"),
+    (1, "2", "x"),
+    (2, "", "12"),
+    (3, "4", "13"),
+    (None, "5", "14"),
+    (5, "6", "15"),
+    (8, "7", "16"),
+]
+
+
+def write_narrow(path: Path, rows: list[tuple[int | None, str, str]]) -> set[tuple[Any, ...]]:
+    """A narrow CSV; returns the readings it should give, each exactly once."""
+    lines, good = ["ts,metric,value"], set()
+    for sec, metric, value in rows:
+        ts = "garbage" if sec is None else f"2024-01-01T00:00:{sec:02d}Z"
+        lines.append(f"{ts},{metric},{value}")
+        if sec is not None and value != "oops":
+            good.add((T0 + timedelta(seconds=sec), metric, float(value)))
+    path.write_text("\n".join(lines) + "\n")
+    return good
+
+
+def write_wide(path: Path) -> set[tuple[Any, ...]]:
+    lines, good = ["ts,a,b"], set()
+    for sec, a, b in WIDE_ROWS:
+        ts = "garbage" if sec is None else f"2024-01-01T00:00:{sec:02d}Z"
+        lines.append(f"{ts},{a},{b}")
+        if sec is not None:
+            for metric, text in (("a", a), ("b", b)):
+                if text != "x":
+                    value = float(text) if text else None
+                    good.add((T0 + timedelta(seconds=sec), metric, value))
+    path.write_text("\n".join(lines) + "\n")
+    return good
+
+
+async def replay(
+    src: ReplaySource, position: dict[str, Any] | None = None, stop_after: int | None = None
+) -> tuple[list[pl.DataFrame], dict[str, Any] | None]:
+    """Run a source as the runtime does (resume, open, stream); stop after some chunks, like a
+    crash right after the log record of the last one; return the chunks and the last position."""
+    fake = FakeTime()
+    src.clock, src.sleep = fake.clock, fake.sleep
+    if position is not None:
+        src.resume(json.loads(json.dumps(position)))  # it went through the device log
+    await src.open()
+    parts: list[pl.DataFrame] = []
+    last = src.position()
+    gen = src.stream()
+    async for part in gen:
+        parts.append(part)
+        last = src.position()
+        if stop_after is not None and len(parts) >= stop_after:
+            break
+    await gen.aclose()  # type: ignore[attr-defined]
+    return parts, last
+
+
+def readings_of(parts: list[pl.DataFrame]) -> list[tuple[Any, ...]]:
+    if not parts:
+        return []
+    df = pl.concat(parts)
+    return list(zip(df["ts"], df["metric"], df["value"], strict=True))
+
+
+def dead_letters(folder: Path) -> list[dict[str, Any]]:
+    path = folder / "dead-letter" / "air.ndjson"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def case_files(tmp_path: Path, case: str) -> tuple[dict[str, Any], set[tuple[Any, ...]], int]:
+    """(config, expected readings, expected dead letters) of one resume scenario."""
+    if case == "narrow":
+        good = write_narrow(tmp_path / "n.csv", NARROW_ROWS)
+        return {"path": str(tmp_path / "n.csv"), "chunk_rows": 2}, good, 2
+    if case == "wide":
+        good = write_wide(tmp_path / "w.csv")
+        return {"path": str(tmp_path / "w.csv"), "layout": "wide", "chunk_rows": 4}, good, 2
+    folder = tmp_path / "days"
+    folder.mkdir()
+    good = write_narrow(folder / "2024-01-01.csv", NARROW_ROWS[:5])
+    later = [(s + 20 if s is not None else None, m, v) for s, m, v in NARROW_ROWS[5:]]
+    good |= write_narrow(folder / "2024-01-02.csv", later)
+    return {"path": str(folder / "*.csv"), "chunk_rows": 3}, good, 2
+
+
+@pytest.mark.parametrize("speed", ["max", 2])
+@pytest.mark.parametrize("case", ["narrow", "wide", "glob"])
+async def test_resume_at_every_chunk_boundary_gives_each_row_once(
+    tmp_path: Path, case: str, speed: str | float
+) -> None:
+    cfg, good, bad = case_files(tmp_path, case)
+    cfg["speed"] = speed
+    whole, _ = await replay(make(tmp_path / "whole", **cfg))
+    assert sorted(readings_of(whole), key=str) == sorted(good, key=str)
+    assert len(whole) >= 3  # enough boundaries to matter
+    for k in range(len(whole) + 1):
+        run_dir = tmp_path / f"cut{k}"
+        first, position = await replay(make(run_dir, **cfg), stop_after=k)
+        second, end = await replay(make(run_dir, **cfg), position=position)
+        got = readings_of(first) + readings_of(second)
+        assert len(got) == len(good), f"cut after chunk {k}"
+        assert set(got) == good, f"cut after chunk {k}"
+        rejected = dead_letters(run_dir)
+        assert len(rejected) == bad, f"cut after chunk {k}: {rejected}"
+        assert end is not None and end["done"]
+        # and a third start replays nothing more
+        third, _ = await replay(make(run_dir, **cfg), position=end)
+        assert readings_of(third) == []
+        assert len(dead_letters(run_dir)) == bad
+
+
+async def test_a_restarted_stream_continues_instead_of_starting_over(tmp_path: Path) -> None:
+    good = write_narrow(tmp_path / "n.csv", NARROW_ROWS)
+    src = make(tmp_path, path=str(tmp_path / "n.csv"), chunk_rows=2)
+    await src.open()
+    gen = src.stream()
+    first = [await gen.__anext__()]  # type: ignore[attr-defined]
+    await gen.aclose()  # type: ignore[attr-defined]  # the runtime restarts a failed stream
+    rest = [part async for part in src.stream()]
+    got = readings_of(first + rest)
+    assert len(got) == len(good) and set(got) == good
+
+
+async def test_fully_replayed_file_is_not_replayed_again_unless_asked(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = write_narrow(tmp_path / "n.csv", NARROW_ROWS)
+    cfg = {"path": str(tmp_path / "n.csv")}
+    _, end = await replay(make(tmp_path, **cfg))
+    with caplog.at_level("INFO", logger="collector.sources.replay"):
+        again, _ = await replay(make(tmp_path, **cfg), position=end)
+    assert readings_of(again) == []
+    assert "fully replayed" in caplog.text and "--from-start" in caplog.text
+    assert "restart: true" in caplog.text
+    forced, _ = await replay(make(tmp_path, restart=True, **cfg), position=end)
+    assert set(readings_of(forced)) == good and len(readings_of(forced)) == len(good)
+
+
+async def test_changed_file_starts_from_the_top_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "n.csv"
+    write_narrow(path, NARROW_ROWS)
+    cfg = {"path": str(path), "chunk_rows": 2}
+    _, position = await replay(make(tmp_path, **cfg), stop_after=2)
+    assert position is not None and not position["done"]
+    other = [(s, m, v.replace("1", "9")) for s, m, v in NARROW_ROWS]  # same size, new content
+    good = write_narrow(path, other)
+    with caplog.at_level("WARNING", logger="collector.sources.replay"):
+        parts, _ = await replay(make(tmp_path, **cfg), position=position)
+    assert "changed" in caplog.text
+    assert set(readings_of(parts)) == good and len(readings_of(parts)) == len(good)
+    shorter = write_narrow(path, NARROW_ROWS[:3])  # a shrunk file is another file too
+    parts, _ = await replay(make(tmp_path, **cfg), position=position)
+    assert set(readings_of(parts)) == shorter
+
+
+async def test_appended_rows_are_replayed_after_a_complete_run(tmp_path: Path) -> None:
+    path = tmp_path / "n.csv"
+    before = write_narrow(path, NARROW_ROWS[:4])
+    cfg = {"path": str(path), "chunk_rows": 2}
+    first, end = await replay(make(tmp_path, **cfg))
+    assert set(readings_of(first)) == before and end is not None and end["done"]
+    grown = write_narrow(path, NARROW_ROWS)  # same head, rows added at the end
+    second, _ = await replay(make(tmp_path, **cfg), position=end)
+    got = readings_of(first) + readings_of(second)
+    assert len(got) == len(grown) and set(got) == grown
+
+
+async def test_new_file_in_a_glob_is_replayed_done_ones_are_not(tmp_path: Path) -> None:
+    folder = tmp_path / "days"
+    folder.mkdir()
+    day1 = write_narrow(folder / "2024-01-01.csv", NARROW_ROWS[:3])
+    cfg = {"path": str(folder / "*.csv")}
+    first, end = await replay(make(tmp_path, **cfg))
+    assert set(readings_of(first)) == day1
+    day2 = write_narrow(folder / "2024-01-02.csv", [(30, "t", "3"), (31, "t", "4")])
+    second, _ = await replay(make(tmp_path, **cfg), position=end)
+    assert set(readings_of(second)) == day2 and len(readings_of(second)) == 2
