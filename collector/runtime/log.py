@@ -1,18 +1,27 @@
 """The durable device log: every tick's readings are appended and fsynced before transforms run.
 
-Records are ``header + Arrow IPC stream`` in segment files named by their first offset::
+A segment file (named by its first offset) starts with an 8-byte header and holds records::
 
-    <I length> <I crc32> <Q offset> <q wall clock, µs> <B kind> payload
+    <4s magic> <I body length> <I crc32 of body>
+    body: <Q offset> <q wall clock, µs> <B kind> <H meta length> meta (JSON) payload (Arrow IPC)
 
-The CRC covers everything after it, so a record torn by a power cut is detected on open and
-the segment is cut back to the last whole record. Offsets are dense and increasing; the wall
-clock of each append is stored so that the pipeline's time-based decisions (batch age) can be
-replayed exactly after a crash.
+Every record starts with the same magic, so after a damaged record (a flipped byte, garbage,
+a bad length) a reader finds the next good one: it looks for the magic again and accepts a
+candidate only if its checksum holds. What lies between is copied to ``quarantine/``, counted and
+logged with the offsets it held, and reading goes on. Only damage that reaches the end of the
+newest segment (a power cut in the middle of an append) is a torn tail, cut off on open.
+
+``meta`` carries the position of the source that produced the record (``Source.position``), so
+a source resumes after exactly the data that reached the log. Offsets are dense and increasing;
+the wall clock of each append is stored so the pipeline's time-based decisions (batch age) can
+be replayed exactly after a crash. Segments of the first format (no header, no magic) are still
+read, without resynchronisation.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import struct
@@ -23,14 +32,23 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from collector.runtime.fsutil import fsync_dir
+from collector.plugin import Counters
+from collector.runtime.fsutil import atomic_write, fsync_dir
+from collector.runtime.quarantine import quarantine
 
 _SUFFIX = ".log"
+SEGMENT_HEADER = b"ECLOG\x00\x02\n"
+RECORD_MAGIC = b"\xe5\xc0\x1e\xc7"
+_HEAD = struct.Struct("<4sII")  # magic, body length, crc32
+_META = struct.Struct("<QqBH")  # offset, wall clock µs, kind, meta length
+_MAX_BODY = 1 << 31
+log = logging.getLogger("collector")
 
 
 class Kind(IntEnum):
@@ -49,6 +67,7 @@ class Entry:
     kind: Kind
     wall_us: int
     table: pa.Table | None
+    meta: dict[str, Any] | None = None
 
 
 def encode_table(table: pa.Table | pl.DataFrame) -> bytes:
@@ -68,6 +87,107 @@ def decode_table(data: bytes | memoryview) -> pa.Table:
     return ipc.open_stream(pa.py_buffer(data)).read_all()
 
 
+@dataclass
+class _Rec:
+    """A good record found in a segment, at bytes [start, end)."""
+
+    start: int
+    end: int
+    offset: int
+    wall: int
+    kind: int
+    meta: bytes
+    payload: bytes
+    skipped: bool = False
+
+
+@dataclass
+class _Bad:
+    """Damaged bytes [start, end) of a segment; the next good record starts at ``end``."""
+
+    start: int
+    end: int
+
+
+def _is_v2(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(len(SEGMENT_HEADER)) == SEGMENT_HEADER
+
+
+def _parse(fh: io.BufferedReader, skip_below: int) -> _Rec | None:
+    """The record at the current position if it is whole and its checksum holds, else None."""
+    pos = fh.tell()
+    head = fh.read(_HEAD.size)
+    if len(head) < _HEAD.size:
+        return None
+    magic, n, crc = _HEAD.unpack(head)
+    if magic != RECORD_MAGIC or not _META.size <= n <= _MAX_BODY:
+        return None
+    if skip_below > 0:
+        meta = fh.read(_META.size)
+        if len(meta) == _META.size:
+            offset = _META.unpack(meta)[0]
+            if offset < skip_below:
+                fh.seek(n - _META.size, io.SEEK_CUR)
+                nxt = fh.peek(len(RECORD_MAGIC))[: len(RECORD_MAGIC)]
+                if nxt in (b"", RECORD_MAGIC):
+                    return _Rec(pos, fh.tell(), offset, 0, 0, b"", b"", skipped=True)
+        fh.seek(pos + _HEAD.size)  # not skippable after all: read and check it whole
+    body = fh.read(n)
+    if len(body) < n or zlib.crc32(body) != crc:
+        return None
+    offset, wall, kind, meta_len = _META.unpack_from(body)
+    meta_end = _META.size + meta_len
+    if meta_end > n:
+        return None
+    return _Rec(pos, fh.tell(), offset, wall, kind, body[_META.size : meta_end], body[meta_end:])
+
+
+def _scan(fh: io.BufferedReader, skip_below: int = -1) -> Iterator[_Rec | _Bad]:
+    """Records from the current position on; damaged stretches come out as ``_Bad``."""
+    while True:
+        pos = fh.tell()
+        if not fh.peek(1):
+            return
+        rec = _parse(fh, skip_below)
+        if rec is not None:
+            yield rec
+            continue
+        # resynchronise: the next magic whose record checks out
+        fh.seek(pos + 1)
+        rest = fh.read()
+        end = pos + 1 + len(rest)
+        found = end
+        at = rest.find(RECORD_MAGIC)
+        while at >= 0:
+            fh.seek(pos + 1 + at)
+            if _parse(fh, -1) is not None:
+                found = pos + 1 + at
+                break
+            at = rest.find(RECORD_MAGIC, at + 1)
+        fh.seek(found)
+        yield _Bad(pos, found)
+
+
+def _scan_v1(fh: io.BufferedReader) -> Iterator[_Rec | _Bad]:
+    """Records of the first format; it has no magic, so damage ends the segment."""
+    while True:
+        pos = fh.tell()
+        head = fh.read(8)
+        if not head:
+            return
+        if len(head) == 8:
+            length, crc = struct.unpack("<II", head)
+            body = fh.read(17 + length)
+            if len(body) == 17 + length and zlib.crc32(body) == crc:
+                offset, wall, kind = struct.unpack("<QqB", body[:17])
+                yield _Rec(pos, fh.tell(), offset, wall, kind, b"", body[17:])
+                continue
+        fh.seek(0, io.SEEK_END)
+        yield _Bad(pos, fh.tell())
+        return
+
+
 class DeviceLog:
     """Append-only, segmented, checksummed log of readings."""
 
@@ -77,15 +197,20 @@ class DeviceLog:
         fsync: str = "every_tick",
         fsync_interval: float = 1.0,
         segment_bytes: int = 64 * 1024 * 1024,
+        counters: Counters | None = None,
+        data_dir: Path | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.data_dir = Path(data_dir) if data_dir is not None else self.folder.parent
+        self.counters = counters
         self.fsync_policy = fsync
         self.fsync_interval = fsync_interval
         self.segment_bytes = segment_bytes
         self._lock = threading.Lock()
         self._last_sync = 0.0
         self._cursor: tuple[int, Path, int] | None = None  # (next offset, segment, position)
+        self._reported: set[tuple[str, int]] = set()
         self.next_offset = 0
         self._recover()
 
@@ -95,31 +220,74 @@ class DeviceLog:
         return sorted(self.folder.glob(f"*{_SUFFIX}"))
 
     def _recover(self) -> None:
-        """Find the next offset; cut a torn tail record off the newest segment."""
+        """Check every retained record; set damage aside; find the next offset."""
         segments = self._segments()
-        if not segments:
-            self._open_segment(0)
+        next_offset = 0
+        for i, path in enumerate(segments):
+            last = i == len(segments) - 1
+            next_offset = max(next_offset, int(path.stem), self._repair(path, last))
+        if not segments or not _is_v2(segments[-1]):
+            self.next_offset = next_offset
+            self._open_segment(next_offset)
             return
-        last = segments[-1]
-        good_end, next_offset = 0, int(last.stem)
-        with open(last, "rb") as fh:
-            while True:
-                rec = _read_record(fh)
-                if rec is None:
-                    break
-                next_offset = rec[0] + 1
-                good_end = fh.tell()
-        if good_end != last.stat().st_size:
-            with open(last, "r+b") as fh:
-                fh.truncate(good_end)
-                os.fsync(fh.fileno())
         self.next_offset = next_offset
-        self._fh = open(last, "ab", buffering=0)  # noqa: SIM115 - kept open for appends
+        self._fh = open(segments[-1], "ab", buffering=0)  # noqa: SIM115 - kept open for appends
+
+    def _repair(self, path: Path, last: bool) -> int:
+        """Verify one segment; returns the offset after its last good record."""
+        v2 = _is_v2(path)
+        good: list[_Rec] = []
+        bad: list[_Bad] = []
+        with open(path, "rb") as fh:
+            if v2:
+                fh.seek(len(SEGMENT_HEADER))
+            for item in _scan(fh) if v2 else _scan_v1(fh):
+                (good if isinstance(item, _Rec) else bad).append(item)
+        if not v2 and not good and path.stat().st_size == 0:
+            return int(path.stem)
+        if not bad:
+            return good[-1].offset + 1 if good else int(path.stem)
+        with open(path, "rb") as fh:
+            data = fh.read()
+        for b in bad:
+            before = max((r.offset for r in good if r.end <= b.start), default=None)
+            after = min((r.offset for r in good if r.start >= b.end), default=None)
+            torn = last and after is None
+            lost = _describe_loss(before, after)
+            self._quarantine(
+                path, data[b.start : b.end], "torn tail" if torn else "damaged record", lost
+            )
+        tail = bad[-1]
+        if last and tail.end == len(data) and len(bad) == 1:
+            with open(path, "r+b") as fh:  # only a torn tail: cut it
+                fh.truncate(tail.start)
+                os.fsync(fh.fileno())
+        else:  # rewrite the segment with its good records only
+            kept = b"".join(data[r.start : r.end] for r in good)
+            header = SEGMENT_HEADER if v2 else b""
+            atomic_write(path, lambda tmp: Path(tmp).write_bytes(header + kept))
+        return good[-1].offset + 1 if good else int(path.stem)
+
+    def _quarantine(self, path: Path, data: bytes, reason: str, detail: str) -> None:
+        quarantine(
+            self.data_dir,
+            file=f"{self.folder.name}/{path.name}",
+            data=data,
+            reason=reason,
+            counters=self.counters,
+            detail=detail,
+        )
 
     def _open_segment(self, first: int) -> None:
         """Switch appends to a new segment; if it cannot be created the current one stays."""
         path = self.folder / f"{first:020d}{_SUFFIX}"
         new = open(path, "ab", buffering=0)  # noqa: SIM115 - kept open for appends
+        try:
+            if new.tell() == 0:
+                new.write(SEGMENT_HEADER)
+        except OSError:
+            new.close()
+            raise
         old = getattr(self, "_fh", None)
         self._fh = new
         if old is not None:
@@ -133,14 +301,18 @@ class DeviceLog:
         table: pa.Table | pl.DataFrame | None,
         kind: Kind = Kind.DATA,
         wall_us: int | None = None,
+        meta: dict[str, Any] | None = None,
     ) -> int:
         """Append one record durably (per the fsync policy); returns its offset."""
         payload = encode_table(table) if table is not None else b""
+        meta_bytes = json.dumps(meta, separators=(",", ":")).encode() if meta else b""
+        if len(meta_bytes) > 0xFFFF:
+            raise ValueError(f"record meta of {len(meta_bytes)} bytes is over 64 KiB")
         wall = wall_us if wall_us is not None else time.time_ns() // 1000
         with self._lock:
             offset = self.next_offset
-            body = struct.pack("<QqB", offset, wall, int(kind)) + payload
-            head = struct.pack("<II", len(payload), zlib.crc32(body))
+            body = _META.pack(offset, wall, int(kind), len(meta_bytes)) + meta_bytes + payload
+            head = _HEAD.pack(RECORD_MAGIC, len(body), zlib.crc32(body))
             if self._fh.tell() >= self.segment_bytes:
                 self._open_segment(offset)
             self._write_all(head + body)
@@ -198,16 +370,18 @@ class DeviceLog:
                 try:
                     os.fsync(self._fh.fileno())
                 except OSError as exc:  # a full disk: what was synced before stays valid
-                    logging.getLogger("collector").error("device log fsync at close: %s", exc)
+                    log.error("device log fsync at close: %s", exc)
                 self._fh.close()
 
     # -- reading ------------------------------------------------------------------------------
 
-    def read(self, start: int, end: int | None = None) -> Iterator[Entry]:
+    def read(self, start: int, end: int | None = None, payload: bool = True) -> Iterator[Entry]:
         """Entries with ``start <= offset < end`` (end defaults to what is appended now).
 
         A reader that continues where it stopped (the pipeline does) resumes at the byte
-        position it reached, instead of scanning its segment from the beginning again.
+        position it reached, instead of scanning its segment from the beginning again. With
+        ``payload=False`` tables are not decoded (``table`` is None): for reading positions.
+        Damage found here (after the open-time check) is set aside once and stepped over.
         """
         stop = self.next_offset if end is None else end
         segments = self._segments()
@@ -220,20 +394,34 @@ class DeviceLog:
             if firsts[i] >= stop:
                 break
             with open(path, "rb") as fh:
+                v2 = fh.read(len(SEGMENT_HEADER)) == SEGMENT_HEADER
+                if not v2:
+                    fh.seek(0)
                 if cursor is not None and cursor[1] == path:
                     fh.seek(cursor[2])
-                while True:
-                    rec = _read_record(fh, skip_below=start)
-                    if rec is None:
-                        break
-                    offset, wall, kind, payload = rec
-                    if offset >= stop:
-                        return
-                    if offset < start:
+                for rec in _scan(fh, skip_below=start) if v2 else _scan_v1(fh):
+                    if isinstance(rec, _Bad):
+                        self._report(path, fh, rec)
                         continue
-                    self._cursor = (offset + 1, path, fh.tell())
-                    table = decode_table(payload) if payload else None
-                    yield Entry(offset, Kind(kind), wall, table)
+                    if rec.offset >= stop:
+                        return
+                    if rec.offset < start:
+                        continue
+                    self._cursor = (rec.offset + 1, path, rec.end)
+                    table = decode_table(rec.payload) if payload and rec.payload else None
+                    meta = json.loads(rec.meta) if rec.meta else None
+                    yield Entry(rec.offset, Kind(rec.kind), rec.wall, table, meta)
+
+    def _report(self, path: Path, fh: io.BufferedReader, bad: _Bad) -> None:
+        key = (path.name, bad.start)
+        if key in self._reported or (path == self._segments()[-1] and bad.end >= self._fh.tell()):
+            return  # reported already, or an append in progress at the end of the segment
+        self._reported.add(key)
+        back = fh.tell()
+        fh.seek(bad.start)
+        data = fh.read(bad.end - bad.start)
+        fh.seek(back)
+        self._quarantine(path, data, "damaged record", "found while reading")
 
     def truncate_before(self, offset: int) -> int:
         """Delete whole segments that hold only offsets below ``offset``; returns how many."""
@@ -249,27 +437,13 @@ class DeviceLog:
         return sum(p.stat().st_size for p in self._segments())
 
 
-def _read_record(fh: io.BufferedReader, skip_below: int = -1) -> tuple[int, int, int, bytes] | None:
-    """The next record, or None at the end or at a torn/corrupt record.
-
-    Records below ``skip_below`` are stepped over without reading their payload.
-    """
-    head = fh.read(8)
-    if len(head) < 8:
-        return None
-    length, crc = struct.unpack("<II", head)
-    if skip_below > 0:
-        meta = fh.read(17)
-        if len(meta) < 17:
-            return None
-        offset = struct.unpack("<Q", meta[:8])[0]
-        if offset < skip_below:
-            fh.seek(length, io.SEEK_CUR)
-            return offset, 0, 0, b""
-        body = meta + fh.read(length)
-    else:
-        body = fh.read(17 + length)
-    if len(body) < 17 + length or zlib.crc32(body) != crc:
-        return None
-    offset, wall, kind = struct.unpack("<QqB", body[:17])
-    return offset, wall, kind, body[17:]
+def _describe_loss(before: int | None, after: int | None) -> str:
+    if before is not None and after is not None:
+        if after - before <= 1:
+            return f"between offsets {before} and {after} (no record lost)"
+        return f"offsets {before + 1}..{after - 1} lost ({after - before - 1} record(s))"
+    if before is not None:
+        return f"after offset {before}"
+    if after is not None:
+        return f"before offset {after}"
+    return "no good record in the segment"

@@ -3,12 +3,18 @@
 Everything this class decides is a function of the log alone (its rows, its record kinds and the
 wall clock stored with each record), so replaying the log from a checkpoint after a crash cuts
 exactly the same batches with exactly the same ids. That is what lets the lake, S3 and ES
-overwrite a replayed batch instead of duplicating it.
+overwrite a replayed batch instead of duplicating it. Batch ids carry the device and the data
+dir's instance id as well (see ``identity``), so a fleet's batches never meet in one bucket.
+
+A checkpoint holds the transform state (``statecodec``: JSON and Arrow IPC, no pickle), the
+source positions seen in the log, and a reference to each sink's pending rows, which are
+appended to a pending file once instead of being rewritten with every checkpoint.
 """
 
 from __future__ import annotations
 
-import pickle
+import io
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,10 +22,15 @@ import polars as pl
 import pyarrow as pa
 
 from collector.errors import TransformError
-from collector.plugin import BatchConfig, Context, Transform
-from collector.runtime.log import Entry, Kind
+from collector.plugin import BatchConfig, Transform
+from collector.runtime import statecodec
+from collector.runtime.checkpoint import Checkpoint, CheckpointStore, PendingRef
+from collector.runtime.identity import batch_id as make_batch_id
+from collector.runtime.log import Entry, Kind, encode_table
 from collector.schema import RECORD_ID
 from collector.sqlexpr import apply_where, compile_expr
+
+log = logging.getLogger("collector")
 
 
 @dataclass
@@ -39,13 +50,21 @@ class _Pending:
     nbytes: int = 0
     first_offset: int | None = None
     first_wall_us: int | None = None
+    file: str | None = None
+    """The pending file these frames are persisted to (from a checkpoint on), its length and
+    how many of ``frames`` it holds."""
+    file_bytes: int = 0
+    written: int = 0
 
 
 class Route:
     """One sink's view of the pipeline output: its `where:` filter and its batcher."""
 
-    def __init__(self, sink: str, where: str | None, batch: BatchConfig) -> None:
+    def __init__(
+        self, sink: str, where: str | None, batch: BatchConfig, id_prefix: str = "local"
+    ) -> None:
         self.sink = sink
+        self.id_prefix = id_prefix
         self.where = where
         self.expr = compile_expr(where) if where else None
         self.batch = batch
@@ -80,14 +99,14 @@ class Route:
         if p.first_offset is None:
             return []
         df = pl.concat(p.frames, how="diagonal_relaxed") if len(p.frames) > 1 else p.frames[0]
-        base = f"{p.first_offset:012d}-{last_offset:012d}"
+        first = p.first_offset
         self.pending = _Pending()
         size = self.batch.max_rows
         n_parts = max(1, -(-df.height // size))
         out = []
         for k in range(n_parts):
             part = df.slice(k * size, size)
-            batch_id = base if n_parts == 1 else f"{base}-{k:04d}"
+            batch_id = make_batch_id(self.id_prefix, first, last_offset, k if n_parts > 1 else None)
             part = part.with_columns(
                 (pl.lit(f"{batch_id}:") + pl.int_range(pl.len()).cast(pl.String)).alias(RECORD_ID)
             )
@@ -102,6 +121,9 @@ class Pipeline:
         self.transforms = transforms
         self.routes = routes
         self.offset = -1  # last processed log offset
+        self.positions: dict[str, Any] = {}
+        """Source name -> the last position logged with its data, as of ``offset``."""
+        self._unsaved: set[str] = set()
 
     def has_pending(self) -> bool:
         return any(r.pending.first_offset is not None for r in self.routes)
@@ -136,6 +158,8 @@ class Pipeline:
     def process(self, entry: Entry) -> list[Batch]:
         """Advance by one log entry; the batches it completes, in order."""
         out: list[Batch] = []
+        if entry.meta and "s" in entry.meta:
+            self.positions[str(entry.meta["s"])] = entry.meta.get("p")
         flush = entry.kind == Kind.FLUSH
         if entry.kind == Kind.DATA and entry.table is not None and entry.table.num_rows:
             frame = pl.from_arrow(entry.table)
@@ -166,30 +190,80 @@ class Pipeline:
 
     # -- checkpoints ------------------------------------------------------------------------
 
-    def snapshot(self, fingerprint: str) -> bytes:
-        return pickle.dumps(
-            {
-                "offset": self.offset,
-                "fingerprint": fingerprint,
-                "transforms": self.transforms,
-                "routes": {r.sink: r.pending for r in self.routes},
-            },
-            protocol=pickle.HIGHEST_PROTOCOL,
-        )
-
-    def restore(
-        self, blob: bytes, fingerprint: str, contexts: list[Context], configs: list[Any]
-    ) -> bool:
-        """Load a snapshot; False (and only the offset kept) when the chain changed."""
-        state = pickle.loads(blob)
-        self.offset = state["offset"]
-        same = state["fingerprint"] == fingerprint
-        if same:
-            self.transforms = state["transforms"]
-            for t, ctx, cfg in zip(self.transforms, contexts, configs, strict=True):
-                t.ctx, t.config = ctx, cfg
+    def checkpoint(self, fingerprint: str, store: CheckpointStore) -> Checkpoint:
+        """This pipeline's state; pending rows not yet persisted are appended to their files."""
+        blobs: list[bytes] = []
+        states: list[Any] = []
+        for t in self.transforms:
+            try:
+                states.append(statecodec.encode(t.__getstate__(), blobs))
+            except statecodec.StateError as exc:
+                if t.ctx.component not in self._unsaved:
+                    self._unsaved.add(t.ctx.component)
+                    log.warning(
+                        "transform %s: state not checkpointed (%s); it restarts empty",
+                        t.ctx.component,
+                        exc,
+                    )
+                states.append(None)
+        pending: dict[str, PendingRef] = {}
         for r in self.routes:
-            pending = state["routes"].get(r.sink)
-            if pending is not None:
-                r.pending = pending
+            p = r.pending
+            if p.first_offset is None or p.first_wall_us is None:
+                continue
+            name = f"{r.sink}-{p.first_offset:012d}.arrows"
+            if p.file != name:
+                p.file, p.file_bytes, p.written = name, 0, 0
+            new = [encode_table(f) for f in p.frames[p.written :]]
+            if new or p.file_bytes == 0:
+                p.file_bytes = store.append_pending(name, p.file_bytes, new)
+                p.written = len(p.frames)
+            pending[r.sink] = PendingRef(
+                p.first_offset, p.first_wall_us, p.rows, p.nbytes, name, p.file_bytes
+            )
+        return Checkpoint(self.offset, fingerprint, states, dict(self.positions), pending, blobs)
+
+    def restore(self, cp: Checkpoint, fingerprint: str, store: CheckpointStore) -> bool:
+        """Load a checkpoint, all or nothing; False when the transform chain changed (its
+        state then starts empty). Raises CheckpointError/StateError for a damaged one."""
+        same = cp.fingerprint == fingerprint and isinstance(cp.transforms, list)
+        states: list[Any] = []
+        if same:
+            assert isinstance(cp.transforms, list)
+            if len(cp.transforms) != len(self.transforms):
+                raise statecodec.StateError("checkpoint holds state of another transform chain")
+            states = [
+                None if tree is None else statecodec.decode(tree, cp.blobs)
+                for tree in cp.transforms
+            ]
+        pendings: dict[str, _Pending] = {}
+        for r in self.routes:
+            ref = cp.pending.get(r.sink)
+            if ref is None:
+                continue
+            frames = [
+                pl.read_ipc_stream(io.BytesIO(b))
+                for b in store.read_pending(ref.file, ref.file_bytes)
+            ]
+            pendings[r.sink] = _Pending(
+                frames,
+                ref.rows,
+                ref.nbytes,
+                ref.first_offset,
+                ref.first_wall_us,
+                ref.file,
+                ref.file_bytes,
+                len(frames),
+            )
+        gone = {k: v.rows for k, v in cp.pending.items() if k not in {r.sink for r in self.routes}}
+        for sink, rows in gone.items():
+            log.warning("sink %s is no longer configured: %d pending row(s) dropped", sink, rows)
+        for t, state in zip(self.transforms, states, strict=False):
+            if state is not None:
+                t.__setstate__(state)
+        for r in self.routes:
+            if r.sink in pendings:
+                r.pending = pendings[r.sink]
+        self.offset = cp.offset
+        self.positions = dict(cp.positions)
         return same

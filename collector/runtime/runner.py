@@ -27,10 +27,13 @@ import pyarrow.parquet as pq
 from collector.config import Component, LoadedConfig
 from collector.errors import TransformError
 from collector.plugin import Context, Counters, Source, Transform
+from collector.runtime import identity, statecodec
+from collector.runtime.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from collector.runtime.delivery import SinkWorker
 from collector.runtime.fsutil import atomic_write
 from collector.runtime.log import DeviceLog, Entry, Kind
 from collector.runtime.pipeline import Batch, Pipeline, Route
+from collector.runtime.quarantine import quarantine
 from collector.runtime.spool import Spool
 from collector.runtime.telemetry import SinkState, Telemetry
 from collector.schema import normalize
@@ -55,8 +58,15 @@ class Runtime:
         self.data_dir = Path(data_dir or s.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.counters = Counters()
+        self.instance_id = identity.instance_id(self.data_dir)
+        self.id_prefix = identity.batch_prefix(s.device, self.instance_id)
         self.log = DeviceLog(
-            self.data_dir / "log", s.log.fsync, s.log.fsync_interval, s.log.segment_bytes
+            self.data_dir / "log",
+            s.log.fsync,
+            s.log.fsync_interval,
+            s.log.segment_bytes,
+            counters=self.counters,
+            data_dir=self.data_dir,
         )
         self.telemetry = Telemetry(
             self.counters, self.data_dir, s.telemetry.unhealthy_after, log_bytes=self.log.size_bytes
@@ -70,7 +80,13 @@ class Runtime:
         routes = []
         for c in cfg.sinks:
             self.telemetry.sinks[c.name] = state = SinkState()
-            spool = Spool(self.data_dir / "spool" / c.name, c.config.spool, c.name, self.counters)
+            spool = Spool(
+                self.data_dir / "spool" / c.name,
+                c.config.spool,
+                c.name,
+                self.counters,
+                data_dir=self.data_dir,
+            )
             sink = c.cls(c.config, self._ctx(c.name))
             self.sinks[c.name] = SinkWorker(
                 c,
@@ -80,11 +96,12 @@ class Runtime:
                 self.counters,  # type: ignore[arg-type]
                 cfg.settings.shutdown_timeout,
             )
-            routes.append(Route(c.name, c.config.where, c.config.batch))
+            routes.append(Route(c.name, c.config.where, c.config.batch, self.id_prefix))
         for worker in self.sinks.values():
             worker.peers = list(self.sinks.values())
         self.pipeline = Pipeline(transforms, routes)
-        self.checkpoint_path = self.data_dir / "state" / "checkpoint.pkl"
+        self.store = CheckpointStore(self.data_dir / "state")
+        self._last_cp: Checkpoint | None = None
         self._restore()
         if self.log.next_offset <= self.pipeline.offset:
             log.warning(
@@ -94,7 +111,8 @@ class Runtime:
                 self.pipeline.offset,
             )
             self.log.skip_to(self.pipeline.offset + 1)
-        for t in self.pipeline.transforms:  # after restore: it replaces the objects
+        self._resume_sources()
+        for t in self.pipeline.transforms:
             opener = getattr(t, "open", None)
             if callable(opener):
                 opener()  # e.g. loads a model; a ConfigError here stops the start (exit 2)
@@ -119,35 +137,90 @@ class Runtime:
     # -- checkpoints ------------------------------------------------------------------------
 
     def _restore(self) -> None:
-        if not self.checkpoint_path.exists():
+        """The newest readable checkpoint; damaged ones are set aside, never fatal."""
+        legacy = self.store.legacy
+        if legacy.exists():  # a pickle: loading it could run code, so it is never loaded
+            self._set_aside(legacy, "pickle checkpoint of an older version (not loaded)")
+            log.warning("old pickle checkpoint not loaded: transform state starts empty")
+        tried = False
+        for path in self.store.candidates():
+            tried = True
+            try:
+                cp = Checkpoint.from_bytes(path.read_bytes())
+                same = self.pipeline.restore(cp, self.cfg.transforms_fingerprint, self.store)
+            except (OSError, CheckpointError, statecodec.StateError, ValueError) as exc:
+                self._set_aside(path, f"unreadable checkpoint: {exc}")
+                continue
+            if not same:
+                log.warning("transforms changed since the last run: their state starts empty")
+            if path.name != "checkpoint":
+                log.warning("using the previous checkpoint (%s)", path.name)
+            self._last_cp = cp
+            log.info("resuming after log offset %d", self.pipeline.offset)
             return
-        same = self.pipeline.restore(
-            self.checkpoint_path.read_bytes(),
-            self.cfg.transforms_fingerprint,
-            self.transform_ctx,
-            [c.config for c in self.cfg.transforms],
+        if tried:
+            log.error(
+                "no readable checkpoint: replaying the whole retained device log with empty "
+                "transform state (sinks that overwrite by id stay exact; others may see repeats)"
+            )
+
+    def _set_aside(self, path: Path, reason: str) -> None:
+        try:
+            data = path.read_bytes()
+            path.unlink()
+        except OSError as exc:
+            data = b""
+            log.error("cannot move %s aside: %s", path, exc)
+        quarantine(
+            self.data_dir,
+            file=f"state/{path.name}",
+            data=data,
+            reason=reason,
+            counters=self.counters,
         )
-        if not same:
-            log.warning("transforms changed since the last run: their state starts empty")
-        log.info("resuming after log offset %d", self.pipeline.offset)
+
+    def _resume_sources(self) -> None:
+        """Hand each source the last position logged with its data (checkpoint, then log)."""
+        positions = dict(self.pipeline.positions)
+        for entry in self.log.read(self.pipeline.offset + 1, payload=False):
+            if entry.meta and "s" in entry.meta:
+                positions[str(entry.meta["s"])] = entry.meta.get("p")
+        self._logged_positions = positions
+        if self.from_start:
+            if positions:
+                log.info("--from-start: sources ignore their saved positions")
+            return
+        for comp, src in self.sources:
+            pos = positions.get(comp.name)
+            if pos is None:
+                continue
+            try:
+                src.resume(pos)
+            except Exception as exc:  # a position the source cannot use: it starts afresh
+                log.warning("source %s cannot resume from %s: %s", comp.name, pos, exc)
 
     def _checkpoint(self) -> None:
-        """Commit transform state + offset; then the log below it can go."""
+        """Commit transform state, positions, pending refs and offset; then trim the log."""
         self._last_checkpoint = time.monotonic()
-        blob = self.pipeline.snapshot(self.cfg.transforms_fingerprint)
         try:
             if self.cfg.settings.log.fsync != "every_tick":
                 self.log.sync()  # never commit past records a power cut could still take
-            self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.checkpoint_path, lambda tmp: Path(tmp).write_bytes(blob))
+            cp = self.pipeline.checkpoint(self.cfg.transforms_fingerprint, self.store)
+            self.store.write(cp)
         except OSError as exc:  # disk full: keep the log, the next checkpoint may succeed
             log.error("cannot write checkpoint: %s", exc)
             return
-        self.log.truncate_before(self.pipeline.offset + 1)
+        prev, self._last_cp = self._last_cp, cp
+        keep = {r.file for r in cp.pending.values()}
+        if prev is not None:  # the previous checkpoint is the fallback: keep what it needs
+            keep |= {r.file for r in prev.pending.values()}
+        self.store.prune_pending(keep)
+        oldest = min(cp.offset, prev.offset) if prev is not None else cp.offset
+        self.log.truncate_before(oldest + 1)
 
     # -- sources ----------------------------------------------------------------------------
 
-    def _append(self, data: Any, source: Component) -> int:
+    def _append(self, data: Any, source: Component, position: Any = None) -> int:
         cfg = source.config
         df = normalize(
             data,
@@ -157,10 +230,13 @@ class Runtime:
             units=cfg.units,
             tags=cfg.tags,
         )
-        if df.height == 0:
+        meta = None
+        if position is not None and position != self._logged_positions.get(source.name):
+            meta = {"s": source.name, "p": position}
+        if df.height == 0 and meta is None:
             return 0
         try:
-            self.log.append(df, Kind.DATA)
+            self.log.append(df if df.height else None, Kind.DATA, meta=meta)
         except OSError as exc:  # disk full: count the loss, keep running
             self.counters.inc("dropped_rows_total", df.height, sink="*", reason="log_write")
             self._log_errors += 1
@@ -172,6 +248,8 @@ class Runtime:
                 )
             return 0
         self._log_errors = 0
+        if meta is not None:
+            self._logged_positions[source.name] = position
         self.counters.inc("rows_in_total", df.height, source=source.name)
         self._last_append = time.monotonic()
         self._new_data.set()
@@ -187,7 +265,7 @@ class Runtime:
                 data = await source.read()
             else:
                 data = await asyncio.to_thread(source.read)
-            await asyncio.to_thread(self._append, data, comp)
+            await asyncio.to_thread(self._append, data, comp, source.position())
         except Exception as exc:
             self.counters.inc("source_errors_total", source=comp.name)
             log.warning("source %s: %s", comp.name, exc)
@@ -197,7 +275,7 @@ class Runtime:
         while not self._stop.is_set():
             try:
                 async for data in source.stream():
-                    await asyncio.to_thread(self._append, data, comp)
+                    await asyncio.to_thread(self._append, data, comp, source.position())
                     delay = 1.0
                 if getattr(source, "finite", False):
                     return
@@ -390,7 +468,7 @@ class Runtime:
                     await asyncio.wait_for(src.close(), timeout=10)
                 except (Exception, asyncio.CancelledError) as exc:
                     log.warning("source close: %r", exc)
-            code = await self._shutdown(consumer, workers, housekeeping, draining, once)
+            code = await self._shutdown(consumer, workers, housekeeping, draining, once, flush)
         return code
 
     async def _open_sources(self, opened: list[Source]) -> None:
@@ -477,10 +555,12 @@ class Runtime:
         housekeeping: asyncio.Task[Any],
         draining: dict[str, bool],
         once: bool,
+        flush: bool = True,
     ) -> int:
         timeout = self.cfg.settings.shutdown_timeout
         try:
-            await asyncio.to_thread(self._append_marker, Kind.FLUSH)
+            if flush:
+                await asyncio.to_thread(self._append_marker, Kind.FLUSH)
         finally:
             self._stop.set()
             self._new_data.set()

@@ -2,9 +2,13 @@
 
 Layout under ``<data_dir>/spool/<sink>/``::
 
-    <batch id>.arrow          ready, sorted by batch id = log order
+    <batch id>.arrow          ready, sent in log order (the offsets in the batch id)
     inflight/<batch id>.arrow claimed by the worker; returned to ready on start
     dead-letter/*.parquet     rows a sink rejected for good, with reason and sink name
+
+A spool file that cannot be read (truncated, garbage) is moved to ``<data_dir>/quarantine/``,
+counted (``corrupt_records_total``, and its rows, when its header still tells them, as
+``dropped_rows_total{reason="corrupt"}``) and logged; the worker goes on with the next batch.
 
 Files are written to a temp name, fsynced, renamed. Each file's schema metadata carries its row
 count and creation time, so the index is rebuilt on start without reading the data. Batch ids
@@ -27,7 +31,9 @@ import pyarrow.parquet as pq
 
 from collector.plugin import Counters, SpoolConfig
 from collector.runtime.fsutil import atomic_write
+from collector.runtime.identity import order_key
 from collector.runtime.log import encode_table
+from collector.runtime.quarantine import quarantine
 
 _META_ROWS = b"edge_collector.rows"
 _META_CREATED = b"edge_collector.created_ms"
@@ -42,15 +48,23 @@ class SpoolItem:
     nbytes: int
     created_ms: int
     path: Path
+    table: pa.Table | None = None
+    """The batch, read and checked when claimed (None until then)."""
 
 
 class Spool:
     """Bounded, durable queue of batches for one sink."""
 
     def __init__(
-        self, folder: Path, settings: SpoolConfig, sink: str, counters: Counters | None = None
+        self,
+        folder: Path,
+        settings: SpoolConfig,
+        sink: str,
+        counters: Counters | None = None,
+        data_dir: Path | None = None,
     ) -> None:
         self.folder = Path(folder)
+        self.data_dir = Path(data_dir) if data_dir is not None else self.folder.parent.parent
         self.settings = settings
         self.sink = sink
         self.counters = counters or Counters()
@@ -65,7 +79,7 @@ class Spool:
         self._lock = threading.Lock()
         self._ready: dict[str, SpoolItem] = {}
         self._inflight: dict[str, SpoolItem] = {}
-        for p in self.folder.glob("*.arrow"):
+        for p in [*self.folder.glob("*.arrow"), *self.folder.glob("*.corrupt")]:
             item = self._describe(p)
             if item is not None:
                 self._ready[item.batch_id] = item
@@ -73,9 +87,10 @@ class Spool:
         # spooled = delivered + dead-lettered + dropped + backlog
         self.counters.inc("spooled_rows_total", self.backlog_rows, sink=self.sink)
 
-    @staticmethod
-    def _describe(path: Path) -> SpoolItem | None:
+    def _describe(self, path: Path) -> SpoolItem | None:
         try:
+            if path.suffix != ".arrow":  # set aside by an older version, silently
+                raise ValueError("file renamed .corrupt by an older version")
             with pa.OSFile(str(path)) as f:
                 meta = ipc.open_stream(f).schema.metadata or {}
             return SpoolItem(
@@ -85,9 +100,27 @@ class Spool:
                 int(meta.get(_META_CREATED, b"0")),
                 path,
             )
-        except (OSError, pa.ArrowInvalid):
-            path.rename(path.with_suffix(".corrupt"))  # keep it for a human, out of the queue
+        except (OSError, ValueError, pa.ArrowInvalid) as exc:
+            self._set_aside(path, f"unreadable spool file: {exc}", rows=None)
             return None
+
+    def _set_aside(self, path: Path, reason: str, rows: int | None) -> None:
+        """Quarantine a damaged spool file; its rows (if known) count as dropped."""
+        try:
+            data = path.read_bytes()
+        except OSError:
+            data = b""
+        quarantine(
+            self.data_dir,
+            file=f"spool/{self.sink}/{path.name}",
+            data=data,
+            reason=reason,
+            counters=self.counters,
+            detail=f"{rows} row(s) lost" if rows is not None else "row count unknown",
+        )
+        path.unlink(missing_ok=True)
+        if rows:
+            self.counters.inc("dropped_rows_total", rows, sink=self.sink, reason="corrupt")
 
     # -- state ------------------------------------------------------------------------------
 
@@ -166,7 +199,7 @@ class Spool:
         with self._lock:
             if not self._ready:
                 return False
-            item = self._ready.pop(min(self._ready))
+            item = self._ready.pop(min(self._ready, key=order_key))
         item.path.unlink(missing_ok=True)
         self.counters.inc("dropped_rows_total", item.rows, sink=self.sink, reason=reason)
         return True
@@ -190,20 +223,34 @@ class Spool:
     # -- the worker's side --------------------------------------------------------------------
 
     def claim(self) -> SpoolItem | None:
-        """The oldest ready batch, moved to inflight/."""
-        with self._lock:
-            if not self._ready:
-                return None
-            item = self._ready.pop(min(self._ready))
-            dest = self.inflight_dir / item.path.name
-            os.replace(item.path, dest)
-            item.path = dest
-            self._inflight[item.batch_id] = item
+        """The oldest ready batch that reads back whole, moved to inflight/.
+
+        Damaged files met on the way are quarantined and skipped, so one bad file never
+        blocks the batches behind it.
+        """
+        while True:
+            with self._lock:
+                if not self._ready:
+                    return None
+                item = self._ready.pop(min(self._ready, key=order_key))
+                dest = self.inflight_dir / item.path.name
+                os.replace(item.path, dest)
+                item.path = dest
+                self._inflight[item.batch_id] = item
+            try:
+                item.table = self._load(item.path)
+            except (OSError, pa.ArrowInvalid) as exc:
+                if isinstance(exc, OSError) and not item.path.exists():
+                    raise
+                with self._lock:
+                    self._inflight.pop(item.batch_id, None)
+                self._set_aside(item.path, f"unreadable spool file: {exc}", rows=item.rows)
+                continue
             return item
 
     @staticmethod
-    def read(item: SpoolItem) -> pa.Table:
-        with pa.memory_map(str(item.path)) as f:
+    def _load(path: Path) -> pa.Table:
+        with pa.memory_map(str(path)) as f:
             table = ipc.open_stream(f).read_all()
         meta = {
             k: v
@@ -212,8 +259,16 @@ class Spool:
         }
         return table.replace_schema_metadata(meta or None)
 
+    @staticmethod
+    def read(item: SpoolItem) -> pa.Table:
+        """The batch of a claimed item (read when it was claimed)."""
+        if item.table is not None:
+            return item.table
+        return Spool._load(item.path)
+
     def done(self, item: SpoolItem, delivered_rows: int | None = None) -> None:
         """The sink has the batch: forget it."""
+        item.table = None
         item.path.unlink(missing_ok=True)
         with self._lock:
             self._inflight.pop(item.batch_id, None)
@@ -231,6 +286,7 @@ class Spool:
 
     def release(self, item: SpoolItem) -> None:
         """Sending failed: back to ready, still the oldest."""
+        item.table = None
         dest = self.folder / item.path.name
         os.replace(item.path, dest)
         item.path = dest

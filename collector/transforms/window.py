@@ -9,6 +9,11 @@ to the very same output.
 
 State is the raw rows of open windows only (p50/p95 need raw values), bucketed by window start
 so that closing a window never rescans the others.
+
+A stop (``flush``) emits every open window that got rows since the last stop as a ``partial``
+row but keeps it open: the checkpoint carries it over the restart, the window goes on filling,
+and once it closes its complete row (``partial=false``) supersedes the partial one. Readers
+(`collector export`, the dashboard, the catalog's view) show one row per window.
 """
 
 from __future__ import annotations
@@ -101,6 +106,8 @@ class WindowTransform(Transform):
         self.open: dict[int, list[pl.DataFrame]] = {}
         """Window start (µs) -> raw rows received for it, in arrival order."""
         self.with_unit = False
+        self.flushed: dict[int, int] = {}
+        """Window start (µs) -> rows it held when a stop last emitted it as partial."""
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -191,6 +198,7 @@ class WindowTransform(Transform):
         closed: list[pl.DataFrame] = []
         for start in sorted(s for s in self.open if s + every <= watermark):
             closed.extend(self.open.pop(start))
+            self.flushed.pop(start, None)
         closed.append(now_closed)
         self._keep_open(still_open)
         return self._aggregate(pl.concat(closed, how="diagonal_relaxed"), partial=False)
@@ -209,8 +217,13 @@ class WindowTransform(Transform):
         return flagged.filter(~pl.col("__late")).drop("__late")
 
     def flush(self) -> pl.DataFrame | None:
-        if not self.open:
+        """Open windows that changed since the last stop, as partial rows; they stay open."""
+        changed = []
+        for start in sorted(self.open):
+            rows = sum(p.height for p in self.open[start])
+            if self.flushed.get(start) != rows:
+                self.flushed[start] = rows
+                changed.extend(self.open[start])
+        if not changed:
             return None
-        pieces = [p for start in sorted(self.open) for p in self.open[start]]
-        self.open.clear()
-        return self._aggregate(pl.concat(pieces, how="diagonal_relaxed"), partial=True)
+        return self._aggregate(pl.concat(changed, how="diagonal_relaxed"), partial=True)

@@ -16,6 +16,7 @@ from pydantic import Field
 
 from collector.errors import PermanentSinkError, TransientSinkError
 from collector.plugin import Sink, SinkConfig
+from collector.runtime.identity import order_key
 
 
 class FlakyConfig(SinkConfig):
@@ -34,7 +35,7 @@ class FlakySink(Sink):
         cfg: FlakyConfig = self.config
         if cfg.down_flag.exists():
             raise TransientSinkError("sink is down (flag file present)")
-        if cfg.reject_every and int(batch_id.split("-")[0]) % cfg.reject_every == 0:
+        if cfg.reject_every and order_key(batch_id)[0] % cfg.reject_every == 0:
             raise PermanentSinkError(f"batch {batch_id} is not accepted")
         cfg.path.mkdir(parents=True, exist_ok=True)
         tmp = cfg.path / f".{batch_id}.tmp"

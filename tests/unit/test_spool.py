@@ -30,7 +30,7 @@ def file_size(tmp_path: Path, n: int) -> int:
 
 def make(tmp_path: Path, **kw: object) -> tuple[Spool, Counters]:
     c = Counters()
-    return Spool(tmp_path / "s", SpoolConfig(**kw), "out", c), c
+    return Spool(tmp_path / "s", SpoolConfig(**kw), "out", c, data_dir=tmp_path), c
 
 
 def test_oldest_first_and_done(tmp_path: Path) -> None:
@@ -119,12 +119,35 @@ def test_dead_letter_parquet_has_reason_and_sink(tmp_path: Path) -> None:
     assert c.get("dead_letter_rows_total", sink="out") == 2
 
 
-def test_corrupt_file_is_set_aside(tmp_path: Path) -> None:
+def test_garbage_file_is_quarantined_counted_and_skipped(tmp_path: Path) -> None:
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "000000000000-000000000000.arrow").write_bytes(b"garbage")
-    sp, _ = make(tmp_path)
-    assert sp.claim() is None
-    assert (tmp_path / "s" / "000000000000-000000000000.corrupt").exists()
+    sp, c = make(tmp_path)
+    sp.put(rows(3), "000000000001-000000000001")
+    item = sp.claim()
+    assert item is not None and Spool.read(item).column("value").to_pylist() == [0.0, 1.0, 2.0]
+    assert not list((tmp_path / "s").glob("000000000000-*"))
+    kept = list((tmp_path / "quarantine").glob("*.bin"))
+    assert [p.read_bytes() for p in kept] == [b"garbage"]
+    assert c.get("corrupt_records_total", file="spool/out/000000000000-000000000000.arrow") == 1
+
+
+def test_truncated_oldest_file_costs_only_its_own_rows(tmp_path: Path) -> None:
+    sp, c = make(tmp_path)
+    for i in range(4):
+        sp.put(rows(100, i * 100), f"{i:012d}-{i:012d}")
+    oldest = tmp_path / "s" / f"{0:012d}-{0:012d}.arrow"
+    oldest.write_bytes(oldest.read_bytes()[: oldest.stat().st_size // 2])
+    sp2, c2 = make(tmp_path)
+    got = []
+    while (item := sp2.claim()) is not None:
+        got.extend(Spool.read(item).column("value").to_pylist())
+        sp2.done(item)
+    assert got == [float(v) for v in range(100, 400)]
+    assert c2.get("dropped_rows_total", sink="out", reason="corrupt") == 100
+    spooled = c2.get("spooled_rows_total", sink="out")
+    assert spooled == c2.get("delivered_rows_total", sink="out") + 100
+    assert len(list((tmp_path / "quarantine").glob("*.json"))) == 1
 
 
 def test_block_holds_batches_back_and_never_passes_max_bytes(tmp_path: Path) -> None:
