@@ -7,7 +7,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from collector.runtime.log import DeviceLog, Kind
+from collector.plugin import Counters
+from collector.runtime.log import RECORD_MAGIC, DeviceLog, Kind
 
 
 def table(n: int, start: int = 0) -> pa.Table:
@@ -52,7 +53,7 @@ def test_torn_tail_is_cut_on_open(tmp_path: Path) -> None:
     assert [e.offset for e in DeviceLog(tmp_path).read(0)] == [0, 1]
 
 
-def test_corrupted_record_stops_reading(tmp_path: Path) -> None:
+def test_damaged_last_record_is_a_torn_tail(tmp_path: Path) -> None:
     log = DeviceLog(tmp_path)
     log.append(table(2))
     log.append(table(2))
@@ -126,3 +127,77 @@ def test_skip_to_continues_numbering_after_a_lost_tail(tmp_path: Path) -> None:
     assert reopened.next_offset == 11
     assert [e.offset for e in reopened.read(0)] == [0, 1, 2, 10]
     assert [e.offset for e in reopened.read(10)] == [10]
+
+
+def _values(folder: Path) -> list[float]:
+    return [v for e in DeviceLog(folder).read(0) for v in e.table.column("value").to_pylist()]
+
+
+@pytest.mark.parametrize("where", [0.1, 0.5, 0.9])
+def test_flipped_byte_in_the_middle_costs_one_record(tmp_path: Path, where: float) -> None:
+    log = DeviceLog(tmp_path / "log", counters=(c := Counters()))
+    for i in range(76):
+        log.append(table(2, i * 2))
+    log.close()
+    seg = next((tmp_path / "log").glob("*.log"))
+    data = bytearray(seg.read_bytes())
+    data[int(len(data) * where)] ^= 0x40
+    seg.write_bytes(bytes(data))
+    reopened = DeviceLog(tmp_path / "log", counters=c)
+    assert reopened.next_offset == 76  # offsets go on after the last good record
+    got = _values(tmp_path / "log")
+    assert len(got) == 150 and set(got) <= {float(v) for v in range(152)}
+    assert got == sorted(got)
+    kept = list((tmp_path / "quarantine").glob("*.json"))
+    assert len(kept) == 1 and "lost (1 record(s))" in kept[0].read_text()
+    assert sum(v for (name, _), v in c.snapshot() if name == "corrupt_records_total") == 1
+    assert reopened.append(table(1, 999)) == 76
+    assert _values(tmp_path / "log")[-1] == 999.0
+
+
+def test_garbage_between_records_is_stepped_over(tmp_path: Path) -> None:
+    log = DeviceLog(tmp_path / "log")
+    for i in range(10):
+        log.append(table(1, i))
+    log.close()
+    seg = next((tmp_path / "log").glob("*.log"))
+    data = seg.read_bytes()
+    cut = data.index(RECORD_MAGIC, len(data) // 2)
+    seg.write_bytes(data[:cut] + b"\x00garbage" * 50 + RECORD_MAGIC + b"junk" + data[cut:])
+    assert _values(tmp_path / "log") == [float(v) for v in range(10)]
+    assert len(list((tmp_path / "quarantine").glob("*.bin"))) == 1
+
+
+def test_damage_found_while_running_is_reported_once(tmp_path: Path) -> None:
+    c = Counters()
+    log = DeviceLog(tmp_path / "log", counters=c)
+    for i in range(6):
+        log.append(table(1, i))
+    seg = next((tmp_path / "log").glob("*.log"))
+    data = bytearray(seg.read_bytes())
+    data[len(data) // 2] ^= 0x01  # after the open-time check
+    seg.write_bytes(bytes(data))
+    first = [e.offset for e in log.read(0)]
+    second = [e.offset for e in log.read(0)]
+    assert first == second and len(first) == 5
+    assert sum(v for (name, _), v in c.snapshot() if name == "corrupt_records_total") == 1
+
+
+def test_first_format_segments_are_still_read(tmp_path: Path) -> None:
+    """A data dir of the previous version: records without a magic, no segment header."""
+    import struct
+    import zlib
+
+    from collector.runtime.log import encode_table
+
+    folder = tmp_path / "log"
+    folder.mkdir()
+    out = b""
+    for i in range(3):
+        payload = encode_table(table(1, i))
+        body = struct.pack("<QqB", i, 1_700_000_000_000_000, 0) + payload
+        out += struct.pack("<II", len(payload), zlib.crc32(body)) + body
+    (folder / f"{0:020d}.log").write_bytes(out)
+    log = DeviceLog(folder)
+    assert log.append(table(1, 3)) == 3
+    assert _values(folder) == [0.0, 1.0, 2.0, 3.0]
