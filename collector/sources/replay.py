@@ -33,7 +33,7 @@ from pydantic import Field, field_validator, model_validator
 
 from collector.errors import ConfigError, ConfigIssue
 from collector.plugin import Context, Source, SourceConfig
-from collector.schema import POLARS_SCHEMA
+from collector.schema import MISSING_TEXT, POLARS_SCHEMA
 
 _CSV_SUFFIXES = (".csv", ".tsv", ".txt", ".csv.gz")
 _PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -41,7 +41,7 @@ _TS = "__ts"
 _ROW = "__row"
 _BAD = "__bad"
 _DEVICE = "__device"
-_MISSING_TEXT = ["", "na", "n/a", "nan", "null", "none", "-"]
+_MISSING_TEXT = list(MISSING_TEXT)
 """Cell texts that mean 'no reading' (compared lower-case): null values, never dead-lettered."""
 _SAMPLE_ROWS = 10_000
 """Rows from the top of a file that decide which text columns are metrics (wide, no `columns`)."""
