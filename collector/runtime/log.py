@@ -364,6 +364,14 @@ class DeviceLog:
             self.next_offset = offset
             self._cursor = None
 
+    def roll(self) -> None:
+        """Start a new segment now, so the current one can be deleted once processed (a disk
+        running short should not wait for ``segment_bytes``)."""
+        with self._lock:
+            if self._fh.tell() > len(SEGMENT_HEADER):
+                self._open_segment(self.next_offset)
+                self._cursor = None
+
     def close(self) -> None:
         with self._lock:
             if not self._fh.closed:

@@ -14,6 +14,7 @@ import concurrent.futures
 import inspect
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Awaitable
@@ -216,12 +217,24 @@ class Runtime:
             keep |= {r.file for r in prev.pending.values()}
         self.store.prune_pending(keep)
         oldest = min(cp.offset, prev.offset) if prev is not None else cp.offset
+        if cp.offset == self.log.next_offset - 1 and self._disk_short():
+            self.log.roll()  # everything is processed: let the current segment go too
         self.log.truncate_before(oldest + 1)
+
+    def _disk_short(self) -> bool:
+        """Less free space than two log segments (at least 64 MiB)."""
+        try:
+            free = shutil.disk_usage(self.log.folder).free
+        except OSError:
+            return False
+        return free < max(2 * self.cfg.settings.log.segment_bytes, 64 * 1024 * 1024)
 
     # -- sources ----------------------------------------------------------------------------
 
-    def _append(self, data: Any, source: Component, position: Any = None) -> int:
+    def _append(self, data: Any, source: Component, src: Source | None = None) -> int:
+        """Log what a source returned, with its position; bad rows go to its dead letter."""
         cfg = source.config
+        position = src.position() if src is not None else None
         df = normalize(
             data,
             device=self.cfg.settings.device,
@@ -229,6 +242,7 @@ class Runtime:
             now=datetime.now(UTC),
             units=cfg.units,
             tags=cfg.tags,
+            reject=src.ctx.reject if src is not None else None,
         )
         meta = None
         if position is not None and position != self._logged_positions.get(source.name):
@@ -265,7 +279,7 @@ class Runtime:
                 data = await source.read()
             else:
                 data = await asyncio.to_thread(source.read)
-            await asyncio.to_thread(self._append, data, comp, source.position())
+            await asyncio.to_thread(self._append, data, comp, source)
         except Exception as exc:
             self.counters.inc("source_errors_total", source=comp.name)
             log.warning("source %s: %s", comp.name, exc)
@@ -275,7 +289,7 @@ class Runtime:
         while not self._stop.is_set():
             try:
                 async for data in source.stream():
-                    await asyncio.to_thread(self._append, data, comp, source.position())
+                    await asyncio.to_thread(self._append, data, comp, source)
                     delay = 1.0
                 if getattr(source, "finite", False):
                     return

@@ -201,3 +201,15 @@ def test_first_format_segments_are_still_read(tmp_path: Path) -> None:
     log = DeviceLog(folder)
     assert log.append(table(1, 3)) == 3
     assert _values(folder) == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_roll_lets_a_processed_segment_go_before_it_is_full(tmp_path: Path) -> None:
+    log = DeviceLog(tmp_path)
+    for i in range(5):
+        log.append(table(1, i))
+    log.roll()
+    log.roll()  # an empty segment is not rolled again
+    assert len(list(tmp_path.glob("*.log"))) == 2
+    assert log.truncate_before(5) == 1
+    assert log.append(table(1, 5)) == 5
+    assert [e.offset for e in DeviceLog(tmp_path).read(0)] == [5]
