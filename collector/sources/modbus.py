@@ -13,6 +13,7 @@ is swapped before it, as that helper has no byte-order option.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -410,10 +411,19 @@ class ModbusSource(Source):
         rows: list[dict[str, Any]] = []
         for reg in group.registers:
             start = reg.address - group.address
-            if group.function in _BIT_FUNCTIONS:
-                value = float(bool(resp.bits[start])) * reg.scale + reg.offset
-            else:
-                value = decode(reg, resp.registers[start : start + reg.width])
+            try:
+                if group.function in _BIT_FUNCTIONS:
+                    value = float(bool(resp.bits[start])) * reg.scale + reg.offset
+                else:
+                    value = decode(reg, resp.registers[start : start + reg.width])
+            except Exception as exc:  # a short or odd answer costs this register, not the tick
+                self._count(group, [reg], "decode")
+                words = getattr(resp, "registers", None) or getattr(resp, "bits", None)
+                self.ctx.reject(
+                    json.dumps({"slave": group.slave.id, "register": reg.name, "raw": str(words)}),
+                    f"cannot decode {reg.type} at {reg.address}: {exc!r}",
+                )
+                continue
             row: dict[str, Any] = {"metric": reg.name, "value": value, "ts": now}
             if reg.unit is not None:
                 row["unit"] = reg.unit

@@ -276,6 +276,12 @@ class MqttSource(Source):
         except ParseError as exc:
             self.ctx.reject(msg.payload, f"{msg.topic}: {exc}")
             return []
+        except Exception as exc:
+            # A payload no parser check foresaw (a 400-digit integer, say) must cost only
+            # itself: raising here would leave the batch unacked, restart the stream and have
+            # the broker redeliver the same message forever.
+            self.ctx.reject(msg.payload, f"{msg.topic}: unreadable: {exc!r}")
+            return []
         now = self.ctx.clock()
         for row in rows:
             row.setdefault("ts", now)

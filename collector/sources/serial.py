@@ -233,6 +233,9 @@ class SerialSource(Source):
             except ParseError as exc:
                 self.ctx.reject(raw, str(exc))
                 continue
+            except Exception as exc:  # a value no parser check foresaw (e.g. 10**400)
+                self.ctx.reject(raw, f"unreadable: {exc!r}")
+                continue
             for row in parsed:
                 row.setdefault("ts", now)
             rows.extend(parsed)

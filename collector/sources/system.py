@@ -108,41 +108,65 @@ class SystemSource(Source):
                 )
 
         include = set(self.config.include)
-        if "cpu" in include:
-            add("cpu_percent", psutil.cpu_percent(interval=None))
-            if hasattr(psutil, "getloadavg"):
-                for name, load in zip(
-                    ("load_1m", "load_5m", "load_15m"), psutil.getloadavg(), strict=True
-                ):
-                    rows.append({"metric": name, "value": float(load), "ts": now})
-        if "memory" in include:
-            vm = psutil.virtual_memory()
-            add("memory_used_percent", vm.percent)
-            add("memory_available_bytes", vm.available)
-            add("swap_used_percent", psutil.swap_memory().percent)
-        if "disk" in include:
-            for mount in self.config.disks:
-                try:
-                    du = psutil.disk_usage(mount)
-                except OSError as exc:
-                    self.ctx.counters.inc(
-                        "system_errors_total", component=self.ctx.component, kind="disk"
-                    )
-                    self.ctx.logger.debug("disk %s: %s", mount, exc)
-                    continue
-                add("disk_used_percent", du.percent, mount=mount)
-                add("disk_free_bytes", du.free, mount=mount)
-        if "network" in include:
-            rows += self._network(psutil, now)
-        if "temperature" in include and hasattr(psutil, "sensors_temperatures"):
+        sections = [
+            ("cpu", lambda: self._cpu(psutil, add, rows, now)),
+            ("memory", lambda: self._memory(psutil, add)),
+            ("disk", lambda: self._disks(psutil, add)),
+            ("network", lambda: rows.extend(self._network(psutil, now))),
+            ("temperature", lambda: self._temperatures(psutil, add)),
+        ]
+        for name, collect in sections:
+            if name not in include:
+                continue
             try:
-                sensors = psutil.sensors_temperatures()
-            except (OSError, RuntimeError):
-                sensors = {}
-            for chip, entries in sensors.items():
-                for i, entry in enumerate(entries):
-                    add("temperature", entry.current, sensor=f"{chip}/{entry.label or i}")
+                collect()
+            except Exception as exc:  # one failing probe costs its section, not the tick
+                self.ctx.counters.inc(
+                    "system_errors_total", component=self.ctx.component, kind=name
+                )
+                self.ctx.logger.debug("%s: %s: %r", self.ctx.component, name, exc)
         return rows
+
+    @staticmethod
+    def _cpu(psutil: Any, add: Any, rows: list[dict[str, Any]], now: Any) -> None:
+        add("cpu_percent", psutil.cpu_percent(interval=None))
+        if hasattr(psutil, "getloadavg"):
+            for name, load in zip(
+                ("load_1m", "load_5m", "load_15m"), psutil.getloadavg(), strict=True
+            ):
+                rows.append({"metric": name, "value": float(load), "ts": now})
+
+    @staticmethod
+    def _memory(psutil: Any, add: Any) -> None:
+        vm = psutil.virtual_memory()
+        add("memory_used_percent", vm.percent)
+        add("memory_available_bytes", vm.available)
+        add("swap_used_percent", psutil.swap_memory().percent)
+
+    def _disks(self, psutil: Any, add: Any) -> None:
+        for mount in self.config.disks:
+            try:
+                du = psutil.disk_usage(mount)
+            except OSError as exc:
+                self.ctx.counters.inc(
+                    "system_errors_total", component=self.ctx.component, kind="disk"
+                )
+                self.ctx.logger.debug("disk %s: %s", mount, exc)
+                continue
+            add("disk_used_percent", du.percent, mount=mount)
+            add("disk_free_bytes", du.free, mount=mount)
+
+    @staticmethod
+    def _temperatures(psutil: Any, add: Any) -> None:
+        if not hasattr(psutil, "sensors_temperatures"):
+            return
+        try:
+            sensors = psutil.sensors_temperatures()
+        except (OSError, RuntimeError):
+            sensors = {}
+        for chip, entries in sensors.items():
+            for i, entry in enumerate(entries):
+                add("temperature", entry.current, sensor=f"{chip}/{entry.label or i}")
 
     def _network(self, psutil: Any, now: Any) -> list[dict[str, Any]]:
         per_nic = psutil.net_io_counters(pernic=True)
