@@ -69,6 +69,12 @@ class SourceConfig(ComponentConfig):
     cron: str | None = Field(
         default=None, description="Crontab schedule (5 fields, UTC) instead of `every`."
     )
+    jitter: Duration | None = Field(
+        default=None,
+        ge=0,
+        description="Random delay up to this long added to each scheduled tick, so a fleet "
+        "polling one gateway (or waking on the same cron minute) does not hit it at once.",
+    )
     tags: dict[str, str] = Field(
         default_factory=dict, description="Extra string columns added to every reading."
     )

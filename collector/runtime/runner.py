@@ -125,6 +125,7 @@ class Runtime:
         self.pipeline_still_running = False
         """Set when a stop gave up waiting for the pipeline thread (no in-process restart)."""
         self._log_errors = 0
+        self._skipped: dict[str, int] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def _ctx(self, component: str) -> Context:
@@ -403,8 +404,21 @@ class Runtime:
                 self._refresh_sink_state()
                 if n % 3 == 0:
                     await asyncio.to_thread(self.telemetry.write_status)
+                if n % 60 == 0:
+                    self._report_skipped()
             except Exception:  # one bad round (a full disk) must not end housekeeping
                 log.exception("housekeeping")
+
+    def _report_skipped(self) -> None:
+        """Ticks skipped because the previous read was still running, once a minute."""
+        for name, count in sorted(self._skipped.items()):
+            log.warning(
+                "source %s: %d tick(s) skipped in the last minute (the previous read was "
+                "still running, or the loop was busy); see missed_ticks_total",
+                name,
+                count,
+            )
+        self._skipped.clear()
 
     def _append_marker(self, kind: Kind) -> None:
         try:
@@ -474,6 +488,7 @@ class Runtime:
                 if self._ticks:
                     await asyncio.wait(set(self._ticks), timeout=self.cfg.settings.shutdown_timeout)
                 scheduler.shutdown(wait=False)
+                self._report_skipped()
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -536,7 +551,11 @@ class Runtime:
 
         def missed(event: Any) -> None:
             self.counters.inc("missed_ticks_total", source=event.job_id)
+            self._skipped[event.job_id] = self._skipped.get(event.job_id, 0) + 1
 
+        # APScheduler warns once per skipped tick; the runtime counts them and says it once a
+        # minute instead (see _report_skipped)
+        logging.getLogger("apscheduler").setLevel(logging.ERROR)
         scheduler.add_listener(missed, EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES)
         for src in sources:
             comp = by_obj[id(src)]
@@ -544,11 +563,16 @@ class Runtime:
                 tasks.append(asyncio.create_task(self._stream(comp, src), name=comp.name))
                 continue
             cfg = comp.config
-            trigger = (
-                CronTrigger.from_crontab(cfg.cron, timezone="UTC")
-                if cfg.cron
-                else IntervalTrigger(seconds=cfg.every or 5.0, timezone="UTC")
-            )
+            trigger: Any
+            if cfg.cron:
+                trigger = CronTrigger.from_crontab(cfg.cron, timezone="UTC")
+                trigger.jitter = cfg.jitter or None
+                first: dict[str, Any] = {}  # the cron's own first fire time
+            else:
+                trigger = IntervalTrigger(
+                    seconds=cfg.every or 5.0, timezone="UTC", jitter=cfg.jitter or None
+                )
+                first = {"next_run_time": datetime.now(UTC)}
             scheduler.add_job(
                 self._tick,
                 trigger,
@@ -556,8 +580,8 @@ class Runtime:
                 id=comp.name,
                 max_instances=1,
                 coalesce=True,
-                misfire_grace_time=1,
-                next_run_time=None if cfg.cron else datetime.now(UTC),
+                misfire_grace_time=max(1, int(cfg.jitter or 0) + 1),
+                **first,
             )
         scheduler.start()
         return scheduler

@@ -1,0 +1,46 @@
+"""Scheduling of polled sources: cron fires, jitter spreads a fleet, skipped ticks are counted."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from collector.runtime.runner import Runtime
+from collector.testing import load_config
+
+
+def _jobs(tmp_path: Path, source: dict[str, Any]) -> dict[str, Any]:
+    cfg = load_config(
+        {
+            "device": "d",
+            "telemetry": {"enabled": False},
+            "sources": [{"name": "s", "type": "simulated", **source}],
+            "sinks": [{"type": "console"}],
+        }
+    )
+    rt = Runtime(cfg, tmp_path)
+
+    async def schedule() -> dict[str, Any]:
+        tasks: list[asyncio.Task[Any]] = []
+        scheduler = rt._schedule([src for _, src in rt.sources], tasks)
+        try:
+            return {j.id: j for j in scheduler.get_jobs()}
+        finally:
+            scheduler.shutdown(wait=False)
+
+    return asyncio.run(schedule())
+
+
+def test_a_cron_source_is_scheduled_not_paused(tmp_path: Path) -> None:
+    job = _jobs(tmp_path, {"cron": "* * * * *"})["s"]
+    assert job.next_run_time is not None  # None is APScheduler's "paused": it never fired
+    now = datetime.now(UTC)
+    assert now < job.next_run_time <= now + timedelta(seconds=61)
+
+
+def test_jitter_reaches_the_trigger(tmp_path: Path) -> None:
+    assert _jobs(tmp_path, {"every": "5s", "jitter": "2s"})["s"].trigger.jitter == 2
+    assert _jobs(tmp_path, {"cron": "*/5 * * * *", "jitter": "30s"})["s"].trigger.jitter == 30
+    assert _jobs(tmp_path, {"every": "5s"})["s"].trigger.jitter is None
