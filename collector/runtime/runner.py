@@ -42,6 +42,10 @@ from collector.schema import normalize
 log = logging.getLogger("collector")
 
 
+FINITE_SOURCE_ATTEMPTS = 3
+"""A finite source (a replay) failing this often in a row, with no data between, gives up."""
+
+
 class _Abort(Exception):
     """The consumer stopped mid-entry (shutdown while a spool was full): do not checkpoint."""
 
@@ -126,6 +130,8 @@ class Runtime:
         """Set when a stop gave up waiting for the pipeline thread (no in-process restart)."""
         self._log_errors = 0
         self._skipped: dict[str, int] = {}
+        self.failed_sources: dict[str, str] = {}
+        """Finite sources that gave up (their reason): `--once` then exits 1."""
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def _ctx(self, component: str) -> Context:
@@ -286,19 +292,34 @@ class Runtime:
             log.warning("source %s: %s", comp.name, exc)
 
     async def _stream(self, comp: Component, source: Source) -> None:
+        """Run a long-lived source, restarting it after a failure (it resumes from its
+        position). A finite one (a replay) that fails this many times in a row without
+        handing over anything gives up, so `--once` ends with the reason instead of looping."""
         delay = 1.0
+        failures = 0
+        finite = getattr(source, "finite", False)
         while not self._stop.is_set():
             try:
                 async for data in source.stream():
                     await asyncio.to_thread(self._append, data, comp, source)
-                    delay = 1.0
-                if getattr(source, "finite", False):
+                    delay, failures = 1.0, 0
+                if finite:
                     return
                 log.warning("source %s ended; restarting in %.0fs", comp.name, delay)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self.counters.inc("source_errors_total", source=comp.name)
+                failures += 1
+                if finite and failures >= FINITE_SOURCE_ATTEMPTS:
+                    self.failed_sources[comp.name] = str(exc)
+                    log.error(
+                        "source %s failed %d times in a row, giving up: %s",
+                        comp.name,
+                        failures,
+                        exc,
+                    )
+                    return
                 log.warning("source %s failed: %s; restarting in %.0fs", comp.name, exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 60.0)
@@ -470,8 +491,13 @@ class Runtime:
             if not opening.done():  # a stop while a device is still opening: skip to shutdown
                 opening.cancel()
                 await asyncio.gather(opening, return_exceptions=True)
-            elif once:
-                await self._run_once(opened)
+            elif once:  # a stop signal ends it at once, even a source's backoff
+                ticking = asyncio.create_task(self._run_once(opened))
+                stopped = asyncio.create_task(stop.wait())
+                await asyncio.wait([ticking, stopped], return_when=asyncio.FIRST_COMPLETED)
+                stopped.cancel()
+                ticking.cancel()
+                await asyncio.gather(ticking, return_exceptions=True)
             else:
                 scheduler = self._schedule(opened, tasks)
                 waiters = [asyncio.create_task(stop.wait())]
@@ -636,6 +662,12 @@ class Runtime:
                 ", ".join(f"{n}={v}" for n, v in left.items()),
             )
             return 1 if once else 0
+        if once and self.failed_sources:
+            log.error(
+                "--once incomplete: %s",
+                "; ".join(f"source {n} gave up: {r}" for n, r in self.failed_sources.items()),
+            )
+            return 1
         return 0
 
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from collector.runtime.runner import Runtime
-from collector.testing import load_config
+import pytest
+
+from collector.plugin import Source
+from collector.runtime.runner import FINITE_SOURCE_ATTEMPTS, Runtime
+from collector.testing import load_config, run_once
 
 
 def _jobs(tmp_path: Path, source: dict[str, Any]) -> dict[str, Any]:
@@ -44,3 +48,29 @@ def test_jitter_reaches_the_trigger(tmp_path: Path) -> None:
     assert _jobs(tmp_path, {"every": "5s", "jitter": "2s"})["s"].trigger.jitter == 2
     assert _jobs(tmp_path, {"cron": "*/5 * * * *", "jitter": "30s"})["s"].trigger.jitter == 30
     assert _jobs(tmp_path, {"every": "5s"})["s"].trigger.jitter is None
+
+
+class FailingReplay(Source):
+    """A finite stream that fails every time, like a replay of a file it cannot read."""
+
+    long_lived = True
+    finite = True
+    attempts: ClassVar[int] = 0
+
+    async def stream(self) -> AsyncIterator[Any]:
+        type(self).attempts += 1
+        raise ValueError("duplicate column name 'value'")
+        yield  # pragma: no cover - makes this an async generator
+
+
+def test_a_finite_source_that_keeps_failing_ends_once_with_exit_1(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = {
+        "device": "d",
+        "sources": [{"name": "r", "type": "tests.unit.test_schedule:FailingReplay"}],
+        "sinks": [{"type": "console"}],
+    }
+    assert run_once(config, tmp_path) == 1
+    assert FailingReplay.attempts == FINITE_SOURCE_ATTEMPTS
+    assert "source r gave up: duplicate column name 'value'" in caplog.text
