@@ -105,6 +105,15 @@ class AwsSinkConfig(SinkConfig):
     read_timeout: Duration = Field(default=30.0, gt=0, description="Response read timeout.")
 
 
+def deadline(config: AwsSinkConfig) -> float:
+    """Seconds one ``write`` may take before the runtime gives up on it as "no answer".
+
+    botocore's timeouts bound each attempt; a write makes a few calls (partitions, chunks), so
+    twice the worst single call: all attempts each waiting their connect and read timeouts.
+    """
+    return 2.0 * config.max_attempts * (config.connect_timeout + config.read_timeout)
+
+
 def session(config: AwsSinkConfig) -> AioSession:
     """An aiobotocore session on the default credential chain (optionally a named profile)."""
     from aiobotocore.session import AioSession

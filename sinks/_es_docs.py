@@ -15,6 +15,10 @@ import polars as pl
 import pyarrow as pa
 
 from collector.schema import RECORD_ID
+from sinks._partition import bound_id
+
+MAX_ID_BYTES = 512
+"""Elasticsearch and OpenSearch refuse a longer ``_id``."""
 
 TIME_SPECIFIERS = frozenset("YymdHjGVU%")
 """strftime codes allowed in ``index``: the ones Python and Polars (chrono) spell the same way,
@@ -196,7 +200,7 @@ def build_actions(
         source = {k: v for k, v in doc.items() if v is not None}  # absent == null, and smaller
         action: dict[str, Any] = {"_op_type": op, "_index": targets[row], "_source": source}
         if use_record_id and ids is not None:
-            action["_id"] = ids[row]
+            action["_id"] = bound_id(str(ids[row]), MAX_ID_BYTES)
         out.actions.append(action)
         out.rows.append(row)
     return out

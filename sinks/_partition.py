@@ -1,10 +1,24 @@
 """Hive partition paths from event time, shared by the local lake and the S3 lake.
 
-Partition values are sanitised so that a device id like ``../x`` can never leave the root.
+Every partition value becomes one path segment through :func:`sanitize`:
+
+- characters outside ``[A-Za-z0-9_.-]`` are percent-encoded (UTF-8 bytes), so a device id like
+  ``../x`` can never leave the root and every reader sees a plain Hive ``key=value`` folder;
+- a value whose encoded form would pass :data:`MAX_SEGMENT_BYTES` (120) becomes a readable
+  prefix of the encoding plus ``~`` and 10 hex digits of the SHA-256 of the *full* value.
+
+Why the bound: a file system refuses a name over 255 bytes (``ENAMETOOLONG``) and S3 a key over
+1,024 bytes, and no retry can fix either. Thirty CJK characters are 270 bytes once
+percent-encoded, so without a bound one odd metric name would block its sink for good. ``~`` is
+never produced by the encoding, so a shortened value cannot equal a short one, and the hash of
+the whole value keeps two long values with the same prefix apart. The full value always stays in
+the file's own column: readers that trust the file (``collector export``, Polars, DuckDB) see it
+unchanged; only the folder name is shortened.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterator, Sequence
 
@@ -19,17 +33,65 @@ TIME_PARTS = {
     "hour": "%H",
 }
 DEFAULT_PARTITIONS = ("metric", "date")
+MAX_SEGMENT_BYTES = 120
+"""Longest encoded partition value or batch-id segment: with a key name and ``=`` a folder stays
+far below a file name's 255 bytes, and a few of them plus a file name far below S3's 1,024."""
+HASH_MARK = "~"
+HASH_HEX = 10
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
+_CUT_ESCAPE = re.compile(r"%[0-9A-F]?$")
+
+
+def _encode(text: str) -> str:
+    return _UNSAFE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), text)
+
+
+def bound(encoded: str, original: str, limit: int = MAX_SEGMENT_BYTES) -> str:
+    """``encoded`` itself if it fits ``limit`` bytes, else its prefix + ``~`` + a short hash.
+
+    The prefix is cut so no ``%XX`` escape is split; the hash is of ``original`` (the value
+    before encoding), so the shortened name is the same on every retry and every device.
+    """
+    if len(encoded) <= limit:
+        return encoded
+    digest = hashlib.sha256(original.encode("utf-8", "surrogatepass")).hexdigest()[:HASH_HEX]
+    head = _CUT_ESCAPE.sub("", encoded[: limit - len(HASH_MARK) - HASH_HEX])
+    return f"{head}{HASH_MARK}{digest}"
 
 
 def sanitize(value: object) -> str:
-    """A value safe as one path segment: unsafe characters percent-encoded, no dot-only names."""
+    """A value safe as one path segment: percent-encoded, never dot-only, at most 120 bytes."""
     if value is None:
         return "__HIVE_DEFAULT_PARTITION__"
-    text = _UNSAFE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), str(value))
+    original = str(value)
+    text = _encode(original)
     if text.strip(".") == "":
         text = text.replace(".", "%2E")
-    return text or "__empty__"
+    return bound(text, original) or "__empty__"
+
+
+def part_name(batch_id: str) -> str:
+    """``part-<batch id>.parquet``, the batch id encoded and bounded like a partition value.
+
+    Batch ids are at most ~80 bytes (see ``collector.runtime.identity``); the bound only matters
+    for ids of another shape, which must still make a valid file name and object key.
+    """
+    return f"part-{sanitize(batch_id)}.parquet"
+
+
+def bound_id(text: str, limit: int) -> str:
+    """``text`` if it fits ``limit`` UTF-8 bytes, else a prefix + ``~`` + 16 hex of its SHA-256.
+
+    For ids a service caps (IoT Analytics ``messageId`` 128 characters, ES ``_id`` 512 bytes):
+    today's record ids are ~90 bytes and pass unchanged; a longer one still gets an id that is
+    the same on every retry (so replays still overwrite) and distinct from every other id.
+    """
+    raw = text.encode("utf-8", "surrogatepass")
+    if len(raw) <= limit:
+        return text
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    head = raw[: limit - 1 - len(digest)].decode("utf-8", "ignore")
+    return f"{head}{HASH_MARK}{digest}"
 
 
 def validate_partitions(parts: Sequence[str], columns: Sequence[str] | None = None) -> None:
@@ -49,6 +111,18 @@ def split(table: pa.Table, parts: Sequence[str]) -> Iterator[tuple[str, pa.Table
 
     Partition columns stay in the file as well as in the path, so a file read alone is complete.
     """
+    for folder, rows, _ in split_indexed(table, parts):
+        yield folder, rows
+
+
+def split_indexed(
+    table: pa.Table, parts: Sequence[str]
+) -> Iterator[tuple[str, pa.Table, pa.Array]]:
+    """Like :func:`split`, plus the partition's row numbers in ``table``.
+
+    Sinks hand ``table.take(rows)`` back to the runtime when one partition fails, so the rows
+    that are re-spooled or dead-lettered keep the batch's own schema, not Polars' types.
+    """
     df = pl.from_arrow(table)
     assert isinstance(df, pl.DataFrame)
     keys: list[str] = []
@@ -60,9 +134,11 @@ def split(table: pa.Table, parts: Sequence[str]) -> Iterator[tuple[str, pa.Table
             exprs.append(pl.col("ts").dt.strftime(TIME_PARTS[p]).alias(key))
         else:
             exprs.append(pl.col(p).cast(pl.String).alias(key))
-    df = df.with_columns(exprs)
+    index = "__part_row"
+    df = df.with_columns(exprs).with_row_index(index)
     for group_key, group in df.group_by(keys, maintain_order=True):
         folder = "/".join(
             f"{p}={sanitize(v)}" for p, v in zip(parts, group_key, strict=True)
         )
-        yield folder, group.drop(keys).to_arrow()
+        rows = group.get_column(index).cast(pl.Int64).to_arrow()
+        yield folder, group.drop([*keys, index]).to_arrow(), rows

@@ -193,6 +193,16 @@ class ElasticsearchSink(Sink):
     config: ElasticsearchSinkConfig
     backend: Backend | None = None
 
+    @property
+    def deadline(self) -> float:
+        """Seconds the runtime lets one ``write`` take before it counts as "no answer".
+
+        Each bulk request is bounded by ``request_timeout`` (per host tried); a batch above
+        ``max_bytes`` takes several requests, so a few of them plus the re-sends of rows a
+        refused request held.
+        """
+        return 4.0 * self.config.request_timeout * len(self.config.hosts)
+
     async def open(self) -> None:
         cfg = self.config
         try:
@@ -239,10 +249,26 @@ class ElasticsearchSink(Sink):
         built = docs.build_actions(
             table, index=cfg.index, data_stream=cfg.data_stream, use_record_id=cfg.use_record_id
         )
+        results = await self._bulk(built.actions, batch_id)
+        refused = [i for i, result in enumerate(results) if self._refused_whole(*result)]
+        if len(refused) > 1:
+            # A request the server refused as a whole (413 too large, 400 unparsable) says
+            # nothing about which document caused it: send those documents one per request,
+            # so only a document that cannot be indexed even alone is dead-lettered.
+            for i in refused:
+                (results[i],) = await self._bulk([built.actions[i]], batch_id, max_docs=1)
+        self._settle(table, batch_id, built, results)
+
+    async def _bulk(
+        self, actions: list[dict[str, Any]], batch_id: str, max_docs: int | None = None
+    ) -> list[tuple[bool, dict[str, Any]]]:
+        """One result per action, in order; TransientSinkError if the exchange itself broke."""
+        assert self.backend is not None
+        cfg = self.config
         results: list[tuple[bool, dict[str, Any]]] = []
         try:
             async for result in self.backend.streaming_bulk(
-                built.actions, max_docs=cfg.max_docs, max_bytes=cfg.max_bytes
+                actions, max_docs=max_docs or cfg.max_docs, max_bytes=cfg.max_bytes
             ):
                 results.append(result)
         except Exception as exc:
@@ -253,12 +279,24 @@ class ElasticsearchSink(Sink):
                 f"{self.ctx.component}: bulk of batch {batch_id} failed: {_say(failure)}",
                 retry_after=failure.retry_after,
             ) from None
-        if len(results) != len(built.actions):
+        if len(results) != len(actions):
             raise TransientSinkError(
-                f"{self.ctx.component}: {len(results)} bulk results for {len(built.actions)} "
+                f"{self.ctx.component}: {len(results)} bulk results for {len(actions)} "
                 "documents; sending the batch again"
             )
-        self._settle(table, batch_id, built, results)
+        return results
+
+    @staticmethod
+    def _refused_whole(ok: bool, item: dict[str, Any]) -> bool:
+        """The item failed because its whole request was refused for good (400/413)."""
+        if ok:
+            return False
+        _, info = next(iter(item.items()))
+        exc = info.get("exception")
+        if exc is None:
+            return False
+        failure = describe(exc) or Failure(None, str(exc))
+        return failure.status in (400, 413)
 
     def _settle(
         self,

@@ -231,6 +231,11 @@ class FirehoseSink(Sink):
         self._stack: contextlib.AsyncExitStack | None = None
         self.client: Any = None
 
+    @property
+    def deadline(self) -> float:
+        """Seconds the runtime lets one ``write`` take (see ``_aws.deadline``)."""
+        return _aws.deadline(self.config)
+
     async def open(self) -> None:
         self._stack = contextlib.AsyncExitStack()
         self.client = await _aws.open_client(self._stack, "firehose", self.config)
@@ -263,7 +268,7 @@ class FirehoseSink(Sink):
         groups = calls(records, self.config.max_records_per_call, self.config.max_request_bytes)
         for n, group in enumerate(groups):
             try:
-                failed, errors = await self._put(group)
+                failed, errors, refused = await self._put_isolating(group)
             except TransientSinkError as exc:
                 if not sent_any and not too_big:
                     raise  # nothing landed: the runtime retries the whole batch
@@ -272,14 +277,9 @@ class FirehoseSink(Sink):
                 retry += [r for g in groups[n:] for rec in g for r in rec.rows]
                 reasons.append(str(exc))
                 break
-            except PermanentSinkError as exc:
-                if not sent_any and not too_big:
-                    raise
-                # earlier calls landed: dead-letter only this call's rows, go on with the rest
-                rows = [r for rec in group for r in rec.rows]
-                rejected += rows
-                why += [str(exc)] * len(rows)
-                continue
+            for rec, reason in refused:  # only the records refused even alone
+                rejected += rec.rows
+                why += [reason] * len(rec.rows)
             sent_any = True
             for rec in failed:
                 retry += rec.rows
@@ -298,6 +298,25 @@ class FirehoseSink(Sink):
             f"{len(rejected)} rejected" + (f" ({'; '.join(sorted(set(reasons))[:3])})"
                                           if reasons else ""),
         )
+
+    async def _put_isolating(
+        self, group: list[Packed]
+    ) -> tuple[list[Packed], list[str], list[tuple[Packed, str]]]:
+        """``_put``; a call refused for good is halved until the refused record stands alone,
+        so one bad record costs its own rows, not the call's other records.
+
+        Returns (records that failed for now, their errors, (record, reason) refused for good).
+        """
+        try:
+            failed, errors = await self._put(group)
+            return failed, errors, []
+        except PermanentSinkError as exc:
+            if len(group) == 1:
+                return [], [], [(group[0], str(exc))]
+        half = len(group) // 2
+        failed_a, errors_a, refused_a = await self._put_isolating(group[:half])
+        failed_b, errors_b, refused_b = await self._put_isolating(group[half:])
+        return failed_a + failed_b, errors_a + errors_b, refused_a + refused_b
 
     async def _put(self, group: list[Packed]) -> tuple[list[Packed], list[str]]:
         """One PutRecordBatch; (records that failed, their error strings)."""

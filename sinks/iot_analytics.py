@@ -19,10 +19,13 @@ from pydantic import Field
 from collector.errors import PartialWriteError, PermanentSinkError, TransientSinkError
 from collector.plugin import Context, Sink, SinkLimits
 from sinks import _aws
+from sinks._partition import bound_id
 from sinks.firehose import ndjson_lines
 
 MAX_MESSAGES_PER_CALL = 100
 MAX_PAYLOAD_BYTES = 128 * 1024
+MAX_MESSAGE_ID = 128
+"""BatchPutMessage refuses a longer ``messageId`` (the whole call, not just that message)."""
 SIGNING_NAME = "iotanalytics"
 END_OF_LIFE = (
     "AWS IoT Analytics reached end of life on 2025-12-15: the `iot_analytics` sink only works "
@@ -67,6 +70,11 @@ class IotAnalyticsSink(Sink):
         self._session: Any = None
         self.url = ""
         self.region = ""
+
+    @property
+    def deadline(self) -> float:
+        """Seconds the runtime lets one ``write`` take (see ``_aws.deadline``)."""
+        return _aws.deadline(self.config)
 
     async def open(self) -> None:
         import aiohttp
@@ -113,11 +121,14 @@ class IotAnalyticsSink(Sink):
         if self._http is None:
             await self.open()
         lines = ndjson_lines(table)
-        ids = (
-            table.column("record_id").to_pylist()
-            if "record_id" in table.column_names
-            else [f"{batch_id}:{i}" for i in range(table.num_rows)]
-        )
+        ids = [
+            bound_id(str(raw), MAX_MESSAGE_ID)
+            for raw in (
+                table.column("record_id").to_pylist()
+                if "record_id" in table.column_names
+                else [f"{batch_id}:{i}" for i in range(table.num_rows)]
+            )
+        ]
         too_big = [i for i, line in enumerate(lines) if len(line) > MAX_PAYLOAD_BYTES]
         keep = [i for i in range(len(lines)) if i not in set(too_big)]
         step = self.config.max_messages_per_call
@@ -128,13 +139,16 @@ class IotAnalyticsSink(Sink):
         chunks = [keep[i : i + step] for i in range(0, len(keep), step)]
         for n, chunk in enumerate(chunks):
             try:
-                errors = await self._put(chunk, ids, lines)
+                errors, refused = await self._put_isolating(chunk, ids, lines)
             except TransientSinkError:
                 if not sent_any and not rejected:
                     raise
                 retry += [r for c in chunks[n:] for r in c]
                 break
             sent_any = True
+            for row, reason in refused:
+                rejected.append(row)
+                reasons.append(reason)
             for row, code, message in errors:
                 if code in _REJECT_CODES:
                     rejected.append(row)
@@ -150,6 +164,22 @@ class IotAnalyticsSink(Sink):
             message=f"iot_analytics {self.config.channel}: {len(retry)} rows to retry, "
             f"{len(rejected)} rejected",
         )
+
+    async def _put_isolating(
+        self, chunk: list[int], ids: list[str], lines: list[bytes]
+    ) -> tuple[list[tuple[int, str, str]], list[tuple[int, str]]]:
+        """``_put``, and when the service refuses the whole call for good (HTTP 400), halve it
+        until the message(s) that cause it stand alone: only those are rejected, the rest of
+        the chunk is sent. Returns (per-message errors, (row, reason) refused for good)."""
+        try:
+            return await self._put(chunk, ids, lines), []
+        except PermanentSinkError as exc:
+            if len(chunk) == 1:
+                return [], [(chunk[0], str(exc))]
+        half = len(chunk) // 2
+        errors_a, refused_a = await self._put_isolating(chunk[:half], ids, lines)
+        errors_b, refused_b = await self._put_isolating(chunk[half:], ids, lines)
+        return errors_a + errors_b, refused_a + refused_b
 
     async def _put(
         self, chunk: list[int], ids: list[str], lines: list[bytes]

@@ -3,6 +3,11 @@
 The file name is the batch id, so a batch the runtime replays after a crash overwrites its own
 file instead of duplicating rows; readers never see a half-written file because the data lands
 under a temporary name and is renamed into place after an fsync.
+
+Each partition file is written on its own: a partition that can never be written (a name the
+file system refuses, data Parquet cannot hold) goes to the dead letter alone and the batch's
+other partitions land; a partition that failed for a reason the device can get over (a full
+disk) is retried alone. See ``sinks._isolate``.
 """
 
 from __future__ import annotations
@@ -18,14 +23,28 @@ from pydantic import Field, field_validator
 from collector.errors import PermanentSinkError, TransientSinkError
 from collector.plugin import Context, Sink, SinkConfig
 from collector.runtime.fsutil import atomic_write, fsync_dir
-from sinks._partition import DEFAULT_PARTITIONS, sanitize, split, validate_partitions
+from sinks._isolate import Outcome, is_permanent_os_error
+from sinks._partition import (
+    DEFAULT_PARTITIONS,
+    part_name,
+    sanitize,
+    split_indexed,
+    validate_partitions,
+)
+
+DEFAULT_FOLDER = "lake"
+"""The lake's folder inside the data dir when the config sets no `path`."""
 
 
 class LakeConfig(SinkConfig):
     """Config of the `lake` sink."""
 
     type: Literal["lake"] = Field(default="lake", description="Plugin name.")
-    path: str = Field(default="./data/lake", description="Root folder of the lake.")
+    path: str | None = Field(
+        default=None,
+        description="Root folder of the lake; default `<data_dir>/lake`, so a run with "
+        "another `--data-dir` never writes into someone else's lake by accident.",
+    )
     partition_by: list[str] = Field(
         default_factory=lambda: list(DEFAULT_PARTITIONS),
         description="Hive partition keys, outermost first: columns (e.g. `metric`, `device`) "
@@ -62,7 +81,8 @@ class LakeSink(Sink):
 
     def __init__(self, config: LakeConfig, ctx: Context) -> None:
         super().__init__(config, ctx)
-        self.root = Path(config.path).expanduser().resolve()
+        root = Path(config.path).expanduser() if config.path else ctx.data_dir / DEFAULT_FOLDER
+        self.root = root.resolve()
 
     async def open(self) -> None:
         await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
@@ -79,17 +99,34 @@ class LakeSink(Sink):
         ):
             raise PermanentSinkError("lake: time partitions need a `ts` column")
         try:
-            await asyncio.to_thread(self._write, table, batch_id)
-        except OSError as exc:
+            outcome = await asyncio.to_thread(self._write, table, batch_id)
+        except OSError as exc:  # the root itself: nothing was written
             raise TransientSinkError(f"lake: cannot write under {self.root}: {exc}") from exc
+        outcome.settle(table, batch_id)
 
-    def _write(self, table: pa.Table, batch_id: str) -> None:
-        name = f"part-{sanitize(batch_id)}.parquet"
-        for folder, rows in split(table, self.config.partition_by):
+    def _write(self, table: pa.Table, batch_id: str) -> Outcome:
+        """Write every partition it can; what happened to each is in the returned Outcome."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        name = part_name(batch_id)
+        outcome = Outcome(f"lake {self.root}")
+        for folder, rows, index in split_indexed(table, self.config.partition_by):
             target = (self.root / folder).resolve()
             if not target.is_relative_to(self.root):  # sanitize() makes this unreachable
-                raise PermanentSinkError(f"lake: partition {folder!r} escapes {self.root}")
-            self._write_file(target, name, rows)
+                outcome.reject(index, f"lake: partition {folder!r} escapes {self.root}")
+                continue
+            try:
+                self._write_file(target, name, rows)
+            except OSError as exc:
+                reason = f"lake: cannot write {folder}/{name}: {exc}"
+                if is_permanent_os_error(exc):
+                    outcome.reject(index, reason + " (retrying cannot fix this)")
+                else:
+                    outcome.to_retry(index, reason)
+            except (pa.ArrowException, ValueError, TypeError) as exc:  # data Parquet refuses
+                outcome.reject(index, f"lake: cannot encode {folder}: {type(exc).__name__}: {exc}")
+            else:
+                outcome.written(index)
+        return outcome
 
     def _write_file(self, target: Path, name: str, rows: pa.Table) -> None:
         created = not target.exists()

@@ -1,8 +1,12 @@
 """The S3 data lake: Hive-partitioned Parquet (zstd) that Athena, DuckDB, Polars and Spark read.
 
 Object keys come from the deterministic batch id, so a retried or replayed batch overwrites its
-own objects instead of adding duplicates: delivery is exactly once as seen by a reader. A batch
-that fails half-way is retried whole (transient), which rewrites the same keys.
+own objects instead of adding duplicates: delivery is exactly once as seen by a reader.
+
+Each partition is one object with its own fate (``sinks._isolate``): an object S3 refuses for
+good (a 4xx that is not throttling or a fixable setup error, a key over 1,024 bytes, rows
+Parquet cannot encode) sends only that partition's rows to the dead letter; when the endpoint
+stops answering part-way, the objects already written stay and only the rest is retried.
 """
 
 from __future__ import annotations
@@ -15,14 +19,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator, model_validator
 
+from collector.errors import PermanentSinkError, TransientSinkError
 from collector.plugin import Context, Sink, SinkLimits
 from collector.units import Size
 from sinks import _aws
-from sinks._partition import DEFAULT_PARTITIONS, sanitize, split, validate_partitions
+from sinks._isolate import Outcome
+from sinks._partition import DEFAULT_PARTITIONS, part_name, split_indexed, validate_partitions
 
 MIN_PART_BYTES = 5 * 1024**2
 """S3's smallest multipart part (all but the last)."""
 MAX_PARTS = 10_000
+MAX_KEY_BYTES = 1024
+"""S3's longest object key (UTF-8 bytes)."""
+MAX_PREFIX_BYTES = 256
+"""``key_prefix`` bound: leaves room for a few bounded partition folders and the file name."""
 
 
 class S3Config(_aws.AwsSinkConfig):
@@ -71,6 +81,11 @@ class S3Config(_aws.AwsSinkConfig):
         value = value.strip("/")
         if any(part in ("", ".", "..") for part in value.split("/")) and value:
             raise ValueError("key_prefix may not contain empty, `.` or `..` segments")
+        if len(value.encode()) > MAX_PREFIX_BYTES:
+            raise ValueError(
+                f"key_prefix is longer than {MAX_PREFIX_BYTES} bytes: with partitions and the "
+                f"file name, keys would pass S3's {MAX_KEY_BYTES}"
+            )
         return value
 
     @field_validator("partition_by")
@@ -89,8 +104,13 @@ class S3Config(_aws.AwsSinkConfig):
 
 
 def object_key(config: S3Config, folder: str, batch_id: str) -> str:
-    """``<key_prefix>/<partition folder>/part-<batch id>.parquet``: the same on every retry."""
-    name = f"part-{sanitize(batch_id)}.parquet"
+    """``<key_prefix>/<partition folder>/part-<batch id>.parquet``: the same on every retry.
+
+    Partition values and the batch id are bounded (``sinks._partition``), so with a
+    ``key_prefix`` of at most 256 bytes a key passes 1,024 bytes only with very many partition
+    keys; :meth:`S3Sink.write` dead-letters such a partition instead of sending it.
+    """
+    name = part_name(batch_id)
     return "/".join(p for p in (config.key_prefix, folder, name) if p)
 
 
@@ -125,6 +145,11 @@ class S3Sink(Sink):
         self._stack: contextlib.AsyncExitStack | None = None
         self.client: Any = None
 
+    @property
+    def deadline(self) -> float:
+        """Seconds the runtime lets one ``write`` take (see ``_aws.deadline``)."""
+        return _aws.deadline(self.config)
+
     async def open(self) -> None:
         self._stack = contextlib.AsyncExitStack()
         self.client = await _aws.open_client(self._stack, "s3", self.config)
@@ -152,10 +177,19 @@ class S3Sink(Sink):
             await self.open()
         from botocore.exceptions import BotoCoreError, ClientError
 
-        for folder, rows in split(table, self.config.partition_by):
+        outcome = Outcome(f"s3 {self.config.bucket}")
+        parts = list(split_indexed(table, self.config.partition_by))
+        for n, (folder, _rows, index) in enumerate(parts):
             key = object_key(self.config, folder, batch_id)
-            # polars made strings large_string: keep the batch's own schema in the file
-            body = to_parquet(rows.cast(table.schema), self.config.compression_level)
+            if len(key.encode()) > MAX_KEY_BYTES:
+                outcome.reject(index, f"s3: key longer than {MAX_KEY_BYTES} bytes: {key[:200]}…")
+                continue
+            try:
+                # polars made strings large_string: keep the batch's own schema in the file
+                body = to_parquet(table.take(index), self.config.compression_level)
+            except (pa.ArrowException, ValueError, TypeError) as exc:
+                outcome.reject(index, f"s3: cannot encode {folder}: {type(exc).__name__}: {exc}")
+                continue
             try:
                 if len(body) >= self.config.multipart_threshold:
                     await self._put_multipart(key, body)
@@ -164,9 +198,22 @@ class S3Sink(Sink):
                         Bucket=self.config.bucket, Key=key, Body=body, **self._extra_args()
                     )
             except (ClientError, BotoCoreError, OSError, TimeoutError) as exc:
-                raise _aws.classify(exc, f"s3 put s3://{self.config.bucket}/{key}") from exc
+                error = _aws.classify(exc, f"s3 put s3://{self.config.bucket}/{key}")
+                if isinstance(error, PermanentSinkError):
+                    outcome.reject(index, str(error))  # this object only; go on with the rest
+                    continue
+                if isinstance(error, TransientSinkError) and not (
+                    outcome.written_rows or outcome.rejected
+                ):
+                    raise error from exc  # nothing landed yet: retry the whole batch
+                # the endpoint went away part-way: keep what landed, retry this and the rest
+                for _, _, later in parts[n:]:
+                    outcome.to_retry(later, str(error))
+                break
+            outcome.written(index)
             self.ctx.counters.inc("s3_objects_total", component=self.ctx.component)
             self.ctx.counters.inc("s3_bytes_total", len(body), component=self.ctx.component)
+        outcome.settle(table, batch_id)
 
     async def _put_multipart(self, key: str, body: bytes) -> None:
         """Multipart upload; aborted on failure so no orphan parts keep costing storage."""

@@ -94,19 +94,25 @@ class FaultyFirehose:
     ``"lost_ack"`` delivers everything but answers 500 (a timeout after landing).
     """
 
-    def __init__(self, url: str, stream: str, script: list[str]) -> None:
+    def __init__(
+        self, url: str, stream: str, script: list[str], poison: bytes | None = None
+    ) -> None:
         self.client = admin("firehose", url)
         self.stream = stream
         self.script = list(script)
         self.seen: list[str] = []
+        self.poison = poison
+        """A call holding a record that contains these bytes is refused as a whole (400)."""
 
     def __call__(self, request: Any, **_: Any) -> Any:
         from .test_s3 import fake_response
 
         step = self.script.pop(0) if self.script else "ok"
-        self.seen.append(step)
         body = json.loads(request.body)
         records = [{"Data": base64.b64decode(r["Data"])} for r in body["Records"]]
+        if self.poison is not None and any(self.poison in r["Data"] for r in records):
+            step = "invalid"
+        self.seen.append(step)
         if step == "ok":
             return None
         if step == "throttle":
@@ -190,23 +196,27 @@ async def test_throttling_500s_and_lost_acks_at_least_once(moto_url: str, stream
     assert canon(list(dedup.values())) == canon(as_json_rows(table))
 
 
-async def test_permanent_error_mid_batch_dead_letters_only_that_call(
+async def test_permanent_error_mid_batch_dead_letters_only_that_record(
     moto_url: str, stream, ctx: Context
 ):
+    """A call refused for good because of one record: the call is halved until that record
+    stands alone; only its rows go to the dead letter, the other records of the call land."""
     name, bucket = stream
-    table = readings(90)
+    table = readings(90, "b")
     sink = sink_for(moto_url, name, ctx, record_target_bytes=1_000, max_records_per_call=5)
     await sink.open()
-    hook = FaultyFirehose(moto_url, name, ["ok", "invalid", "ok"])
+    hook = FaultyFirehose(moto_url, name, [], poison=b'"record_id":"b:37"')
     sink.client.meta.events.register("before-send.firehose.PutRecordBatch", hook)
     with pytest.raises(PartialWriteError) as info:
         await sink.write(table, "b")
     await sink.close()
     err = info.value
     assert err.retry_rows is None and err.rejected_rows is not None
-    assert len(err.reasons) == err.rejected_rows.num_rows > 0
-    assert all("InvalidArgumentException" in r for r in err.reasons)
     rejected = set(err.rejected_rows.column("record_id").to_pylist())
+    assert "b:37" in rejected
+    assert len(rejected) < 10  # one packed record's rows (~1,000 bytes), not the call's 5
+    assert len(err.reasons) == err.rejected_rows.num_rows
+    assert all("InvalidArgumentException" in r for r in err.reasons)
     landed_rows = landed(moto_url, bucket)
     assert {r["record_id"] for r in landed_rows} | rejected == set(
         table.column("record_id").to_pylist())

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
 import pytest
 from aiohttp import web
 from botocore.auth import SigV4Auth
@@ -91,6 +92,15 @@ class FakeIotAnalytics:
         ids = [m["messageId"] for m in msgs]
         if len(set(ids)) != len(ids):
             self.problems.append("duplicate messageId in a call")
+        if any(not 1 <= len(i) <= 128 for i in ids):  # the service's bound: the whole call fails
+            self.problems.append("messageId longer than 128")
+            return web.json_response(
+                {"__type": "InvalidRequestException", "message": "messageId length"}, status=400
+            )
+        if any(b"poison" in base64.b64decode(m["payload"]) for m in msgs):
+            return web.json_response(
+                {"__type": "InvalidRequestException", "message": "unparsable"}, status=400
+            )
         step = self.script.pop(0) if self.script else "ok"
         if step == "throttle":
             return web.json_response(
@@ -227,3 +237,40 @@ async def test_endpoint_down_is_transient(aws_env: None, ctx: Context):
     with pytest.raises(TransientSinkError, match="BatchPutMessage"):
         await sink.write(readings(3), "b")
     await sink.close()
+
+
+FLEET_BATCH = "edge-" + "x" * 29 + "_0123456789-1a2b3c4d-000000000017-000000000058-0003"
+
+
+@pytest.mark.parametrize("batch_id", [FLEET_BATCH, "q" * 300])
+async def test_message_ids_fit_the_service(iota: FakeIotAnalytics, ctx: Context, batch_id: str):
+    """Fleet-shaped record ids pass as they are; any longer one is bounded (prefix + hash), so
+    the call is not refused and ids stay distinct."""
+    table = readings(120, batch_id)
+    sink = sink_for(iota, ctx)
+    await sink.open()
+    await sink.write(table, batch_id)
+    await sink.close()
+    assert iota.problems == []
+    assert canon(iota.messages) == canon(as_json_rows(table))
+
+
+async def test_call_refused_for_one_message_costs_only_that_message(
+    iota: FakeIotAnalytics, ctx: Context
+):
+    """A 400 for the whole call: halved until the message that causes it stands alone."""
+    table = readings(150)
+    units = table.column("unit").to_pylist()
+    units[77] = "poison"
+    table = table.set_column(table.schema.get_field_index("unit"), "unit", pa.array(units))
+    sink = sink_for(iota, ctx)
+    await sink.open()
+    with pytest.raises(PartialWriteError) as info:
+        await sink.write(table, "b")
+    await sink.close()
+    err = info.value
+    assert err.retry_rows is None and err.rejected_rows is not None
+    assert err.rejected_rows.to_pylist() == table.slice(77, 1).to_pylist()
+    assert "InvalidRequestException" in err.reasons[0]
+    assert canon(iota.messages) == canon(
+        as_json_rows(table.slice(0, 77)) + as_json_rows(table.slice(78)))

@@ -97,6 +97,8 @@ class ElasticsearchDouble:
         """(method, path, lower-cased headers, body) of every request, in arrival order."""
         self.item_rules: list[ItemRule] = []
         self._rejections: list[tuple[int, str | None]] = []
+        self.max_content_length: int | None = None
+        """Refuse a `_bulk` body above this many bytes with 413, like `http.max_content_length`."""
         self._ids = itertools.count(1)
         self._server: ThreadingHTTPServer | None = None
         self._connections: set[socket.socket] = set()
@@ -293,6 +295,10 @@ class ElasticsearchDouble:
             self.data_streams.add(index)
 
     def _bulk(self, path_index: str | None, body: bytes) -> _Reply:
+        limit = self.max_content_length
+        if limit is not None and len(body) > limit:  # the server's http.max_content_length
+            raise _Reply(413, _error(413, "content_too_long_exception",
+                                     f"request of {len(body)} bytes above {limit}"))
         with self.lock:
             if self._rejections:
                 status, retry_after = self._rejections.pop(0)

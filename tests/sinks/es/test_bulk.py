@@ -213,7 +213,8 @@ async def test_window_aggregates_are_typed_by_the_template(
 
 @pytest.mark.parametrize(
     ("status", "outcome"),
-    [(429, "transient"), (503, "transient"), (401, "transient"), (413, "dead-letter")],
+    [(429, "transient"), (503, "transient"), (401, "transient"), (413, "dead-letter"),
+     (413, "isolated")],
 )
 async def test_whole_request_failures(
     double: ElasticsearchDouble, make_sink: SinkFactory, status: int, outcome: str
@@ -222,7 +223,13 @@ async def test_whole_request_failures(
     server will never take at this size is dead-lettered with advice."""
     sink = make_sink(double)
     await sink.open()
-    double.reject_bulk(status=status)
+    # "dead-letter": refused even one document per request; "isolated": only the batch's
+    # request is refused, each document alone is taken
+    double.reject_bulk(status=status, times=4 if outcome == "dead-letter" else 1)
+    if outcome == "isolated":
+        await sink.write(readings(3), "b1")
+        assert sorted(double.all_docs()) == ["b1:0", "b1:1", "b1:2"]
+        return
     if outcome == "transient":
         with pytest.raises(TransientSinkError, match=str(status)) as err:
             await sink.write(readings(3), "b1")
@@ -257,3 +264,32 @@ async def test_counters_split_results(es_double: ElasticsearchDouble,
     got = {r: counters.get("es_documents_total", component="search", result=r)
            for r in ("indexed", "retry", "rejected")}
     assert got == {"indexed": 3, "retry": 1, "rejected": 1}
+
+
+FLEET_BATCH = "edge-" + "x" * 29 + "_0123456789-1a2b3c4d-000000000017-000000000058-0003"
+
+
+async def test_ids_fit_and_a_huge_metric_costs_only_its_row(
+    double: ElasticsearchDouble, make_sink: SinkFactory
+) -> None:
+    """Fleet-shaped ``_id``s pass as they are, a longer record id is bounded to 512 bytes (and
+    stays distinct), and a 1 MB metric name refused in a request of its own costs one row."""
+    table = readings(6, FLEET_BATCH)
+    long_ids = [f"{'z' * 600}:{i}" for i in range(6)]
+    table = table.set_column(table.schema.get_field_index("record_id"), "record_id",
+                             pa.array(ids(table)[:3] + long_ids[3:]))
+    metrics = table.column("metric").to_pylist()
+    metrics[1] = "m" * 1_000_000
+    table = table.set_column(table.schema.get_field_index("metric"), "metric", pa.array(metrics))
+    sink = make_sink(double)
+    await sink.open()
+    double.max_content_length = 512 * 1024  # the batch's request and the huge doc alone: 413
+    with pytest.raises(PartialWriteError) as caught:
+        await sink.write(table, FLEET_BATCH)
+    err = caught.value
+    assert err.retry_rows is None
+    assert ids(err.rejected_rows) == [f"{FLEET_BATCH}:1"]
+    docs = double.all_docs()
+    assert len(docs) == 5
+    assert {f"{FLEET_BATCH}:0", f"{FLEET_BATCH}:2"} <= set(docs)
+    assert all(len(i.encode()) <= 512 for i in docs)

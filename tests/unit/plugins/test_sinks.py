@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from collector.errors import PermanentSinkError, TransientSinkError
+from collector.errors import PartialWriteError, PermanentSinkError, TransientSinkError
 from collector.plugin import Context
 from collector.schema import RECORD_ID
 from sinks.console import ConsoleConfig, ConsoleSink
@@ -160,3 +160,115 @@ async def test_console_prints_ndjson(tmp_path: Path, capsys: pytest.CaptureFixtu
                        Context(device="d1", component="screen", data_dir=tmp_path))
     await sink.write(with_ids(df.head(1), "b"), "b")
     assert json.loads(capsys.readouterr().out)[RECORD_ID] == "b:0"
+
+
+# -- one bad partition costs itself (issue 13 row 1) -------------------------------------------
+
+FLEET_BATCH = "edge-" + "x" * 29 + "_0123456789-1a2b3c4d-000000000017-000000000058-0003"
+"""A batch id of the runtime's shape with the longest device slug (40 bytes)."""
+CJK = "温度传感器" * 6  # 30 characters, 270 bytes once percent-encoded
+
+
+def _names_fit(root: Path) -> None:
+    for path in root.rglob("*"):
+        assert len(path.name.encode()) <= 255, path.name
+
+
+async def test_lake_long_metric_lands_under_a_bounded_folder(tmp_path: Path) -> None:
+    """30 CJK characters, a 1 MB name and two long names sharing a prefix: every row lands,
+    every folder name is short, the two long names stay apart, the full value is in the file."""
+    sink = await lake(tmp_path)
+    long_a, long_b = "m" * 300 + "a", "m" * 300 + "b"
+    huge = "x" * 1_000_000
+    good = [(i, "d", "temperature", float(i)) for i in range(41)]
+    df = readings([*good, (41, "d", CJK, 1.0), (42, "d", long_a, 2.0), (43, "d", long_b, 3.0),
+                   (44, "d", huge, float("nan")), (45, "d", "", float("inf"))])
+    await sink.write(with_ids(df, FLEET_BATCH), FLEET_BATCH)
+    root = tmp_path / "lake"
+    _names_fit(root)
+    folders = {p.parent.parent.name for p in root.rglob("*.parquet")}
+    assert len(folders) == 6  # temperature, CJK, long_a, long_b, huge, empty: no collision
+    assert all(len(f.encode()) <= len("metric=") + 120 for f in folders)
+    back = pl.read_parquet(str(root) + "/**/*.parquet", hive_partitioning=False)
+    assert back.height == df.height
+    assert back[RECORD_ID].n_unique() == df.height
+    assert sorted(back["metric"].unique()) == sorted({r[2] for r in good} | {
+        CJK, long_a, long_b, huge, ""})
+    # the shortened folder still starts with the readable, decodable value
+    assert any(f.startswith("metric=%E6%B8%A9") and "~" in f for f in folders)
+
+
+def _deep_root(tmp_path: Path, total: int) -> Path:
+    """A folder whose absolute path is about ``total`` bytes long (PATH_MAX is 4,096)."""
+    root = tmp_path
+    while len(str(root)) < total - 210:
+        root = root / ("d" * 200)
+    return root / ("e" * max(1, total - len(str(root)) - 1))
+
+
+async def test_lake_partition_that_cannot_be_written_is_rejected_alone(tmp_path: Path) -> None:
+    """A real ENAMETOOLONG (a deep lake path plus a long partition value passes PATH_MAX):
+    only that partition's rows are rejected, on the first try; the others land."""
+    root = _deep_root(tmp_path, 3_960)
+    sink = LakeSink(LakeConfig(type="lake", path=str(root)),
+                    Context(device="d1", component="lake", data_dir=tmp_path))
+    await sink.open()
+    df = readings([(i, "d", "t", float(i)) for i in range(41)] + [(41, "d", CJK, 0.0)])
+    with pytest.raises(PartialWriteError) as caught:
+        await sink.write(with_ids(df, "b"), "b")
+    err = caught.value
+    assert err.retry_rows is None
+    assert err.rejected_rows is not None
+    assert err.rejected_rows.column("metric").to_pylist() == [CJK]
+    assert err.rejected_rows.schema == with_ids(df, "b").schema  # the batch's own types
+    assert len(err.reasons) == 1 and "too long" in err.reasons[0].lower()
+    landed = pl.read_parquet(str(root) + "/**/*.parquet", hive_partitioning=False)
+    assert sorted(landed[RECORD_ID]) == sorted(f"b:{i}" for i in range(41))
+
+
+async def test_lake_partition_blocked_for_now_is_retried_alone(tmp_path: Path) -> None:
+    """A file where one partition's folder should be (fixable: transient): the other partition
+    lands now, the blocked rows come back; once fixed they land, nothing twice."""
+    sink = await lake(tmp_path)
+    root = tmp_path / "lake"
+    root.mkdir(exist_ok=True)
+    (root / "metric=h").write_text("in the way")
+    df = readings([(i, "d", "t" if i % 2 else "h", float(i)) for i in range(10)])
+    table = with_ids(df, "b")
+    with pytest.raises(PartialWriteError) as caught:
+        await sink.write(table, "b")
+    err = caught.value
+    assert err.rejected_rows is None and err.retry_rows is not None
+    assert set(err.retry_rows.column("metric").to_pylist()) == {"h"}
+    (root / "metric=h").unlink()
+    await sink.write(err.retry_rows, "b")
+    back = pl.read_parquet(str(root) + "/**/*.parquet", hive_partitioning=False)
+    assert sorted(back[RECORD_ID]) == sorted(table.column(RECORD_ID).to_pylist())
+
+
+async def test_lake_every_partition_blocked_is_one_transient_error(tmp_path: Path) -> None:
+    sink = await lake(tmp_path)
+    root = tmp_path / "lake"
+    root.mkdir(exist_ok=True)
+    (root / "metric=t").write_text("in the way")
+    with pytest.raises(TransientSinkError):
+        await sink.write(with_ids(readings([(0, "d", "t", 1.0)]), "b"), "b")
+
+
+async def test_lake_default_path_is_in_the_data_dir(tmp_path: Path) -> None:
+    data_dir = tmp_path / "dd"
+    sink = LakeSink(LakeConfig(type="lake"), Context(device="d", component="lake",
+                                                     data_dir=data_dir))
+    await sink.open()
+    await sink.write(with_ids(readings([(0, "d", "t", 1.0)]), FLEET_BATCH), FLEET_BATCH)
+    (written,) = list(tmp_path.rglob("*.parquet"))
+    assert written.is_relative_to(data_dir / "lake")
+    assert written.name == f"part-{FLEET_BATCH}.parquet"
+
+
+async def test_lake_file_names_fit_whatever_the_batch_id(tmp_path: Path) -> None:
+    sink = await lake(tmp_path)
+    for batch in (FLEET_BATCH, "β" * 200 + "-000000000001", "z" * 400):
+        await sink.write(with_ids(readings([(0, "d", "t", 1.0)]), batch), batch)
+    _names_fit(tmp_path / "lake")
+    assert len(list((tmp_path / "lake").rglob("*.parquet"))) == 3
