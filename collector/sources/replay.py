@@ -89,10 +89,13 @@ class ReplayConfig(SourceConfig):
     layout: Literal["narrow", "wide"] = Field(
         default="narrow",
         description="`narrow`: `metric` and `value` columns; `wide`: every numeric column "
-        "(except time and device) is a metric.",
+        "(except time and device) is a metric, text columns too when most of their cells in "
+        "the first 10,000 rows are numbers.",
     )
     columns: list[str] | None = Field(
-        default=None, description="wide: only these columns become metrics."
+        default=None,
+        description="wide: only these columns become metrics (always: a cell that is not a "
+        "number goes to the dead letter, the rest of its row goes on).",
     )
     device_column: str | None = Field(
         default=None, description="Column with the device id (default: the runtime's device)."
@@ -177,30 +180,57 @@ class Pacer:
         return self.w0 + (ts_us - self.t0) / 1e6 / self.speed - self.clock()
 
 
-def _cell(column: str, dtype: pl.DataType, decimal_comma: bool) -> pl.Expr:
-    """One input column as a struct of ``value`` (Float64) and ``__bad`` (the text, when bad).
+def _numbers(
+    batch: pl.DataFrame, columns: list[str], dtypes: dict[str, pl.DataType], decimal_comma: bool
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """``batch`` with ``columns`` as Float64, and its bad cells (`__row`, `metric`, `__bad`).
 
     A cell is bad when it holds something (not empty, not a missing-value marker such as `NA`)
     that is not a finite number: its value becomes null and its text is kept for the dead
-    letter, so the caller can reject exactly that cell and keep the rest of the row. NaN means
-    'no reading' (null), as everywhere in the collector.
+    letter, so the caller can reject exactly that cell and keep the rest of the row. Cheap in
+    the common case: one cast per column; only a column with a suspicious cell (text that did
+    not cast, or ±inf) gets the careful pass (stripping blanks, missing-value markers).
     """
-    col = pl.col(column)
-    if dtype == pl.String:
-        text = col.str.strip_chars()
-        number = text.str.replace_all(",", ".", literal=True) if decimal_comma else text
-        value = number.cast(pl.Float64, strict=False)
-        empty = text.is_null() | text.str.to_lowercase().is_in(_MISSING_TEXT)
-        shown = col
-    else:
-        value = col.cast(pl.Float64, strict=False)
-        empty = col.is_null()
-        shown = col.cast(pl.String, strict=False)
-    bad = ~empty & (value.is_null() | value.is_infinite())
-    return pl.struct(
-        pl.when(bad).then(None).otherwise(value).fill_nan(None).alias("value"),
-        pl.when(bad).then(shown.fill_null("?")).otherwise(None).alias(_BAD),
-    ).alias(column)
+
+    def number(column: str, careful: bool) -> pl.Expr:
+        col = pl.col(column)
+        if dtypes[column] != pl.String:
+            return col.cast(pl.Float64, strict=False)
+        text = col.str.strip_chars() if careful else col
+        if decimal_comma:
+            text = text.str.replace_all(",", ".", literal=True)
+        return text.cast(pl.Float64, strict=False)
+
+    quick = batch.select([number(c, careful=False).alias(c) for c in columns])
+    # Null counts are kept with each column: comparing them costs nothing per cell.
+    flags = [
+        quick[c].null_count() > batch[c].null_count() or bool(quick[c].is_infinite().any())
+        for c in columns
+    ]
+    good = [quick[c] for c, bad in zip(columns, flags, strict=True) if not bad]
+    careful: list[pl.Expr] = []
+    bad_cells: list[pl.DataFrame] = []
+    for column in (c for c, bad in zip(columns, flags, strict=True) if bad):
+        col, value = pl.col(column), number(column, careful=True)
+        if dtypes[column] == pl.String:
+            text = col.str.strip_chars()
+            empty = text.is_null() | text.str.to_lowercase().is_in(_MISSING_TEXT)
+            shown = col
+        else:
+            empty, shown = col.is_null(), col.cast(pl.String, strict=False).fill_null("?")
+        bad = ~empty & (value.is_null() | value.is_infinite())
+        bad_cells.append(
+            batch.filter(bad).select(
+                _ROW, pl.lit(column, pl.String).alias("metric"), shown.alias(_BAD)
+            )
+        )
+        careful.append(pl.when(bad).then(None).otherwise(value).alias(column))
+    bad_frame = (
+        pl.concat(bad_cells)
+        if bad_cells
+        else pl.DataFrame(schema={_ROW: pl.UInt32, "metric": pl.String, _BAD: pl.String})
+    )
+    return batch.with_columns(good + careful), bad_frame
 
 
 def _bad_reason(what: str, text: str) -> str:
@@ -468,12 +498,15 @@ class ReplaySource(Source):
         if texts:
             exprs = []
             for name in texts:
-                cell = _cell(name, pl.String(), cfg.decimal_comma)
                 text = pl.col(name).str.strip_chars()
                 filled = text.is_not_null() & ~text.str.to_lowercase().is_in(_MISSING_TEXT)
+                number = text.str.replace_all(",", ".", literal=True) if cfg.decimal_comma else text
                 exprs += [
                     filled.sum().alias(f"{name}\x00n"),
-                    cell.struct.field("value").is_not_null().sum().alias(f"{name}\x00ok"),
+                    number.cast(pl.Float64, strict=False)
+                    .is_not_null()
+                    .sum()
+                    .alias(f"{name}\x00ok"),
                 ]
             sample = lf.head(_SAMPLE_ROWS).select(exprs).collect().row(0)
             counts = {name: (sample[2 * i], sample[2 * i + 1]) for i, name in enumerate(texts)}
@@ -561,18 +594,25 @@ class ReplaySource(Source):
             else pl.lit(self.ctx.device, pl.String)
         )
         batch = batch.with_columns(device.alias(_DEVICE))
+        numeric = plan.metrics if cfg.layout == "wide" else ["value"]
+        recorded = batch  # the cells as read, for the dead letter
+        batch, bad = _numbers(batch, numeric, plan.dtypes, cfg.decimal_comma)
+        if bad.height:
+            rejects += self._rejects(
+                recorded,
+                bad,
+                lambda r: _bad_reason(f"column {r['metric']!r}", r[_BAD]),
+            )
         if cfg.layout == "wide":
             metrics = plan.metrics
-            cells = [_cell(m, plan.dtypes[m], cfg.decimal_comma) for m in metrics]
             narrow = (
-                batch.select(_ROW, _TS, _DEVICE, *cells)
-                .unpivot(
-                    metrics, index=[_ROW, _TS, _DEVICE], variable_name="metric", value_name="__cell"
-                )
-                .unnest("__cell")
+                batch.select(_ROW, _TS, _DEVICE, *metrics)
+                .unpivot(metrics, index=[_ROW, _TS, _DEVICE], variable_name="metric")
                 .with_columns(pl.lit(None, pl.String).alias("unit"))
                 .sort(_ROW, maintain_order=True)  # row-major: a row range is a narrow range
             )
+            if bad.height:  # a bad cell is in the dead letter, not a null reading
+                narrow = narrow.join(bad, on=[_ROW, "metric"], how="anti", maintain_order="left")
         else:
             unit = pl.col("unit").cast(pl.String) if "unit" in batch.columns else pl.lit(None)
             narrow = batch.select(
@@ -580,23 +620,16 @@ class ReplaySource(Source):
                 _TS,
                 _DEVICE,
                 pl.col("metric").cast(pl.String),
-                _cell("value", plan.dtypes["value"], cfg.decimal_comma).alias("__cell"),
+                "value",
                 unit.cast(pl.String).alias("unit"),
-            ).unnest("__cell")
+            )
+            if bad.height:
+                narrow = narrow.filter(~pl.col(_ROW).is_in(bad[_ROW].implode()))
             nameless = narrow.filter(pl.col("metric").is_null())
             if nameless.height:
-                rejects += self._rejects(batch, nameless, lambda _r: "no metric name")
+                rejects += self._rejects(recorded, nameless, lambda _r: "no metric name")
                 narrow = narrow.filter(pl.col("metric").is_not_null())
-        bad = narrow.filter(pl.col(_BAD).is_not_null())
-        if bad.height:
-            what = "value" if cfg.layout == "narrow" else None
-            rejects += self._rejects(
-                batch,
-                bad,
-                lambda r: _bad_reason(f"column {what or r['metric']!r}", r[_BAD]),
-            )
-            narrow = narrow.filter(pl.col(_BAD).is_null())
-        value = pl.col("value")
+        value = pl.col("value").fill_nan(None)
         if cfg.missing_values:
             value = pl.when(value.is_in(cfg.missing_values)).then(None).otherwise(value)
         unit_map = pl.col("metric").replace_strict(cfg.units, default=None, return_dtype=pl.String)

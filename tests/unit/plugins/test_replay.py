@@ -462,3 +462,37 @@ async def test_new_file_in_a_glob_is_replayed_done_ones_are_not(tmp_path: Path) 
     day2 = write_narrow(folder / "2024-01-02.csv", [(30, "t", "3"), (31, "t", "4")])
     second, _ = await replay(make(tmp_path, **cfg), position=end)
     assert set(readings_of(second)) == day2 and len(readings_of(second)) == 2
+
+
+@pytest.mark.parametrize("decimal_comma", [False, True])
+async def test_cells_blanks_markers_and_bad_text_in_a_wide_file(
+    tmp_path: Path, decimal_comma: bool
+) -> None:
+    sep, dot = (";", ",") if decimal_comma else (",", ".")
+    cells = [f" 2{dot}5 ", "NA", "", "x", "-inf", f"7{dot}0", "nan", "-"]
+    lines = [f"ts{sep}a{sep}note"]
+    for i, cell in enumerate(cells):
+        lines.append(f"2024-01-01T00:00:0{i}Z{sep}{cell}{sep}text {i}")
+    path = tmp_path / "c.csv"
+    path.write_text("\n".join(lines) + "\n")
+    src = make(tmp_path, path=str(path), layout="wide", separator=sep, decimal_comma=decimal_comma)
+    df = pl.concat(await run(src))
+    assert set(df["metric"]) == {"a"}  # `note` is text: no metric; `a` is mostly numbers
+    assert df["value"].to_list() == [2.5, None, None, 7.0, None, None]
+    rejected = dead_letters(tmp_path)
+    assert [json.loads(r["raw"])["a"] for r in rejected] == ["x", "-inf"]
+    assert "not a number" in rejected[0]["reason"] and "not finite" in rejected[1]["reason"]
+
+
+async def test_parquet_infinite_value_is_rejected_the_rest_goes_on(tmp_path: Path) -> None:
+    path = tmp_path / "p.parquet"
+    pl.DataFrame(
+        {"ts": [T0, T0 + timedelta(seconds=1)], "a": [1.0, float("inf")], "b": [2.0, 3.0]}
+    ).write_parquet(path)
+    df = pl.concat(await run(make(tmp_path, path=str(path), layout="wide")))
+    assert sorted(zip(df["metric"], df["value"], strict=True)) == [
+        ("a", 1.0),
+        ("b", 2.0),
+        ("b", 3.0),
+    ]
+    assert len(dead_letters(tmp_path)) == 1
