@@ -37,7 +37,10 @@ def _number(value: Any, what: str) -> float | None:
     if isinstance(value, bool):
         return float(value)
     if isinstance(value, int | float):
-        f = float(value)
+        try:
+            f = float(value)
+        except OverflowError:
+            raise ParseError(f"{what}: {str(value)[:40]}… is out of float range") from None
     elif isinstance(value, str):
         try:
             f = float(value.strip())

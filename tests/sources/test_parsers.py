@@ -78,6 +78,7 @@ def test_json_forms() -> None:
         '{"a": "b"}',
         "null",
         '{"t": 1, "ts": "not a time"}',
+        '{"t": 1' + "0" * 400 + "}",  # an integer beyond float range
     ]:
         with pytest.raises(ParseError):
             p.parse(bad)
