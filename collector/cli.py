@@ -13,10 +13,15 @@ from typing import Any
 
 import click
 
+from collector import redact
 from collector.errors import ConfigError
 from collector.units import parse_duration
 
 EXIT_CONFIG = 2
+EXIT_IO = 1
+PRIVATE_UMASK = 0o077
+"""`collector run` creates everything owner-only: readings, spools and logs are nobody else's
+business on a shared gateway (folders 0700, files 0600)."""
 log = logging.getLogger("collector")
 
 
@@ -33,6 +38,8 @@ def _setup_logging(level: str) -> None:
         handler = logging.StreamHandler(sys.stderr)
         fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     handler.setFormatter(logging.Formatter(fmt))
+    # on the handler, so records of every library (botocore, elastic_transport…) pass it too
+    handler.addFilter(redact.Filter())
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     for noisy in (
         "apscheduler",
@@ -45,14 +52,14 @@ def _setup_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _load_or_exit(path: str) -> Any:
+def _load_or_exit(path: str, *, import_plugins: bool = True) -> Any:
     from collector import config
 
     try:
-        return config.load(path)
+        return config.load(path, import_plugins=import_plugins)
     except ConfigError as exc:
         for issue in exc.issues:
-            click.echo(str(issue), err=True)
+            click.echo(redact.text(str(issue)), err=True)
         n = len(exc.issues)
         click.echo(f"{n} problem{'s' if n != 1 else ''} in {path}", err=True)
         sys.exit(EXIT_CONFIG)
@@ -84,7 +91,16 @@ def cli() -> None:
     "--for", "duration", metavar="DURATION", help="Run this long (e.g. 30s, 5m), then stop cleanly."
 )
 @click.option(
-    "--data-dir", type=click.Path(file_okay=False), help="Override `data_dir` of the config."
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    help="Use DIR as `data_dir`, and set the environment variable DATA_DIR=DIR before the "
+    "config is read (and re-read on SIGHUP), so `${DATA_DIR:-./data}` in the config (the lake "
+    "path of the samples) resolves inside DIR too.",
+)
+@click.option(
+    "--from-start",
+    is_flag=True,
+    help="Sources ignore their saved positions: a replay starts its file again.",
 )
 @click.option(
     "--log-level",
@@ -93,15 +109,27 @@ def cli() -> None:
     type=click.Choice(["debug", "info", "warning", "error"]),
 )
 def run(
-    config_file: str, once: bool, duration: str | None, data_dir: str | None, log_level: str
+    config_file: str,
+    once: bool,
+    duration: str | None,
+    data_dir: str | None,
+    from_start: bool,
+    log_level: str,
 ) -> None:
     """Run the collector on CONFIG_FILE.
 
     SIGINT/SIGTERM stop sources, flush windows and batches and exit 0 (data a sink could not
     take yet stays in the spool for the next start). SIGHUP reloads CONFIG_FILE; an invalid new
-    config is logged and the running one kept.
+    config is logged and the running one kept. Files and folders are created owner-only
+    (umask 077).
     """
+    # before anything is written: log, spool, status, checkpoint, dead letters, lock
+    os.umask(PRIVATE_UMASK)
     _setup_logging(log_level)
+    root = None
+    if data_dir:
+        root = Path(data_dir).absolute()
+        os.environ["DATA_DIR"] = str(root)  # the one rule: ${DATA_DIR} is --data-dir
     cfg = _load_or_exit(config_file)
     seconds = None
     if duration:
@@ -109,7 +137,7 @@ def run(
             seconds = parse_duration(duration)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--for") from None
-    code = _run_loop(_run(config_file, cfg, once, seconds, Path(data_dir) if data_dir else None))
+    code = _run_loop(_run(config_file, cfg, once, seconds, root, from_start))
     # Everything durable is fsynced by now. A plugin thread stuck in a device read must not keep
     # the process alive (interpreter exit would join it forever), so leave directly.
     logging.shutdown()
@@ -133,37 +161,88 @@ def _run_loop(main: Any) -> int:
         loop.close()
 
 
+class _FlushOnStop:
+    """Whether the stopping run flushes its open windows, decided when it stops, not when it
+    starts: a reload that keeps the transform chain hands the windows on instead (the next
+    Runtime restores them from the checkpoint), so a minute is not cut in two rows.
+
+    ``Runtime.run(flush=...)`` tests it with ``if flush:`` at shutdown.
+    """
+
+    def __init__(self) -> None:
+        self.value = True
+
+    def __bool__(self) -> bool:
+        return self.value
+
+
+def _prepare_data_dir(root: Path) -> None:
+    """Create the data dir owner-only; warn when an existing one is open to other users."""
+    if not root.exists():
+        root.mkdir(mode=0o700, parents=True)
+        return
+    mode = root.stat().st_mode & 0o777
+    if mode & 0o077:
+        log.warning(
+            "data dir %s is open to other users (mode %o): chmod 700 %s to keep readings "
+            "private", root, mode, root,
+        )
+
+
 async def _run(
-    path: str, cfg: Any, once: bool, duration: float | None, data_dir: Path | None
+    path: str,
+    cfg: Any,
+    once: bool,
+    duration: float | None,
+    data_dir: Path | None,
+    from_start: bool = False,
 ) -> int:
     from collector import config
     from collector.runtime.runner import Runtime, pid_lock
 
     root = data_dir or Path(cfg.settings.data_dir)
-    lock = pid_lock(root)
+    try:
+        _prepare_data_dir(root)
+        lock = pid_lock(root)
+    except OSError as exc:
+        log.error("cannot use data dir %s: %s", root, exc.strerror or exc)
+        return EXIT_IO
     if lock is None:
         log.error("another collector is running on %s (see %s)", root, root / ".lock")
         return EXIT_CONFIG
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    stopping = {"signal": False}
     reload_to: dict[str, Any] = {}
+    reloading: set[asyncio.Task[None]] = set()
+    flush = _FlushOnStop()
 
     def on_stop() -> None:
-        if stop.is_set() and "cfg" not in reload_to:
+        if stopping["signal"]:
             # a second Ctrl-C: leave now; the log and spools are durable, the next start
             # replays from the last checkpoint
             log.warning("second stop signal: exiting without waiting for the sinks")
             logging.shutdown()
             os._exit(1)
+        stopping["signal"] = True
+        reload_to.pop("cfg", None)  # a stop wins over a pending reload
+        flush.value = True
         log.info("stopping: flushing windows and batches (again to exit at once)")
         stop.set()
 
-    def on_hup() -> None:
+    async def reload() -> None:
+        # Parsed in a thread, within the same size/alias/depth limits as `check`: a hostile
+        # or huge file costs a thread, never the event loop (ingestion and SIGTERM go on).
         try:
-            new = config.load(path)
+            new = await asyncio.to_thread(config.load, path)
         except ConfigError as exc:
             log.error("reload rejected, keeping the running config:\n%s", exc)
             return
+        except Exception as exc:  # never let a reload take the collector down
+            log.error("reload rejected, keeping the running config: %s", exc)
+            return
+        if stopping["signal"] or stop.is_set():
+            return  # a stop signal came while parsing: stop, do not reload
         if data_dir is None and Path(new.settings.data_dir) != Path(cfg.settings.data_dir):
             log.error(
                 "reload rejected: data_dir changed (%s -> %s); restart the collector to move it",
@@ -171,18 +250,35 @@ async def _run(
                 new.settings.data_dir,
             )
             return
+        _warn_exposed(new)
         reload_to["cfg"] = new
-        log.info("reloading %s", path)
+        flush.value = new.transforms_fingerprint != cfg.transforms_fingerprint
+        log.info(
+            "reloading %s (%s)",
+            path,
+            "transforms changed: open windows are flushed"
+            if flush.value
+            else "transforms unchanged: open windows carry on",
+        )
         stop.set()
+
+    def on_hup() -> None:
+        if reloading:
+            log.warning("SIGHUP ignored: the previous reload is still being read")
+            return
+        task = loop.create_task(reload())
+        reloading.add(task)
+        task.add_done_callback(reloading.discard)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_stop)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     previous = None
+    _warn_exposed(cfg)
     try:
         while True:
             try:
-                runtime = Runtime(cfg, data_dir)
+                runtime = Runtime(cfg, data_dir, from_start=from_start)
             except ConfigError as exc:
                 for issue in exc.issues:
                     issue.file = issue.file or path
@@ -192,6 +288,15 @@ async def _run(
                 log.error("new config cannot start; going back to the running one")
                 cfg, previous = previous, None
                 continue
+            except OSError as exc:
+                log.error(
+                    "cannot start in data dir %s: %s%s",
+                    root,
+                    exc.strerror or exc,
+                    f" ({exc.filename})" if exc.filename else "",
+                )
+                return EXIT_IO
+            from_start = False  # a reload continues where this run got to
             previous = cfg
             log.info(
                 "collector %s: %d source(s), %d transform(s), %d sink(s), data in %s",
@@ -201,7 +306,10 @@ async def _run(
                 len(cfg.sinks),
                 runtime.data_dir,
             )
-            code = await runtime.run(once=once, duration=duration, stop=stop)
+            flush.value = True
+            code = await runtime.run(
+                once=once, duration=duration, stop=stop, flush=flush  # type: ignore[arg-type]
+            )
             if "cfg" not in reload_to:
                 return code
             if runtime.pipeline_still_running:  # two pipelines on one log would collide
@@ -216,6 +324,19 @@ async def _run(
         lock.close()
 
 
+def _warn_exposed(cfg: Any) -> None:
+    from collector.config import is_loopback
+
+    tele = cfg.settings.telemetry
+    if tele.enabled and not is_loopback(tele.host):
+        log.warning(
+            "telemetry.expose: /metrics and /health listen on %s:%s, reachable from the "
+            "network without authentication",
+            tele.host,
+            tele.port,
+        )
+
+
 @cli.command()
 @click.argument("config_file", type=click.Path(dir_okay=False))
 @click.option(
@@ -227,13 +348,21 @@ async def _run(
 def check(config_file: str, estimate: bool) -> None:
     """Validate CONFIG_FILE without touching network or devices.
 
-    Errors print as FILE:LINE path.to.field: message; the exit code is 2.
+    Errors print as FILE:LINE path.to.field: message; the exit code is 2. A
+    `type: package.module:Class` plugin is located but not imported (importing runs its code);
+    `collector run` imports it and checks its own fields at start.
     """
-    cfg = _load_or_exit(config_file)
+    cfg = _load_or_exit(config_file, import_plugins=False)
     click.echo(
         f"{config_file}: OK ({len(cfg.sources)} source(s), {len(cfg.transforms)} "
         f"transform(s), {len(cfg.sinks)} sink(s))"
     )
+    for comp in (*cfg.sources, *cfg.transforms, *cfg.sinks):
+        if not comp.imported:
+            click.echo(
+                f"  {comp.kind}[{comp.index}] {comp.config.type}: found, not imported; its own "
+                "fields are checked when `collector run` starts"
+            )
     if estimate:
         from collector.commands.estimate import print_estimate
 
@@ -302,7 +431,7 @@ def status(data_dir: str, config_file: str | None, as_json: bool) -> None:
     from collector.runtime.telemetry import fmt_time, read_status
 
     if config_file:
-        data_dir = str(_load_or_exit(config_file).settings.data_dir)
+        data_dir = str(_load_or_exit(config_file, import_plugins=False).settings.data_dir)
     st = read_status(Path(data_dir))
     if as_json:
         click.echo(json.dumps(st, indent=2, default=str))
@@ -386,7 +515,7 @@ def catalog(
         raise click.UsageError("give exactly one of --config, --s3 and --firehose")
     try:
         if config_file:
-            cfg = _load_or_exit(config_file)
+            cfg = _load_or_exit(config_file, import_plugins=False)
             columns = None
             if cfg.output is not None:  # the columns the sinks really receive
                 columns = {

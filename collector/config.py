@@ -5,11 +5,20 @@ against its plugin's own model, so an error inside ``sinks[1]`` names that plugi
 A third, still I/O-free pass runs the transform chain on empty frames to type-check every SQL
 expression and sink ``where:`` against the columns it will really see. All problems are
 collected, each located as ``FILE:LINE path: message``.
+
+The config file is trusted, but it is still bounded: a file above :data:`MAX_CONFIG_BYTES`,
+nesting deeper than :data:`MAX_DEPTH` or more than :data:`MAX_NODES` values once YAML aliases are
+expanded (a "billion laughs" bomb) is rejected before anything is built, so neither `check` nor
+a SIGHUP reload can be made to eat the device's memory. Whatever the text, only
+:class:`ConfigError` leaves :func:`load_text`. Secret values are registered with
+:mod:`collector.redact` as they are read, and messages show ``${VAR}`` instead of an
+interpolated value.
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -19,24 +28,54 @@ from typing import Any
 
 import polars as pl
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from collector import registry, sqlexpr
+from collector import redact, registry, sqlexpr
 from collector.errors import ConfigError, ConfigIssue
 from collector.plugin import (
     Context,
     Model,
     Plugin,
+    Sink,
     SinkConfig,
+    Source,
     SourceConfig,
     Transform,
     TransformConfig,
 )
 from collector.schema import empty_readings
-from collector.units import Duration, Size
+from collector.units import MIN_INTERVAL, Duration, Size, format_duration
 
 Loc = tuple[str | int, ...]
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+MAX_CONFIG_BYTES = 1024 * 1024
+"""A config is a page of YAML; 1 MiB leaves room for big register maps and stops a 50 MB file."""
+MAX_DEPTH = 64
+"""Nesting limit (textual and after aliases); PyYAML's composer recurses once per level."""
+MAX_NODES = 100_000
+"""Values after alias expansion; a billion-laughs file reaches this within milliseconds."""
+MAX_MESSAGE = 400
+"""Longest message printed for one issue (a 1 MB scalar echoed back helps nobody)."""
+_LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
+_OWN_PACKAGE_BASES: dict[str, type[Plugin]] = {
+    "sources": Source,
+    "transforms": Transform,
+    "sinks": Sink,
+}
+_COLUMN_PRESERVING = {"filter", "deadband"}
+"""Transforms that only drop rows: when one is invalid, `check` still knows the columns after it
+and goes on checking the sinks' `where:` (README's four-problem example)."""
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost: addresses nobody else on the network reaches."""
+    if host.strip().lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class LogSettings(Model):
@@ -49,10 +88,14 @@ class LogSettings(Model):
         "`interval`: fsync at most every `fsync_interval` (less flash wear, up to that much "
         "lost on power cut, nothing lost on a crash); `never`: leave it to the OS.",
     )
-    fsync_interval: Duration = Field(default="1s", gt=0, description="Period for `interval`.")
+    fsync_interval: Duration = Field(
+        default="1s", ge=MIN_INTERVAL, description="Period for `interval` (at least 10ms)."
+    )
     segment_bytes: Size = Field(default="64MiB", gt=0, description="Roll to a new segment here.")
     checkpoint_every: Duration = Field(
-        default="2s", gt=0, description="How often transform state and offsets are committed."
+        default="2s",
+        ge=MIN_INTERVAL,
+        description="How often transform state and offsets are committed (at least 10ms).",
     )
 
 
@@ -60,11 +103,30 @@ class TelemetrySettings(Model):
     """Prometheus metrics and the health endpoint (127.0.0.1 only)."""
 
     enabled: bool = Field(default=True, description="Serve /metrics and /health.")
-    host: str = Field(default="127.0.0.1", description="Listen address; keep it on loopback.")
+    expose: bool = Field(
+        default=False,
+        description="Allow a `host` that is not loopback (the endpoints have no authentication: "
+        "anyone who reaches the port reads every metric).",
+    )
+    host: str = Field(
+        default="127.0.0.1",
+        description="Listen address; loopback unless `expose: true`.",
+    )
     port: int = Field(default=9108, ge=0, le=65535, description="Port (0 = any free port).")
     unhealthy_after: Duration = Field(
         default="5m", gt=0, description="A sink failing longer than this makes /health 503."
     )
+
+    @field_validator("host")
+    @classmethod
+    def _loopback_unless_exposed(cls, host: str, info: ValidationInfo) -> str:
+        # `expose` is declared before `host`, so it is validated first and visible here
+        if not is_loopback(host) and not info.data.get("expose", False):
+            raise ValueError(
+                f"{host!r} is not a loopback address: /metrics and /health have no "
+                "authentication; set `telemetry.expose: true` to serve them on the network"
+            )
+        return host
 
 
 class CollectorConfig(Model):
@@ -96,6 +158,9 @@ class Component:
     index: int
     cls: type[Plugin]
     config: Any
+    imported: bool = True
+    """False for a `module:Class` plugin that `check` located but did not import: ``cls`` is a
+    stand-in and ``config`` holds only the fields every plugin of its kind shares."""
 
     @property
     def name(self) -> str:
@@ -122,59 +187,175 @@ class LoadedConfig:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+class _LooseSourceConfig(SourceConfig):
+    model_config = ConfigDict(extra="allow")
+
+
+class _LooseTransformConfig(TransformConfig):
+    model_config = ConfigDict(extra="allow")
+
+
+class _LooseSinkConfig(SinkConfig):
+    model_config = ConfigDict(extra="allow")
+
+
+class _UnimportedSource(Source):
+    """Stand-in for a located, not imported source: it may stream or poll."""
+
+    Config = _LooseSourceConfig
+    maybe_long_lived = True
+
+
+class _UnimportedTransform(Transform):
+    """Stand-in for a located, not imported transform: its output columns are unknown."""
+
+    Config = _LooseTransformConfig
+    schema_opaque = True
+
+
+class _UnimportedSink(Sink):
+    """Stand-in for a located, not imported sink."""
+
+    Config = _LooseSinkConfig
+
+
+_STAND_INS: dict[str, type[Plugin]] = {
+    "sources": _UnimportedSource,
+    "transforms": _UnimportedTransform,
+    "sinks": _UnimportedSink,
+}
+
+
 # ---------------------------------------------------------------------------------------------
 # YAML with positions
 
 
-def _interpolate(text: str, loc: Loc, problems: list[tuple[Loc, str]]) -> str:
-    def sub(m: re.Match[str]) -> str:
-        name, default = m.group(1), m.group(2)
-        value = os.environ.get(name)
-        if value is None or (value == "" and default is not None):
-            if default is None:
-                problems.append(
-                    (
-                        loc,
-                        f"environment variable {name} is not set "
-                        f"(write ${{{name}:-default}} to give a default)",
-                    )
-                )
-                return ""
-            return default
+class _TooBig(Exception):
+    """The YAML would expand past a limit; carries the line to report."""
+
+    def __init__(self, line: int | None, message: str, loc: Loc = ()) -> None:
+        super().__init__(message)
+        self.line, self.message, self.loc = line, message, loc
+
+
+def _scan_limits(text: str) -> None:
+    """Reject deep nesting before PyYAML's (recursive) composer sees it.
+
+    The event parser is iterative, so this costs one pass and no recursion whatever the text.
+    """
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                line = event.start_mark.line + 1 if event.start_mark else None
+                raise _TooBig(line, f"nested more than {MAX_DEPTH} levels deep")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
+class _Reader:
+    """Builds plain Python values from YAML nodes, with positions, limits and secrets noted."""
+
+    def __init__(self) -> None:
+        self.lines: dict[Loc, int] = {}
+        self.problems: list[tuple[Loc, str]] = []
+        self.interpolated: dict[Loc, list[tuple[str, str]]] = {}
+        """loc -> [(`${NAME}`, value)] for every substitution, to show the name, not the value."""
+        self.nodes = 0
+        self._open: set[int] = set()
+
+    def construct(self, node: yaml.Node, loc: Loc = ()) -> Any:
+        line = node.start_mark.line + 1
+        self.lines.setdefault(loc, line)
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise self._too_big(
+                loc,
+                f"more than {MAX_NODES:,} values once YAML aliases are expanded "
+                "(an alias bomb?)",
+            )
+        if len(loc) > MAX_DEPTH:
+            raise self._too_big(loc, f"nested more than {MAX_DEPTH} levels deep (through aliases)")
+        if isinstance(node, yaml.MappingNode | yaml.SequenceNode):
+            if id(node) in self._open:
+                raise self._too_big(loc, "an alias refers to the collection that contains it")
+            self._open.add(id(node))
+            try:
+                return self._collection(node, loc)
+            finally:
+                self._open.discard(id(node))
+        assert isinstance(node, yaml.ScalarNode)
+        if node.tag == "tag:yaml.org,2002:str" and "${" in node.value:
+            # stays a string: pydantic turns "1883" into an int where the field wants one
+            value: Any = self._interpolate(node.value, loc)
+        else:
+            value = self._scalar(node, loc)
+        if isinstance(value, str):
+            field_name = next((p for p in reversed(loc) if isinstance(p, str)), "")
+            if redact.looks_secret(field_name):
+                redact.register(value)
+            for pw in redact.url_passwords(value):
+                redact.register(pw)
         return value
 
-    return _VAR_RE.sub(sub, text)
+    def _too_big(self, loc: Loc, message: str) -> _TooBig:
+        """Located at the entry being expanded (``sources[0]``, or a top-level key): where the
+        user looks, rather than deep inside the expansion."""
+        where = loc[:2] if loc and loc[0] in ("sources", "transforms", "sinks") else loc[:1]
+        return _TooBig(self.lines.get(where), message, where)
 
-
-def _construct(
-    node: yaml.Node, loc: Loc, lines: dict[Loc, int], problems: list[tuple[Loc, str]]
-) -> Any:
-    lines.setdefault(loc, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
+    def _collection(self, node: yaml.Node, loc: Loc) -> Any:
+        if isinstance(node, yaml.SequenceNode):
+            return [self.construct(v, (*loc, i)) for i, v in enumerate(node.value)]
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                line = key_node.start_mark.line + 1
+                self.lines.setdefault((*loc, "?"), line)
+                self.problems.append(((*loc, "?"), "a key must be a plain name"))
+                continue
             key = str(key_node.value)
             child = (*loc, key)
-            lines[child] = key_node.start_mark.line + 1
+            self.lines[child] = key_node.start_mark.line + 1
             if key in out:
-                problems.append((child, "duplicate key"))
-            out[key] = _construct(value_node, child, lines, problems)
+                self.problems.append((child, "duplicate key"))
+            out[key] = self.construct(value_node, child)
         return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_construct(v, (*loc, i), lines, problems) for i, v in enumerate(node.value)]
-    assert isinstance(node, yaml.ScalarNode)
-    if node.tag == "tag:yaml.org,2002:str" and "${" in node.value:
-        # stays a string: pydantic turns "1883" into an int where the field wants one
-        return _interpolate(node.value, loc, problems)
-    return _scalar(node)
 
+    def _scalar(self, node: yaml.ScalarNode, loc: Loc) -> Any:
+        loader = yaml.SafeLoader("")
+        try:
+            return loader.construct_object(node, deep=True)
+        except Exception as exc:  # e.g. a timestamp like 2024-13-45, an int of 5000 digits
+            self.problems.append((loc, f"invalid value: {str(exc).splitlines()[0][:200]}"))
+            return None
+        finally:
+            loader.dispose()
 
-def _scalar(node: yaml.ScalarNode) -> Any:
-    loader = yaml.SafeLoader("")
-    try:
-        return loader.construct_object(node, deep=True)
-    finally:
-        loader.dispose()
+    def _interpolate(self, text: str, loc: Loc) -> str:
+        field_name = next((p for p in reversed(loc) if isinstance(p, str)), "")
+
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            value = os.environ.get(name)
+            if value is None or (value == "" and default is not None):
+                if default is None:
+                    self.problems.append(
+                        (
+                            loc,
+                            f"environment variable {name} is not set "
+                            f"(write ${{{name}:-default}} to give a default)",
+                        )
+                    )
+                    return ""
+                return default
+            if redact.looks_secret(name) or redact.looks_secret(field_name):
+                redact.register(value)
+            self.interpolated.setdefault(loc, []).append((f"${{{name}}}", value))
+            return value
+
+        return _VAR_RE.sub(sub, text)
 
 
 def _fmt_path(loc: Loc) -> str:
@@ -187,8 +368,15 @@ def _fmt_path(loc: Loc) -> str:
 class _Locator:
     """Turns pydantic locations into printable paths and the line they point at."""
 
-    def __init__(self, file: str, data: Any, lines: dict[Loc, int]) -> None:
+    def __init__(
+        self,
+        file: str,
+        data: Any,
+        lines: dict[Loc, int],
+        interpolated: dict[Loc, list[tuple[str, str]]] | None = None,
+    ) -> None:
         self.file, self.data, self.lines = file, data, lines
+        self.interpolated = interpolated or {}
         self.issues: list[ConfigIssue] = []
 
     def _real_loc(self, loc: Loc) -> Loc:
@@ -212,7 +400,28 @@ class _Locator:
             if loc[:n] in self.lines:
                 line = self.lines[loc[:n]]
                 break
-        self.issues.append(ConfigIssue(_fmt_path(loc), message, line, self.file))
+        self.issues.append(ConfigIssue(_fmt_path(loc), self._shown(loc, message), line, self.file))
+
+    def _shown(self, loc: Loc, message: str) -> str:
+        """The message with interpolated values written as their ``${VAR}``, secrets masked.
+
+        A value substituted under ``loc`` (or inside it) is what the user did not write: show
+        the name they wrote instead (``'${TOKEN}' is not a duration``), so an environment
+        value put in the wrong field is never printed, secret-looking or not.
+        """
+        for where, subs in self.interpolated.items():
+            if where[: len(loc)] != loc and loc[: len(where)] != where:
+                continue
+            for name, value in sorted(subs, key=lambda s: len(s[1]), reverse=True):
+                if not value:
+                    continue
+                message = message.replace(repr(value), repr(name))
+                if len(value) >= redact.MIN_LENGTH:
+                    message = message.replace(value, name)
+        message = redact.text(message)
+        if len(message) > MAX_MESSAGE:
+            message = message[: MAX_MESSAGE - 1] + "…"
+        return message
 
     def add_validation(self, prefix: Loc, err: ValidationError) -> None:
         for e in err.errors(include_url=False):
@@ -231,63 +440,120 @@ class _Locator:
 # Validation
 
 
-def load_text(text: str, file: str = "<config>") -> LoadedConfig:
-    """Validate a config given as YAML text; ConfigError lists every problem found."""
-    lines: dict[Loc, int] = {}
-    problems: list[tuple[Loc, str]] = []
+def load_text(
+    text: str, file: str = "<config>", *, import_plugins: bool = True
+) -> LoadedConfig:
+    """Validate a config given as YAML text; ConfigError lists every problem found.
+
+    ``import_plugins=False`` is `collector check`'s mode: a ``module:Class`` plugin outside
+    edge-collector's own packages is located on disk but not imported (its import could run
+    anything), and only the fields shared by its kind are checked; `run` imports it.
+    Whatever ``text`` holds, only ConfigError escapes.
+    """
     try:
+        return _load_text(text, file, import_plugins)
+    except ConfigError:
+        raise
+    except RecursionError:
+        issue = ConfigIssue("", "the config is nested too deeply", None, file)
+        raise ConfigError([issue]) from None
+    except Exception as exc:  # a bug of ours or a plugin's validator: still one clear line
+        msg = f"cannot validate the config: {type(exc).__name__}: {str(exc)[:200]}"
+        raise ConfigError([ConfigIssue("", redact.text(msg), None, file)]) from None
+
+
+def _load_text(text: str, file: str, import_plugins: bool) -> LoadedConfig:
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError([_too_big(file, size)])
+    try:
+        _scan_limits(text)
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+        reader = _Reader()
+        data = {} if root is None else reader.construct(root)
+    except _TooBig as exc:
+        raise ConfigError([ConfigIssue(_fmt_path(exc.loc), exc.message, exc.line, file)]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
+        problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(
-            [ConfigIssue("", f"invalid YAML: {getattr(exc, 'problem', exc)}", line, file)]
+            [ConfigIssue("", redact.text(f"invalid YAML: {problem}"), line, file)]
         ) from None
-    data = {} if root is None else _construct(root, (), lines, problems)
-    loc = _Locator(file, data, lines)
-    for where, msg in problems:
+    loc = _Locator(file, data, reader.lines, reader.interpolated)
+    for where, msg in reader.problems:
         loc.add(where, msg)
     if not isinstance(data, dict):
         loc.add((), "the config must be a mapping with `sources` and `sinks`")
         raise ConfigError(loc.issues)
+    settings: CollectorConfig | None
     try:
         settings = CollectorConfig.model_validate(data)
     except ValidationError as err:
         loc.add_validation((), err)
-        raise ConfigError(loc.issues) from None
+        settings = None  # go on: every component's problems are reported too
 
     comps: dict[str, list[Component]] = {}
-    for kind, items in (
-        ("sources", settings.sources),
-        ("transforms", settings.transforms),
-        ("sinks", settings.sinks),
-    ):
-        comps[kind] = [
-            c for i, item in enumerate(items) if (c := _component(kind, i, item, loc)) is not None
-        ]
+    failed: dict[str, set[int]] = {}
+    for kind in ("sources", "transforms", "sinks"):
+        items = getattr(settings, kind) if settings is not None else data.get(kind)
+        comps[kind], failed[kind] = [], set()
+        if not isinstance(items, list):
+            continue
+        for i, item in enumerate(items):
+            c = _component(kind, i, item, loc, import_plugins)
+            if c is None:
+                failed[kind].add(i)
+            else:
+                comps[kind].append(c)
     _name_components(comps, loc)
-    output = _check_dataflow(settings, comps, loc) if not loc.issues else None
-    if loc.issues:
-        raise ConfigError(loc.issues)
+    _check_intervals(comps, loc)
+    device = settings.device if settings is not None else str(data.get("device", "edge-01"))
+    data_dir = settings.data_dir if settings is not None else Path("./data")
+    output = _check_dataflow(device, data_dir, comps, failed, data, loc)
+    if loc.issues or settings is None:
+        # in file order (stable: problems on one line keep their order)
+        raise ConfigError(sorted(loc.issues, key=lambda i: i.line or 0))
     return LoadedConfig(
         settings, comps["sources"], comps["transforms"], comps["sinks"], file=file, raw=data,
         output=output,
     )
 
 
-def load(path: str | Path) -> LoadedConfig:
-    """Validate a config file."""
+def _too_big(file: str, size: int) -> ConfigIssue:
+    return ConfigIssue(
+        "",
+        f"the config is {size:,} bytes; the limit is {MAX_CONFIG_BYTES:,} bytes (1 MiB)",
+        1,
+        file,
+    )
+
+
+def load(path: str | Path, *, import_plugins: bool = True) -> LoadedConfig:
+    """Validate a config file (at most :data:`MAX_CONFIG_BYTES`, read no further)."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        with p.open("rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+            if len(raw) > MAX_CONFIG_BYTES:
+                fh.seek(0, os.SEEK_END)
+                raise ConfigError([_too_big(str(path), fh.tell())])
     except OSError as exc:
         raise ConfigError(
-            [ConfigIssue("", f"cannot read config: {exc.strerror}", None, str(path))]
+            [ConfigIssue("", f"cannot read config: {exc.strerror or exc}", None, str(path))]
         ) from None
-    return load_text(text, str(path))
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            [ConfigIssue("", f"the config is not UTF-8 text (byte {exc.start})", None, str(path))]
+        ) from None
+    return load_text(text, str(path), import_plugins=import_plugins)
 
 
-def _component(kind: str, index: int, item: Any, loc: _Locator) -> Component | None:
+def _component(
+    kind: str, index: int, item: Any, loc: _Locator, import_plugins: bool = True
+) -> Component | None:
     where: Loc = (kind, index)
     if not isinstance(item, dict):
         loc.add(where, "each entry must be a mapping with a `type`")
@@ -297,27 +563,42 @@ def _component(kind: str, index: int, item: Any, loc: _Locator) -> Component | N
     if not type_name:
         loc.add((*where, "type"), f"field required (one of: {', '.join(sorted(known))})")
         return None
+    if not isinstance(type_name, str):
+        loc.add((*where, "type"), "must be a plugin name (a string)")
+        return None
+    imported = True
     try:
-        if ":" in str(type_name):
-            import importlib
-
-            module_name, _, attr = str(type_name).partition(":")
-            cls = getattr(importlib.import_module(module_name), attr)
-        else:
+        if type_name in known:
             cls = registry.load(kind, type_name)  # type: ignore[arg-type]
+        elif ":" not in type_name:
+            raise KeyError(type_name)
+        elif import_plugins or registry.is_own(type_name):
+            cls = registry.load_target(type_name, _OWN_PACKAGE_BASES[kind])
+        else:
+            registry.locate(type_name)  # found on disk; its code runs only in `collector run`
+            cls, imported = _STAND_INS[kind], False
     except KeyError:
         loc.add(
             (*where, "type"),
-            f"unknown {kind[:-1]} type {type_name!r}; known: {', '.join(sorted(known))}",
+            f"unknown {kind[:-1]} type {type_name!r}; known: {', '.join(sorted(known))} "
+            "(or `package.module:Class`)",
         )
         return None
-    except (ImportError, AttributeError) as exc:
+    except registry.PluginLoadError as exc:
         loc.add((*where, "type"), f"cannot load plugin {type_name!r}: {exc}")
+        return None
+    except Exception as exc:  # an entry point's module failing to import
+        loc.add(
+            (*where, "type"), f"cannot load plugin {type_name!r}: {type(exc).__name__}: {exc}"
+        )
         return None
     try:
         config = cls.Config.model_validate(item)
     except ValidationError as err:
         loc.add_validation(where, err)
+        return None
+    except Exception as exc:  # a plugin validator raising something pydantic does not wrap
+        loc.add(where, f"invalid: {type(exc).__name__}: {exc}")
         return None
     for module, extra in registry.missing_requirements(cls):
         loc.add(
@@ -325,7 +606,27 @@ def _component(kind: str, index: int, item: Any, loc: _Locator) -> Component | N
             f"{type_name!r} needs the Python package {module!r}: "
             f"pip install 'edge-collector[{extra}]'",
         )
-    return Component(kind, index, cls, config)
+    return Component(kind, index, cls, config, imported)
+
+
+def _check_intervals(comps: dict[str, list[Component]], loc: _Locator) -> None:
+    """A schedule below 10 ms starves the event loop instead of pacing it."""
+    for c in comps["sources"]:
+        every = getattr(c.config, "every", None)
+        if every is not None and every < MIN_INTERVAL:
+            loc.add(
+                ("sources", c.index, "every"),
+                f"{format_duration(every) if every >= 0.001 else f'{every}s'} is too short: "
+                f"the shortest interval is {format_duration(MIN_INTERVAL)}",
+            )
+    for c in comps["sinks"]:
+        spool = getattr(c.config, "spool", None)
+        base = getattr(spool, "retry_base", None)
+        if base is not None and base < MIN_INTERVAL:
+            loc.add(
+                ("sinks", c.index, "spool", "retry_base"),
+                f"the shortest retry backoff is {format_duration(MIN_INTERVAL)}",
+            )
 
 
 def _name_components(comps: dict[str, list[Component]], loc: _Locator) -> None:
@@ -359,16 +660,46 @@ def _maybe_long_lived(c: Component) -> bool:
 
 
 def _check_dataflow(
-    settings: CollectorConfig, comps: dict[str, list[Component]], loc: _Locator
-) -> None:
-    """Run the chain on empty frames: unknown columns and bad SQL become config errors."""
+    device: str,
+    data_dir: Path,
+    comps: dict[str, list[Component]],
+    failed: dict[str, set[int]],
+    data: dict[str, Any],
+    loc: _Locator,
+) -> pl.DataFrame | None:
+    """Run the chain on empty frames: unknown columns and bad SQL become config errors.
+
+    Runs even when other parts are invalid, so every problem is printed at once: an invalid
+    transform makes the columns after it unknown (unless it only drops rows), and a sink whose
+    own fields are invalid still has its `where:` checked.
+    """
     tags: set[str] = set()
     for c in comps["sources"]:
         tags.update(getattr(c.config, "tags", {}) or {})
         tags.update(getattr(c.cls, "extra_columns", lambda cfg: ())(c.config))
-    frame: pl.DataFrame | None = empty_readings(sorted(tags))
-    ctx = Context(device=settings.device, component="check", data_dir=settings.data_dir)
-    for c in comps["transforms"]:
+    known_columns = True
+    raw_sources = data.get("sources") if isinstance(data.get("sources"), list) else []
+    for i in failed["sources"]:
+        # an invalid source still declares its tags; only a plugin adding columns of its own
+        # (or an unreadable entry) makes the columns unknown
+        raw = raw_sources[i] if i < len(raw_sources or []) else None
+        raw_tags = raw.get("tags", {}) if isinstance(raw, dict) else None
+        cls = _known_class("sources", raw.get("type") if isinstance(raw, dict) else None)
+        if not isinstance(raw_tags, dict) or cls is None or hasattr(cls, "extra_columns"):
+            known_columns = False
+        else:
+            tags.update(str(k) for k in raw_tags)
+    frame: pl.DataFrame | None = empty_readings(sorted(tags)) if known_columns else None
+    ctx = Context(device=device, component="check", data_dir=data_dir)
+    by_index = {c.index: c for c in comps["transforms"]}
+    raw_transforms = data.get("transforms") if isinstance(data.get("transforms"), list) else []
+    for i in range(len(raw_transforms or [])):
+        c = by_index.get(i)
+        if c is None:
+            raw = raw_transforms[i]
+            if not (isinstance(raw, dict) and raw.get("type") in _COLUMN_PRESERVING):
+                frame = None
+            continue
         try:
             t: Transform = c.cls(c.config, ctx)  # type: ignore[assignment]
         except Exception as exc:  # plugin constructors validate more than pydantic can
@@ -386,28 +717,48 @@ def _check_dataflow(
             loc.add(
                 ("transforms", c.index),
                 f"fails on columns [{', '.join(frame.columns)}]: "
-                f"{str(exc).strip().splitlines()[0]}",
+                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",
             )
             frame = None
-    for c in comps["sinks"]:
-        cfg: SinkConfig = c.config
-        parts = getattr(cfg, "partition_by", None)
+    sinks = {c.index: c for c in comps["sinks"]}
+    raw_sinks = data.get("sinks") if isinstance(data.get("sinks"), list) else []
+    for i, raw in enumerate(raw_sinks or []):
+        c = sinks.get(i)
+        if c is not None:
+            cfg: SinkConfig = c.config
+            where = cfg.where
+            parts = getattr(cfg, "partition_by", None) if c.imported else None
+        else:
+            where = raw.get("where") if isinstance(raw, dict) else None
+            parts = None
+            if not isinstance(where, str):
+                continue  # missing, or its type error is reported already
         if parts and frame is not None:
             from sinks._partition import validate_partitions
 
             try:
                 validate_partitions(parts, frame.columns)
             except ValueError as exc:
-                loc.add(("sinks", c.index, "partition_by"), str(exc))
-        if cfg.where is None:
+                loc.add(("sinks", i, "partition_by"), str(exc))
+        if where is None:
             continue
         try:
-            expr = sqlexpr.compile_expr(cfg.where)
+            expr = sqlexpr.compile_expr(where)
             if frame is not None:
-                sqlexpr.check_on(expr, cfg.where, frame, boolean=True)
+                sqlexpr.check_on(expr, where, frame, boolean=True)
         except ValueError as exc:
-            loc.add(("sinks", c.index, "where"), str(exc))
+            loc.add(("sinks", i, "where"), str(exc))
     return frame
+
+
+def _known_class(kind: str, type_name: Any) -> type[Plugin] | None:
+    """The registered plugin class of ``type_name``, or None (unknown, or fails to load)."""
+    if not isinstance(type_name, str) or type_name not in registry.available(kind):  # type: ignore[arg-type]
+        return None
+    try:
+        return registry.load(kind, type_name)  # type: ignore[arg-type]
+    except Exception:
+        return None
 
 
 def json_schema() -> dict[str, Any]:

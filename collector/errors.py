@@ -39,8 +39,12 @@ class ConfigIssue:
     file: str | None = None
 
     def __str__(self) -> str:
+        # redacted here too, so an issue built anywhere (a plugin, the runtime) cannot print
+        # a registered secret or a URL password
+        from collector import redact
+
         where = f"{self.file or '<config>'}:{self.line if self.line is not None else '?'}"
-        return f"{where} {self.path or '<root>'}: {self.message}"
+        return redact.text(f"{where} {self.path or '<root>'}: {self.message}")
 
 
 class ConfigError(CollectorError):

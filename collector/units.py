@@ -6,6 +6,7 @@ the accepted forms.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any
 
@@ -13,6 +14,14 @@ from pydantic import BeforeValidator, Field, WithJsonSchema
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _DURATION_FACTORS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+MAX_DURATION = 10 * 366 * 86400.0
+"""Ten years: longer than any schedule, TTL or timeout makes sense, and far below the values
+that overflow the event loop's and the scheduler's clocks (``every: 99999999999d``)."""
+MIN_INTERVAL = 0.01
+"""Shortest schedule or loop period (``every``, fsync and checkpoint intervals, retry backoff):
+below 10 ms a timer starves the event loop instead of pacing it."""
+MAX_SIZE = 2**50
+"""One PiB: far above any spool or batch, and exact as a float and as a C int64."""
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _SIZE_FACTORS = {
     "b": 1,
@@ -27,12 +36,20 @@ _SIZE_FACTORS = {
 }
 
 
+def _as_float(value: int | float) -> float:
+    """A YAML int of 400 digits does not fit a float: treat it as infinitely large."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 def parse_duration(value: Any) -> float:
     """Seconds from ``5s``/``1m``/``7d``/``250ms`` or a bare number of seconds."""
     if isinstance(value, bool):
         raise ValueError("a duration is a number of seconds or a string like '5s', '1m', '7d'")
     if isinstance(value, int | float):
-        seconds = float(value)
+        seconds = _as_float(value)
     else:
         m = _DURATION_RE.match(str(value))
         if not m:
@@ -40,8 +57,14 @@ def parse_duration(value: Any) -> float:
                 f"{value!r} is not a duration: use a number with ms, s, m, h, d or w, e.g. '5s'"
             )
         seconds = float(m.group(1)) * _DURATION_FACTORS[m.group(2)]
+    if math.isnan(seconds):
+        raise ValueError("a duration must be a number of seconds, not NaN")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
+    if seconds > MAX_DURATION:
+        raise ValueError(
+            f"a duration must be at most {format_duration(MAX_DURATION)} (ten years)"
+        )
     return seconds
 
 
@@ -50,15 +73,19 @@ def parse_size(value: Any) -> int:
     if isinstance(value, bool):
         raise ValueError("a size is a number of bytes or a string like '256MiB'")
     if isinstance(value, int | float):
-        size = int(value)
+        number = _as_float(value)
     else:
         m = _SIZE_RE.match(str(value))
         if not m:
             raise ValueError(f"{value!r} is not a size: use e.g. '512KiB', '256MiB', '5MB'")
-        size = int(float(m.group(1)) * _SIZE_FACTORS[(m.group(2) or "b").lower()])
-    if size < 0:
+        number = float(m.group(1)) * _SIZE_FACTORS[(m.group(2) or "b").lower()]
+    if math.isnan(number):
+        raise ValueError("a size must be a number of bytes, not NaN")
+    if number < 0:
         raise ValueError("a size cannot be negative")
-    return size
+    if number > MAX_SIZE:  # also .inf, which int() cannot take
+        raise ValueError("a size must be at most 1PiB")
+    return int(value) if isinstance(value, int) else int(number)
 
 
 def format_duration(seconds: float) -> str:

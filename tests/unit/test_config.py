@@ -265,3 +265,69 @@ def test_tag_named_like_a_column_is_rejected() -> None:
     text = GOOD.replace("    every: 5s\n", "    every: 5s\n    tags: {value: x}\n", 1)
     found = issues_of(text)
     assert any(p == "sources[0].tags" and "clash" in m for _, p, m in found), found
+
+
+@pytest.mark.parametrize(
+    ("host", "expose", "ok"),
+    [
+        ("127.0.0.1", False, True),
+        ("127.0.0.53", False, True),
+        ("::1", False, True),
+        ("localhost", False, True),
+        ("0.0.0.0", False, False),
+        ("192.168.1.10", False, False),
+        ("gateway.local", False, False),
+        ("0.0.0.0", True, True),
+    ],
+)
+def test_telemetry_off_loopback_needs_expose(host: str, expose: bool, ok: bool) -> None:
+    text = GOOD + f"telemetry: {{host: '{host}', expose: {str(expose).lower()}}}\n"
+    if ok:
+        assert load_text(text).settings.telemetry.host == host
+        return
+    found = issues_of(text)
+    assert [(p, "telemetry.expose: true" in m) for _, p, m in found] == [("telemetry.host", True)]
+    assert found[0][0] == GOOD.count("\n") + 1
+
+
+def test_every_problem_is_reported_even_when_the_top_level_is_invalid() -> None:
+    text = (
+        GOOD.replace("every: 5s", "every: soon")
+        .replace("type: lake", "type: lak")
+        .replace("    path: ./data/lake\n", "    path: ./data/lake\n    where: 'value > 3'\n")
+        + "telemetry: {port: many}\n"
+    )
+    found = issues_of(text)
+    paths = [p for _, p, _ in found]
+    assert paths == ["sources[0].every", "sinks[0].type", "sinks[0].where", "telemetry.port"]
+    where = next(m for _, p, m in found if p == "sinks[0].where")
+    assert "fails on columns" in where and "mean" in where  # checked after the window
+
+
+def test_readme_four_problem_example() -> None:
+    text = (
+        GOOD.replace("every: 5s", "every: soon")
+        .replace("value BETWEEN -40 AND 85", "value BETWEN 1 AND 2")
+        .replace("type: lake", "type: lak")
+        .replace("    path: ./data/lake\n", "    path: ./data/lake\n    where: 'value > 3'\n")
+    )
+    paths = [p for _, p, _ in issues_of(text)]
+    assert paths == ["sources[0].every", "transforms[0].where", "sinks[0].type", "sinks[0].where"]
+
+
+def test_units_refuse_what_cannot_be_a_schedule_or_a_size() -> None:
+    from collector.units import parse_duration, parse_size
+
+    for bad in (float("inf"), float("nan"), "99999999999d", 10**400, "1" * 400):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+    for bad in (float("inf"), float("nan"), "1e3", "9" * 30 + "TiB"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+    assert parse_duration("250ms") == 0.25 and parse_size("256MiB") == 256 * 1024**2
+
+
+def test_intervals_below_10ms_are_rejected() -> None:
+    found = issues_of(GOOD.replace("every: 5s", "every: 9ms"))
+    assert ("sources[0].every" in {p for _, p, _ in found}), found
+    assert load_text(GOOD.replace("every: 5s", "every: 10ms")).sources[0].config.every == 0.01
