@@ -41,7 +41,29 @@ class SinkState:
     spool_backlog_rows: int = 0
     spool_backlog_bytes: int = 0
     spool_oldest_ms: int | None = None
+    inflight_since: float | None = None
+    """Wall time the sink call now in flight started (None: no call in flight). A call that
+    never returns would otherwise leave the state of the last *finished* call: all green."""
+    inflight_what: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def stalled_for(self, now: float, after: float) -> float | None:
+        """Seconds the call in flight has waited, if that is longer than ``after``."""
+        since = self.inflight_since
+        if since is None or now - since <= after:
+            return None
+        return now - since
+
+    def up(self, now: float, after: float) -> bool:
+        """Not failing, and no call waiting longer than ``after`` for an answer."""
+        return self.failing_since is None and self.stalled_for(now, after) is None
+
+    def current_error(self, now: float, after: float) -> str | None:
+        """``last_error``, or "no answer for N s" while a call has been silent too long."""
+        stalled = self.stalled_for(now, after)
+        if stalled is not None:
+            return f"{self.inflight_what or 'call'}: no answer for {stalled:.0f} s"
+        return self.last_error
 
 
 class _CountersCollector(Collector):
@@ -70,8 +92,12 @@ class _CountersCollector(Collector):
             "sink_latency_seconds_sum": ("total time in sink writes", lambda s: s.latency_sum),
             "sink_latency_seconds_count": ("sink writes timed", lambda s: s.latency_count),
             "sink_up": (
-                "1 when the last write succeeded",
-                lambda s: 0.0 if s.failing_since else 1.0,
+                "1 when the last write succeeded and no call waits longer than unhealthy_after",
+                lambda s: 1.0 if s.up(now, self.t.unhealthy_after) else 0.0,
+            ),
+            "sink_inflight_seconds": (
+                "age of the sink call in flight (0 when none)",
+                lambda s: (now - s.inflight_since) if s.inflight_since else 0.0,
             ),
         }
         for gname, (doc, fn) in gauges.items():
@@ -104,11 +130,20 @@ class Telemetry:
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         now = time.time()
-        failing = {
-            name: {"failing_for_s": round(now - s.failing_since, 1), "last_error": s.last_error}
-            for name, s in self.sinks.items()
-            if s.failing_since is not None and now - s.failing_since > self.unhealthy_after
-        }
+        after = self.unhealthy_after
+        failing: dict[str, Any] = {}
+        for name, s in self.sinks.items():
+            stalled = s.stalled_for(now, after)
+            if stalled is not None:
+                failing[name] = {
+                    "failing_for_s": round(stalled, 1),
+                    "last_error": s.current_error(now, after),
+                }
+            elif s.failing_since is not None and now - s.failing_since > after:
+                failing[name] = {
+                    "failing_for_s": round(now - s.failing_since, 1),
+                    "last_error": s.last_error,
+                }
         if self.pipeline_error:
             failing["pipeline"] = {"last_error": self.pipeline_error}
         return not failing, {"status": "unhealthy" if failing else "ok", "failing": failing}
@@ -116,6 +151,7 @@ class Telemetry:
     def status(self, running: bool = True) -> dict[str, Any]:
         c = self.counters
         items = c.snapshot()
+        now = time.time()
         sinks = {}
         for name, s in self.sinks.items():
             dropped = {
@@ -130,6 +166,8 @@ class Telemetry:
                 "dropped_rows": dropped,
                 "retries": c.get("retries_total", sink=name),
                 **{k: v for k, v in asdict(s).items() if k != "extra"},
+                "up": s.up(now, self.unhealthy_after),
+                "last_error": s.current_error(now, self.unhealthy_after),
             }
         return {
             "pid": os.getpid(),

@@ -6,15 +6,21 @@ import asyncio
 import itertools
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import polars as pl
+import pyarrow as pa
 import pytest
 
-from collector.plugin import BatchConfig, Context
+from collector.config import Component
+from collector.errors import TransientSinkError
+from collector.plugin import BatchConfig, Context, Counters, Sink, SinkConfig
 from collector.runtime import delivery
 from collector.runtime.checkpoint import Checkpoint, CheckpointStore
 from collector.runtime.log import Entry, Kind
 from collector.runtime.pipeline import Pipeline, Route
+from collector.runtime.spool import Spool
+from collector.runtime.telemetry import SinkState, Telemetry
 from collector.transforms.window import WindowConfig, WindowTransform
 
 
@@ -116,3 +122,167 @@ def test_checkpoint_size_stays_flat_while_a_batch_waits(tmp_path: Path) -> None:
     flushed = restored.process(Entry(999, Kind.FLUSH, 1_800_000_000_000_000, None))
     assert flushed[0].batch_id.startswith("dev-0000abcd-000000000000-")
     assert flushed[0].table.num_rows == p.routes[0].pending.rows
+
+
+# -- delivery: hung calls are visible, repeated errors are counted, not repeated -------------
+
+
+class _Endpoint:
+    """A real TCP server that first accepts and never answers, then (``answer()``) answers.
+
+    It records the batch ids it acknowledged: what "landed" at the destination.
+    """
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.port = self.sock.getsockname()[1]
+        self.answering = threading.Event()
+        self.held: list[socket.socket] = []
+        self.landed: list[str] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            if not self.answering.is_set():
+                self.held.append(conn)  # accepted, never answered
+                continue
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: Any) -> None:
+        with conn:
+            line = conn.makefile("rb").readline()
+            self.landed.append(line.decode().strip())
+            conn.sendall(b"ok\n")
+
+    def answer(self) -> None:
+        self.answering.set()
+        for conn in self.held:  # the silent connections go away, as a restarted server's would
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class _LineSink(Sink):
+    """Sends the batch id over TCP and waits for ``ok``: a sink with a silent server."""
+
+    deadline = 600.0  # far beyond the test: visibility must not wait for the deadline
+
+    async def write(self, table: pa.Table, batch_id: str) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.config.port)
+        try:
+            writer.write(batch_id.encode() + b"\n")
+            await writer.drain()
+            if await reader.readline() != b"ok\n":
+                raise TransientSinkError("connection closed without an answer")
+        finally:
+            writer.close()
+
+
+class _LineConfig(SinkConfig):
+    type: str = "line"
+    port: int = 0
+
+
+async def test_a_silent_endpoint_turns_health_red_while_the_call_waits(tmp_path: Path) -> None:
+    endpoint = _Endpoint()
+    cfg = _LineConfig.model_validate(
+        {"name": "line", "port": endpoint.port,
+         "spool": {"retry_base": "50ms", "retry_cap": "200ms"}})
+    counters = Counters()
+    telemetry = Telemetry(counters, tmp_path, unhealthy_after=0.3)
+    state = telemetry.sinks["line"] = SinkState()
+    spool = Spool(tmp_path / "spool" / "line", cfg.spool, "line", counters)
+    sink = _LineSink(cfg, Context(device="d", component="line", data_dir=tmp_path))
+    worker = delivery.SinkWorker(
+        Component(kind="sink", index=0, cls=_LineSink, config=cfg), sink, spool, state,
+        counters, shutdown_timeout=5)
+    table = pa.table({"value": [1.0, 2.0]})
+    for n in range(3):
+        spool.put(table, f"edge-01-1a2b3c4d-{n:012d}-{n:012d}")
+    stop = False
+    task = asyncio.create_task(worker.run(lambda: stop))
+    try:
+        async def until(cond: Any, what: str) -> None:
+            for _ in range(300):
+                if cond():
+                    return
+                await asyncio.sleep(0.1)
+            raise AssertionError(f"timed out waiting for {what}")
+
+        def red() -> bool:
+            ok, detail = telemetry.health()
+            return not ok and "no answer" in str(detail["failing"].get("line", {}))
+
+        await until(red, "/health to say no answer")
+        status = telemetry.status()["sinks"]["line"]
+        assert status["up"] is False and "no answer for" in status["last_error"]
+        assert state.failing_since is None  # nothing failed yet: it is only silent
+        assert spool.backlog_rows == 6  # the backlog waits in the spool
+        assert endpoint.landed == []
+
+        endpoint.answer()
+        await until(lambda: spool.backlog_rows == 0, "the backlog to drain")
+        assert sorted(endpoint.landed) == [f"edge-01-1a2b3c4d-{n:012d}-{n:012d}" for n in range(3)]
+        assert telemetry.health()[0]
+        assert telemetry.status()["sinks"]["line"]["up"] is True
+    finally:
+        stop = True
+        endpoint.answer()
+        try:
+            await asyncio.wait_for(task, 30)
+        finally:
+            endpoint.close()
+
+
+async def test_a_call_past_its_deadline_is_a_transient_failure(tmp_path: Path) -> None:
+    """The deadline cancels the silent call; the batch stays for the next try."""
+    endpoint = _Endpoint()
+    cfg = _LineConfig.model_validate({"name": "line", "port": endpoint.port})
+    sink = _LineSink(cfg, Context(device="d", component="line", data_dir=tmp_path))
+    sink.deadline = 0.3  # type: ignore[misc]
+    counters = Counters()
+    spool = Spool(tmp_path / "spool" / "line", cfg.spool, "line", counters)
+    state = SinkState()
+    worker = delivery.SinkWorker(
+        Component(kind="sink", index=0, cls=_LineSink, config=cfg), sink, spool, state,
+        counters, shutdown_timeout=5)
+    spool.put(pa.table({"value": [1.0]}), "b")
+    item = spool.claim()
+    assert item is not None
+    await worker._send(item)
+    assert state.last_error is not None and "no answer for 0 s" in state.last_error
+    assert state.inflight_since is None and state.failing_since is not None
+    assert spool.backlog_rows == 1 and endpoint.landed == []
+    endpoint.close()
+
+
+def test_repeated_errors_are_logged_once_with_a_count(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    repeated = delivery.RepeatedLog(logging.getLogger("collector.test"), every=3600)
+    with caplog.at_level(logging.WARNING, logger="collector.test"):
+        for n in range(50):  # a new batch id every time, same error
+            repeated(logging.WARNING, f"sink s3: batch {n:012d}: connection refused; retry in "
+                                      f"{n / 7:.1f}s")
+        repeated(logging.ERROR, "sink s3: something else")
+        repeated(logging.ERROR, "sink s3: something else")
+        repeated.flush(" before it recovered")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "sink s3: batch 000000000000: connection refused; retry in 0.0s",
+        "the last error repeated 49 more times",
+        "sink s3: something else",
+        "the last error repeated 1 more times before it recovered",
+    ]
