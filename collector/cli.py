@@ -15,11 +15,11 @@ import click
 
 from collector import redact
 from collector.errors import ConfigError
+from collector.runtime.fsutil import private_files
 from collector.units import parse_duration
 
 EXIT_CONFIG = 2
 EXIT_IO = 1
-PRIVATE_UMASK = 0o077
 """`collector run` creates everything owner-only: readings, spools and logs are nobody else's
 business on a shared gateway (folders 0700, files 0600)."""
 log = logging.getLogger("collector")
@@ -124,7 +124,7 @@ def run(
     (umask 077).
     """
     # before anything is written: log, spool, status, checkpoint, dead letters, lock
-    os.umask(PRIVATE_UMASK)
+    private_files()
     _setup_logging(log_level)
     root = None
     if data_dir:

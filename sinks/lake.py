@@ -13,6 +13,7 @@ disk) is retried alone. See ``sinks._isolate``.
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +23,7 @@ from pydantic import Field, field_validator
 
 from collector.errors import PermanentSinkError, TransientSinkError
 from collector.plugin import Context, Sink, SinkConfig
+from collector.runtime import fsutil
 from collector.runtime.fsutil import atomic_write, fsync_dir
 from sinks._isolate import Outcome, is_permanent_os_error
 from sinks._partition import (
@@ -52,6 +54,12 @@ class LakeConfig(SinkConfig):
     )
     compression_level: int | None = Field(
         default=None, ge=1, le=22, description="zstd level (default: the library's, 3)."
+    )
+    private: bool = Field(
+        default=False,
+        description="Owner-only files and folders like the data dir; by default the lake "
+        "follows the umask the collector was started with, so other readers (a dashboard, "
+        "a sync job) can read it.",
     )
 
     @field_validator("partition_by")
@@ -85,7 +93,16 @@ class LakeSink(Sink):
         self.root = root.resolve()
 
     async def open(self) -> None:
-        await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(self._make_folder, self.root)
+
+    def _make_folder(self, target: Path) -> None:
+        """``target`` and its missing parents, with the lake's folder mode."""
+        modes = self._modes()
+        missing = [d for d in (target, *target.parents) if not d.exists()]
+        target.mkdir(parents=True, exist_ok=True)
+        if modes is not None:
+            for folder in missing:
+                os.chmod(folder, modes[1])
 
     async def write(self, table: pa.Table, batch_id: str) -> None:
         if table.num_rows == 0:
@@ -128,13 +145,28 @@ class LakeSink(Sink):
                 outcome.written(index)
         return outcome
 
+    def _modes(self) -> tuple[int, int] | None:
+        """(file, folder) modes from the user's umask; None: leave the process's (private)."""
+        umask = fsutil.USER_UMASK
+        if self.config.private or umask is None:
+            return None
+        return 0o666 & ~umask, 0o777 & ~umask
+
     def _write_file(self, target: Path, name: str, rows: pa.Table) -> None:
         created = not target.exists()
-        target.mkdir(parents=True, exist_ok=True)
+        modes = self._modes()
+        if created:
+            self._make_folder(target)
         options: dict[str, Any] = {"compression": "zstd"}
         if self.config.compression_level is not None:
             options["compression_level"] = self.config.compression_level
-        atomic_write(target / name, lambda tmp: pq.write_table(rows, str(tmp), **options))
+
+        def write(tmp: Path) -> None:
+            pq.write_table(rows, str(tmp), **options)
+            if modes is not None:
+                os.chmod(tmp, modes[0])
+
+        atomic_write(target / name, write)
         if created:
             # New partition folders must survive a power cut too.
             for parent in target.parents:

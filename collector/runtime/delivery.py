@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import pyarrow as pa
 
+from collector import redact
 from collector.config import Component
 from collector.errors import PartialWriteError, PermanentSinkError, TransientSinkError
 from collector.plugin import Counters, Sink
@@ -187,7 +188,7 @@ class SinkWorker:
         now = time.time()
         st = self.state
         st.consecutive_failures += 1
-        st.last_error = f"{type(exc).__name__}: {exc}"[:500]
+        st.last_error = redact.text(f"{type(exc).__name__}: {exc}")[:500]
         st.last_error_at = now
         self._went_silent = isinstance(exc, NoAnswerError)
         st.failing_since = st.failing_since or now

@@ -13,6 +13,19 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+USER_UMASK: int | None = None
+"""The umask the collector was started with, before `collector run` made its own files
+owner-only (None: not changed). Shared outputs such as the lake follow it, not the data dir's."""
+
+
+def private_files() -> int:
+    """Make every file this process creates from now on owner-only; remember the user's umask."""
+    global USER_UMASK
+    old = os.umask(0o077)
+    if USER_UMASK is None:
+        USER_UMASK = old
+    return old
+
 
 def fsync_dir(path: Path) -> None:
     """Make a rename or a new file in ``path`` durable."""

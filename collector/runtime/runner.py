@@ -25,6 +25,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from collector import redact
 from collector.config import Component, LoadedConfig
 from collector.errors import TransformError
 from collector.plugin import Context, Counters, Source, Transform
@@ -368,7 +369,8 @@ class Runtime:
         if entry.table is None:
             return
         table = entry.table.append_column(
-            "dead_letter_reason", pa.array([str(exc)] * entry.table.num_rows, pa.string())
+            "dead_letter_reason",
+            pa.array([redact.text(str(exc))] * entry.table.num_rows, pa.string()),
         )
         folder = self.data_dir / "dead-letter"
         folder.mkdir(parents=True, exist_ok=True)

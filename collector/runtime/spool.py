@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
+from collector import redact
 from collector.plugin import Counters, SpoolConfig
 from collector.runtime.fsutil import atomic_write
 from collector.runtime.identity import order_key
@@ -315,7 +316,11 @@ class Spool:
     def dead_letter(self, table: pa.Table, reasons: str | list[str], batch_id: str) -> Path:
         """Keep rejected rows as Parquet beside the spool, with reason and sink name."""
         n = table.num_rows
-        reason_col = [reasons] * n if isinstance(reasons, str) else list(reasons)
+        reason_col = (
+            [redact.text(reasons)] * n
+            if isinstance(reasons, str)
+            else [redact.text(r) for r in reasons]
+        )
         if len(reason_col) != n:
             reason_col = (reason_col + [reason_col[-1] if reason_col else "rejected"] * n)[:n]
         now = datetime.now(UTC)

@@ -34,18 +34,26 @@ def tree(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*") if ".git" not in p.parts}
 
 
-def test_run_creates_everything_owner_only(tmp_path: Path) -> None:
+@pytest.mark.parametrize("private", [False, True])
+def test_run_creates_its_files_owner_only_and_the_lake_per_the_umask(
+    tmp_path: Path, private: bool
+) -> None:
     data = tmp_path / "data"
+    lake = {"name": "lake", "type": "lake", "path": str(data / "lake"), "private": private}
     cfg = write_config(
         tmp_path / "c.yaml",
         {
             "data_dir": str(data),
             "sources": [{"name": "room", "type": "simulated", "every": "1s"}],
             "transforms": [{"type": "window", "every": "1m", "aggs": ["mean"]}],
-            "sinks": [{"name": "lake", "type": "lake", "path": str(data / "lake")}],
+            "sinks": [lake],
         },
     )
-    res = run("run", str(cfg), "--once", cwd=tmp_path)
+    old = os.umask(0o022)  # the user's umask, inherited by the collector
+    try:
+        res = run("run", str(cfg), "--once", cwd=tmp_path)
+    finally:
+        os.umask(old)
     assert res.returncode == 0, res.stderr
     seen = {"log": False, "spool": False, "status.json": False, "lake": False}
     assert stat.S_IMODE(data.stat().st_mode) == 0o700
@@ -54,7 +62,10 @@ def test_run_creates_everything_owner_only(tmp_path: Path) -> None:
         top = p.relative_to(data).parts[0]
         if top in seen:
             seen[top] = True
-        assert mode == (0o700 if p.is_dir() else 0o600), f"{p}: {mode:o}"
+        if top == "lake" and not private:
+            assert mode == (0o755 if p.is_dir() else 0o644), f"{p}: {mode:o}"
+        else:
+            assert mode == (0o700 if p.is_dir() else 0o600), f"{p}: {mode:o}"
     assert all(seen.values()), seen
     assert read_lake(data / "lake").height > 0
 

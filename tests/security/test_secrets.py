@@ -15,10 +15,15 @@ import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import polars as pl
 import pytest
 
 from collector import redact
+from collector.errors import PermanentSinkError
+from collector.plugin import Sink
+from collector.testing import run_once
 from tests.e2e.conftest import ROOT, Collector, read_lake, wait_for, write_config
 
 PASSWORD = "Pw-9f3c1d77e2"
@@ -191,3 +196,26 @@ def test_log_filter_masks_secrets_in_messages_args_and_tracebacks(
     err = capsys.readouterr().err
     assert_no_secret(err, "stderr")
     assert "https://admin:***@host/x" in err and "bad password ***" in err
+
+
+class LeakySink(Sink):
+    """A sink whose client library puts credentials in its error text."""
+
+    async def write(self, table: Any, batch_id: str) -> None:
+        raise PermanentSinkError(
+            "403 from https://elastic:Pa55-LEAK-w0rd@es.local:9200/_bulk token=tok-LEAK-123"
+        )
+
+
+def test_errors_from_sinks_are_redacted_where_they_are_kept(tmp_path: Path) -> None:
+    redact.register("tok-LEAK-123")  # as the config loader does for a secret-named field
+    config = {
+        "device": "d",
+        "sources": [{"name": "s", "type": "simulated", "every": "1s"}],
+        "sinks": [{"name": "leaky", "type": "tests.security.test_secrets:LeakySink"}],
+    }
+    run_once(config, tmp_path)
+    dead = pl.read_parquet(tmp_path / "spool" / "leaky" / "dead-letter" / "*.parquet")
+    reasons = "\n".join(dead.get_column("dead_letter_reason").to_list())
+    assert "elastic:***@es.local" in reasons and "token=***" in reasons
+    assert "Pa55-LEAK-w0rd" not in reasons and "tok-LEAK-123" not in reasons
