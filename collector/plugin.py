@@ -280,8 +280,11 @@ class Source(Plugin):
 class Transform(Plugin):
     """Maps a micro-batch to a micro-batch; stateful ones also ``flush``.
 
-    State must be picklable (``__getstate__`` by default): the runtime checkpoints it with the
-    log offset, so a restart resumes exactly where the last checkpoint left off.
+    State (``__getstate__``: the instance's attributes but ``config`` and ``ctx``) is
+    checkpointed with the log offset, without pickle (``collector.runtime.statecodec``: plain
+    values, containers, datetimes, Polars frames, objects of this package's classes), so a
+    restart resumes exactly where the last checkpoint left off. ``collector.testing.
+    restart_transform`` shows what a restart makes of a transform.
     """
 
     Config: ClassVar[type[TransformConfig]] = TransformConfig

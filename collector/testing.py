@@ -17,14 +17,16 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import polars as pl
 import pyarrow as pa
 import yaml
 
 from collector.config import LoadedConfig, load_text
-from collector.plugin import Sink, SinkConfig
+from collector.plugin import Context, Sink, SinkConfig, Transform
+
+T = TypeVar("T", bound=Transform)
 
 
 class FakeClock:
@@ -139,6 +141,29 @@ def run_pipeline(
         sink: pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
         for sink, frames in out.items()
     }
+
+
+def checkpoint_bytes(transform: Transform) -> bytes:
+    """A transform's state as a checkpoint file holds it (JSON + Arrow IPC, no pickle)."""
+    from collector.runtime import statecodec
+    from collector.runtime.checkpoint import Checkpoint
+
+    blobs: list[bytes] = []
+    tree = statecodec.encode(transform.__getstate__(), blobs)
+    return Checkpoint(0, "test", [tree], blobs=blobs).to_bytes()
+
+
+def restart_transform(transform: T, ctx: Context | None = None) -> T:
+    """What a restart makes of ``transform``: a new instance restored from its checkpointed
+    state, as the runtime does it. Plugin authors: the output after this must not change."""
+    from collector.runtime import statecodec
+    from collector.runtime.checkpoint import Checkpoint
+
+    cp = Checkpoint.from_bytes(checkpoint_bytes(transform))
+    assert isinstance(cp.transforms, list)
+    fresh = type(transform)(transform.config, ctx or transform.ctx)
+    fresh.__setstate__(statecodec.decode(cp.transforms[0], cp.blobs))
+    return fresh
 
 
 def free_port() -> int:

@@ -1,7 +1,7 @@
 """The built-in streaming anomaly detector: rolling z-score or EWMA per series, no training step.
 
 Pure Python (no numpy) so a bare install gets anomaly flags, and every piece of state is a plain
-object that pickles, because the runtime checkpoints transforms with pickle.
+value (dataclasses of floats and deques) that the runtime's checkpoint codec stores as JSON.
 
 Methods: ``zscore`` compares a reading with the mean and standard deviation of the last
 ``window`` accepted readings (steady signals); ``ewma`` compares it with an exponentially

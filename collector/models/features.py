@@ -117,7 +117,7 @@ def pivot_frame(df: pl.DataFrame, spec: FeatureSpec) -> pl.DataFrame:
 class FeatureHistory:
     """Per-reading features over a stream: remembers each series' last readings between batches.
 
-    State is a dict of plain lists, so it pickles with the transform's checkpoint.
+    State is a dict of plain lists, so it goes into the transform's checkpoint as JSON.
     """
 
     def __init__(self, spec: FeatureSpec) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 import polars as pl
@@ -55,6 +57,10 @@ class PythonTransform(Transform):
 
     def apply(self, df: pl.DataFrame) -> pl.DataFrame:
         out = self._function()(df, **self.config.args)
+        if inspect.isawaitable(out):
+            # `async def` transforms work like async sources: the pipeline thread has no event
+            # loop of its own, so each batch's coroutine runs to its end here
+            out = asyncio.run(_awaited(out))
         if isinstance(out, pa.Table | pa.RecordBatch):
             out = pl.from_arrow(out)
         if not isinstance(out, pl.DataFrame):
@@ -68,3 +74,7 @@ class PythonTransform(Transform):
         state = super().__getstate__()
         state["_fn"] = None
         return state
+
+
+async def _awaited(value: Awaitable[Any]) -> Any:
+    return await value

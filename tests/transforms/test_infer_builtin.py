@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Callable
 from typing import Any
 
@@ -10,6 +9,7 @@ import polars as pl
 import pytest
 
 from collector.plugin import Context
+from collector.testing import restart_transform
 from collector.transforms.infer import InferConfig, InferTransform
 
 from .conftest import simulated_batches
@@ -103,8 +103,7 @@ def test_checkpoint_mid_stream_gives_the_same_flags(make_ctx: Callable[[str], Co
 
     first = infer(make_ctx("b"), **config)
     head = run(first, batches[:30])
-    restored: InferTransform = pickle.loads(pickle.dumps(first))
-    restored.config, restored.ctx = first.config, make_ctx("b")  # what the runtime re-attaches
+    restored = restart_transform(first, make_ctx("b"))
     tail = run(restored, batches[30:])
     assert pl.concat([head, tail]).equals(straight)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import pytest
 from collector.errors import ConfigError
 from collector.models.features import feature_frame, feature_names
 from collector.plugin import Context
-from collector.testing import FakeClock
+from collector.testing import FakeClock, checkpoint_bytes, restart_transform
 from collector.transforms.infer import (
     FeaturesConfig,
     InferConfig,
@@ -289,10 +288,8 @@ def test_checkpoint_drops_the_model_and_reloads_it(
     t = InferTransform(cfg, make_ctx("b"))
     t.open()
     head = [t.apply(b) for b in batches[:5]]
-    blob = pickle.dumps(t)
-    assert b"RandomForest" not in blob  # the model is not state
-    restored: InferTransform = pickle.loads(blob)
-    restored.config, restored.ctx = cfg, make_ctx("b")
+    assert b"RandomForest" not in checkpoint_bytes(t)  # the model is not state
+    restored = restart_transform(t, make_ctx("b"))
     tail = [restored.apply(b) for b in batches[5:]]
     assert pl.concat(head + tail).equals(straight)  # lag/rolling history survived
 

@@ -133,7 +133,7 @@ def test_garbage_file_is_quarantined_counted_and_skipped(tmp_path: Path) -> None
 
 
 def test_truncated_oldest_file_costs_only_its_own_rows(tmp_path: Path) -> None:
-    sp, c = make(tmp_path)
+    sp, _ = make(tmp_path)
     for i in range(4):
         sp.put(rows(100, i * 100), f"{i:012d}-{i:012d}")
     oldest = tmp_path / "s" / f"{0:012d}-{0:012d}.arrow"

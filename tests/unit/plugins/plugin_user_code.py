@@ -37,5 +37,9 @@ def double(df: pl.DataFrame, factor: float = 2.0) -> pl.DataFrame:
     return df.with_columns(pl.col("value") * factor)
 
 
+async def double_async(df: pl.DataFrame, factor: float = 2.0) -> pl.DataFrame:
+    return df.with_columns(pl.col("value") * factor)
+
+
 def not_a_frame(df: pl.DataFrame) -> int:
     return 3

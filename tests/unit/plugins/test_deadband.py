@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 from typing import Any
 
 import polars as pl
@@ -11,6 +10,7 @@ from pydantic import ValidationError
 
 from collector.plugin import Context
 from collector.schema import empty_readings
+from collector.testing import restart_transform
 from collector.transforms.deadband import DeadbandConfig, DeadbandTransform
 
 from .conftest import readings
@@ -49,8 +49,7 @@ def test_max_silence_heartbeat_and_state_across_batches(ctx: Context) -> None:
     t = make(ctx, delta=5, max_silence="1m")
     first = t.apply(readings([(0, "a", "t", 1.0), (30, "a", "t", 1.1)]))
     assert first["value"].to_list() == [1.0]
-    clone = pickle.loads(pickle.dumps(t))
-    clone.config, clone.ctx = t.config, ctx
+    clone = restart_transform(t, ctx)
     second = clone.apply(readings([(59, "a", "t", 1.2), (60, "a", "t", 1.3), (90, "a", "t", 1.4)]))
     assert second["value"].to_list() == [1.3]
 

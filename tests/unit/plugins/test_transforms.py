@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import polars as pl
@@ -12,6 +11,7 @@ from pydantic import ValidationError
 from collector.errors import ConfigError, TransformError
 from collector.plugin import Context, Transform
 from collector.schema import empty_readings
+from collector.testing import ListSink, restart_transform, run_once
 from collector.transforms.derive import DeriveConfig, DeriveTransform
 from collector.transforms.filter import FilterConfig, FilterTransform
 from collector.transforms.python import PythonTransform, PythonTransformConfig
@@ -28,9 +28,7 @@ def sample() -> pl.DataFrame:
 
 
 def roundtrip(t: Transform) -> Transform:
-    clone = pickle.loads(pickle.dumps(t))
-    clone.config, clone.ctx = t.config, t.ctx
-    return clone
+    return restart_transform(t)
 
 
 def test_filter_keeps_matching_rows_and_treats_null_as_false(ctx: Context) -> None:
@@ -101,3 +99,21 @@ def test_python_transform(ctx: Context) -> None:
         bad.apply(sample())
     with pytest.raises(ConfigError, match="cannot import"):
         PythonTransform(PythonTransformConfig(type="python", function="nope_mod_q:f"), ctx)
+
+
+def test_async_python_transform_works_like_a_sync_one(tmp_path: Path) -> None:
+    """An `async def` transform used to pass check, then dead-letter every batch."""
+    config = {
+        "device": "d",
+        "sources": [{"name": "s", "type": "simulated", "every": "1s", "seed": 1}],
+        "transforms": [
+            {"type": "python", "function": "plugin_user_code:double_async", "path": str(HERE),
+             "args": {"factor": 0}},
+        ],
+        "sinks": [{"name": "out", "type": "collector.testing:ListSink"}],
+    }
+    ListSink.reset()
+    assert run_once(config, tmp_path) == 0
+    rows = ListSink.rows("out")
+    assert rows.height > 0 and rows["value"].to_list() == [0.0] * rows.height
+    assert not (tmp_path / "dead-letter").exists()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import pickle
 import random
 import statistics
 from datetime import timedelta
@@ -15,6 +14,7 @@ from pydantic import ValidationError
 
 from collector.plugin import Context
 from collector.schema import empty_readings
+from collector.testing import restart_transform
 from collector.transforms.window import WindowConfig, WindowTransform
 
 from .conftest import T0, readings
@@ -128,7 +128,7 @@ def test_output_does_not_depend_on_batching(ctx: Context) -> None:
     assert one.sort(key).equals(many.sort(key))
 
 
-def test_pickled_state_mid_stream_gives_identical_output(ctx: Context) -> None:
+def test_checkpointed_state_mid_stream_gives_identical_output(ctx: Context) -> None:
     df = readings(stream(2000, seed=5))
     straight = make(ctx, every="20s", aggs=ALL_AGGS, allowed_lateness="5s")
     expected_out = run_batches(straight, df, [300, 300, 300])
@@ -136,12 +136,8 @@ def test_pickled_state_mid_stream_gives_identical_output(ctx: Context) -> None:
     first = make(ctx, every="20s", aggs=ALL_AGGS, allowed_lateness="5s")
     head = [first.apply(df.slice(0, 300)), first.apply(df.slice(300, 300))]
     assert first.open, "the test needs open windows at the checkpoint"
-    blob = pickle.dumps(first)
+    resumed = restart_transform(first)
     del first
-    resumed = pickle.loads(blob)
-    resumed.config = WindowConfig.model_validate(
-        {"type": "window", "every": "20s", "aggs": ALL_AGGS, "allowed_lateness": "5s"})
-    resumed.ctx = ctx
     tail = run_batches(resumed, df.slice(600), [300])
     assert pl.concat([*head, tail]).equals(expected_out)
 
