@@ -31,7 +31,7 @@ from collector.errors import TransformError
 from collector.plugin import Context, Counters, Source, Transform
 from collector.runtime import identity, statecodec
 from collector.runtime.checkpoint import Checkpoint, CheckpointError, CheckpointStore
-from collector.runtime.delivery import SinkWorker
+from collector.runtime.delivery import RepeatedLog, SinkWorker
 from collector.runtime.fsutil import atomic_write
 from collector.runtime.log import DeviceLog, Entry, Kind
 from collector.runtime.pipeline import Batch, Pipeline, Route
@@ -132,6 +132,7 @@ class Runtime:
         self._log_errors = 0
         self._skipped: dict[str, int] = {}
         self.failed_sources: dict[str, str] = {}
+        self._source_logs: dict[str, RepeatedLog] = {}
         """Finite sources that gave up (their reason): `--once` then exits 1."""
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -288,9 +289,16 @@ class Runtime:
             else:
                 data = await asyncio.to_thread(source.read)
             await asyncio.to_thread(self._append, data, comp, source)
+            self._source_log(comp.name).flush(" before it read again")
         except Exception as exc:
             self.counters.inc("source_errors_total", source=comp.name)
-            log.warning("source %s: %s", comp.name, exc)
+            self._source_log(comp.name)(logging.WARNING, f"source {comp.name}: {exc}")
+
+    def _source_log(self, name: str) -> RepeatedLog:
+        """One source failing every tick logs once, then once a minute with a count."""
+        if name not in self._source_logs:
+            self._source_logs[name] = RepeatedLog(log)
+        return self._source_logs[name]
 
     async def _stream(self, comp: Component, source: Source) -> None:
         """Run a long-lived source, restarting it after a failure (it resumes from its
@@ -321,7 +329,9 @@ class Runtime:
                         exc,
                     )
                     return
-                log.warning("source %s failed: %s; restarting in %.0fs", comp.name, exc, delay)
+                self._source_log(comp.name)(
+                    logging.WARNING, f"source {comp.name} failed: {exc}; restarting in {delay:.0f}s"
+                )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 60.0)
 

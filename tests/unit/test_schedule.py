@@ -74,3 +74,34 @@ def test_a_finite_source_that_keeps_failing_ends_once_with_exit_1(
     assert run_once(config, tmp_path) == 1
     assert FailingReplay.attempts == FINITE_SOURCE_ATTEMPTS
     assert "source r gave up: duplicate column name 'value'" in caplog.text
+
+
+class AlwaysFailing(Source):
+    """A polled device that is offline: every read fails the same way."""
+
+    reads: ClassVar[int] = 0
+
+    def read(self) -> Any:
+        type(self).reads += 1
+        raise OSError("[Errno 113] No route to host 10.0.0.7")
+
+
+def test_a_source_failing_every_tick_is_logged_once_not_every_tick(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = load_config(
+        {
+            "device": "d",
+            "telemetry": {"enabled": False},
+            "sources": [
+                {"name": "plc", "type": "tests.unit.test_schedule:AlwaysFailing", "every": "50ms"}
+            ],
+            "sinks": [{"type": "console"}],
+        }
+    )
+    rt = Runtime(cfg, tmp_path)
+    asyncio.run(rt.run(duration=1.5))
+    lines = [r for r in caplog.records if "No route to host" in r.getMessage()]
+    assert AlwaysFailing.reads >= 5
+    assert len(lines) == 1
+    assert rt.counters.get("source_errors_total", source="plc") == AlwaysFailing.reads
