@@ -39,6 +39,19 @@ _UNITS = {
     "temperature": "C",
 }
 
+_MIN_CPU_SPAN = 0.1
+"""Seconds a cpu_percent reading spans at least (psutil's advice for a meaningful value)."""
+
+
+def _cpu_total(times: Any) -> float:
+    """All CPU time of a ``cpu_times()`` sample; guest time is already in user/nice on Linux."""
+    return float(sum(times)) - getattr(times, "guest", 0.0) - getattr(times, "guest_nice", 0.0)
+
+
+def _cpu_idle(times: Any) -> float:
+    """Idle CPU time of a sample; iowait is idle too (the CPU waits and does nothing)."""
+    return float(times.idle) + getattr(times, "iowait", 0.0)
+
 
 class SystemConfig(SourceConfig):
     """Which host metrics to read, and how often."""
@@ -83,11 +96,16 @@ class SystemSource(Source):
     def __init__(self, config: SystemConfig, ctx: Context) -> None:
         super().__init__(config, ctx)
         self._last_net: tuple[float, int, int] | None = None
+        self._last_cpu: tuple[float, Any] | None = None
+        """(monotonic time, psutil.cpu_times()) of the previous cpu sample."""
 
     async def open(self) -> None:
         import psutil
 
-        psutil.cpu_percent(interval=None)  # primes the counter: the first tick is meaningful
+        # The source's own sample, not psutil.cpu_percent(interval=None): psutil keeps that
+        # one per thread, and read() runs in whichever worker thread is free, so a sample
+        # taken here (or on another tick's thread) was never the one compared with.
+        self._last_cpu = (time.monotonic(), psutil.cpu_times())
 
     def read(self) -> list[dict[str, Any]]:
         import psutil
@@ -127,14 +145,34 @@ class SystemSource(Source):
                 self.ctx.logger.debug("%s: %s: %r", self.ctx.component, name, exc)
         return rows
 
-    @staticmethod
-    def _cpu(psutil: Any, add: Any, rows: list[dict[str, Any]], now: Any) -> None:
-        add("cpu_percent", psutil.cpu_percent(interval=None))
+    def _cpu(self, psutil: Any, add: Any, rows: list[dict[str, Any]], now: Any) -> None:
+        add("cpu_percent", self._cpu_percent(psutil))
         if hasattr(psutil, "getloadavg"):
             for name, load in zip(
                 ("load_1m", "load_5m", "load_15m"), psutil.getloadavg(), strict=True
             ):
                 rows.append({"metric": name, "value": float(load), "ts": now})
+
+    def _cpu_percent(self, psutil: Any) -> float:
+        """Busy share of all CPUs since the previous tick (or since open(), for the first).
+
+        A sample too close to the previous one (the first tick comes right after open())
+        would measure nothing, so the first reading waits until ``_MIN_CPU_SPAN`` has passed
+        since its reference sample: read() runs in a worker thread, never on the event loop.
+        """
+        last = self._last_cpu
+        if last is None:
+            last = (time.monotonic(), psutil.cpu_times())
+        wait = _MIN_CPU_SPAN - (time.monotonic() - last[0])
+        if wait > 0:
+            time.sleep(wait)
+        mono, times = time.monotonic(), psutil.cpu_times()
+        self._last_cpu = (mono, times)
+        total = _cpu_total(times) - _cpu_total(last[1])
+        busy = total - _cpu_idle(times) + _cpu_idle(last[1])
+        if total <= 0:
+            return 0.0
+        return round(min(100.0, max(0.0, busy / total * 100)), 1)
 
     @staticmethod
     def _memory(psutil: Any, add: Any) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
+import time
 from pathlib import Path
 
 import polars as pl
@@ -36,6 +38,22 @@ async def test_reads_host_metrics(tmp_path: Path) -> None:
     temps = [r for r in second if r["metric"] == "temperature"]
     sensors = getattr(psutil, "sensors_temperatures", dict)()
     assert len(temps) == sum(len(v) for v in sensors.values())
+
+
+async def test_first_cpu_reading_after_start_is_measured(tmp_path: Path) -> None:
+    """The runtime calls read() in a worker thread: the first tick's cpu_percent still spans
+    the time since open() (it was 0.0, psutil's per-thread priming was never compared with)."""
+    cfg = SystemConfig.model_validate({"type": "system", "include": ["cpu"]})
+    src = SystemSource(cfg, Context(device="gw", component="host", data_dir=tmp_path))
+    await src.open()
+    spent = time.process_time()
+    while time.process_time() - spent < 0.3:  # this process keeps a CPU busy meanwhile
+        pass
+    rows = await asyncio.to_thread(src.read)
+    (cpu,) = [r["value"] for r in rows if r["metric"] == "cpu_percent"]
+    assert 0 < cpu <= 100
+    later = await asyncio.to_thread(src.read)  # another tick, maybe another thread
+    assert 0 <= next(r["value"] for r in later if r["metric"] == "cpu_percent") <= 100
 
 
 def test_include_limits_groups(tmp_path: Path) -> None:
