@@ -16,7 +16,7 @@ import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from collector.plugin import Model
 from collector.schema import to_utc
@@ -269,7 +269,18 @@ class KvParser(_ParserBase):
         return [wide_row(pairs, self.rename)]
 
 
+_Parsers = Annotated[RegexParser | CsvParser | JsonParser | KvParser, Field(discriminator="type")]
+ParserName = Literal["regex", "csv", "json", "kv"]
+
+
+def _parser_shorthand(value: Any) -> Any:
+    """`parser: kv` is `parser: {type: kv}` (the bare name Telegraf and Vector users write)."""
+    return {"type": value} if isinstance(value, str) else value
+
+
 ParserConfig = Annotated[
-    RegexParser | CsvParser | JsonParser | KvParser, Field(discriminator="type")
+    _Parsers,
+    BeforeValidator(_parser_shorthand, json_schema_input_type=ParserName | _Parsers),
 ]
-"""The `parser:` block of a source: `{type: regex|csv|json|kv, …options}`."""
+"""The `parser:` block of a source: `{type: regex|csv|json|kv, …options}`, or just the name
+(`kv`, `json`) when the defaults do."""

@@ -17,9 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
 
 from collector.parsers import ParseError, Row, dotted_get, json_rows
 from collector.plugin import Context, Model, Source, SourceConfig
@@ -61,6 +61,16 @@ class TopicConfig(Model):
         return value
 
 
+def _bare_filter(value: Any) -> Any:
+    """`"sensors/#"` is `{filter: "sensors/#"}` (the bare filters Telegraf and Vector take)."""
+    return {"filter": value} if isinstance(value, str) else value
+
+
+Topic = Annotated[
+    TopicConfig, BeforeValidator(_bare_filter, json_schema_input_type=str | TopicConfig)
+]
+
+
 class TlsConfig(Model):
     """TLS to the broker; an empty block means TLS with the system CAs."""
 
@@ -81,7 +91,11 @@ class MqttConfig(SourceConfig):
     port: int | None = Field(
         default=None, ge=1, le=65535, description="Broker port (default 1883, 8883 with `tls`)."
     )
-    topics: list[TopicConfig] = Field(min_length=1, description="Subscriptions.")
+    topics: list[Topic] = Field(
+        min_length=1,
+        description="Subscriptions: `{filter: …, qos: …}` entries, or bare filters "
+        '(`["sensors/#"]`: QoS 1, every other setting at its default).',
+    )
     client_id: str | None = Field(
         default=None, description="MQTT client id (required for a persistent session)."
     )
@@ -226,8 +240,8 @@ class MqttSource(Source):
             self.ctx.logger.info("%s: connected to %s:%s", component, cfg.host, cfg.broker_port)
             cl.subscribe([(t.filter, t.qos) for t in cfg.topics])
 
-        def on_disconnect(_c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
-            if self._connected:
+        def on_disconnect(cl: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+            if self._connected and cl is self._client:  # close() drops it first: not a loss
                 self.ctx.counters.inc("mqtt_disconnects_total", component=component)
                 self.ctx.logger.warning(
                     "%s: broker connection lost (%s); reconnecting", component, reason
@@ -255,13 +269,14 @@ class MqttSource(Source):
         client.on_disconnect = on_disconnect
         client.on_message = on_message
         client.on_subscribe = on_subscribe
+        self._client = client
         client.connect_async(cfg.host, cfg.broker_port, keepalive=round(cfg.keepalive))
         client.loop_start()
-        self._client = client
 
     async def close(self) -> None:
-        client, self._client = self._client, None
+        client, self._client = self._client, None  # before disconnect(): on_disconnect reads it
         if client is not None:
+            self._connected = False
             client.disconnect()
             await asyncio.to_thread(client.loop_stop)
 

@@ -91,6 +91,39 @@ def test_config_rules() -> None:
     assert "hunter2" not in repr(secret)
 
 
+def test_bare_topic_filters_are_topics_with_defaults() -> None:
+    cfg = MqttConfig.model_validate(
+        {"type": "mqtt", "topics": ["sensors/#", {"filter": "plc/+", "qos": 0}]}
+    )
+    assert [(t.filter, t.qos, t.json_path) for t in cfg.topics] == [
+        ("sensors/#", 1, None),
+        ("plc/+", 0, None),
+    ]
+    with pytest.raises(ValidationError, match="topic filter"):
+        MqttConfig.model_validate({"type": "mqtt", "topics": ["a/#/b"]})
+
+
+async def test_a_clean_stop_is_not_a_lost_connection(
+    tmp_path: Path, mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = MqttConfig.model_validate(
+        {"type": "mqtt", "host": "127.0.0.1", "port": mosquitto.port, "topics": ["s/+/t"]}
+    )
+    src = MqttSource(cfg, Context(device="gw", component="m", data_dir=tmp_path))
+    await src.open()
+    gen = src.stream()
+    try:
+        await async_wait_for(lambda: src.subscribed, 30, "subscription")
+        await asyncio.to_thread(pub, mosquitto, [("s/d1/t", 21.5)])
+        rows = await asyncio.wait_for(anext(gen), 30)
+    finally:
+        await src.close()
+        await gen.aclose()
+    assert [(r["metric"], r["value"]) for r in rows] == [("t", 21.5)]
+    assert "connection lost" not in caplog.text
+    assert src.ctx.counters.get("mqtt_disconnects_total", component="m") == 0
+
+
 async def test_unacked_messages_are_redelivered_to_a_persistent_session(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:

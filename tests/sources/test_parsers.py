@@ -31,6 +31,15 @@ def test_kv_rejects_malformed(line: str) -> None:
         parser(type="kv").parse(line)
 
 
+def test_a_bare_parser_name_is_that_parser_with_its_defaults() -> None:
+    assert PARSER.validate_python("kv").parse("T=21.5 H=40") == [{"T": 21.5, "H": 40.0}]
+    assert PARSER.validate_python("json").parse('{"t": 1}') == [{"t": 1.0}]
+    with pytest.raises(ValidationError, match="pattern"):  # regex needs its pattern
+        PARSER.validate_python("regex")
+    with pytest.raises(ValidationError, match="'kv'"):  # an unknown name lists the known ones
+        PARSER.validate_python("xml")
+
+
 def test_regex_named_groups_and_timestamp() -> None:
     p = parser(type="regex", pattern=r"(?P<ts>\S+) T:(?P<temperature>[-\d.]+)C")
     rows = p.parse("2024-05-01T10:00:00Z T:-3.5C")

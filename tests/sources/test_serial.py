@@ -66,6 +66,8 @@ def test_config_rules() -> None:
         SerialConfig.model_validate({**base, "every": "5s"})
     with pytest.raises(ValidationError, match="parser"):
         SerialConfig.model_validate({**base, "parser": {"type": "xml"}})
+    short = SerialConfig.model_validate({**base, "parser": "kv"})  # `parser: kv`
+    assert short.parser.parse("T=1") == [{"T": 1.0}]
 
 
 def test_framer_splits_and_cuts_overlong_lines() -> None:
