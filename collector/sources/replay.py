@@ -41,6 +41,8 @@ _TS = "__ts"
 _ROW = "__row"
 _BAD = "__bad"
 _DEVICE = "__device"
+_METRIC = "__metric"
+_VALUE = "__value"
 _MISSING_TEXT = list(MISSING_TEXT)
 """Cell texts that mean 'no reading' (compared lower-case): null values, never dead-lettered."""
 _SAMPLE_ROWS = 10_000
@@ -283,14 +285,14 @@ class ReplaySource(Source):
     example = """\
 - name: air
   type: replay
-  path: ./sample_data/AirQualityUCI.csv
+  path: ./AirQualityUCI.csv           # as in UCI's AirQualityUCI.zip
   separator: ";"
-  decimal_comma: true
-  time_column: [Date, Time]
+  decimal_comma: true                 # 2,6 is 2.6
+  time_column: [Date, Time]           # 10/03/2004 and 18.00.00
   time_format: "%d/%m/%Y %H.%M.%S"
-  timezone: Europe/Rome
   layout: wide
   missing_values: [-200]
+  drop_missing: true
   speed: max
 """
     requires = {}
@@ -605,9 +607,14 @@ class ReplaySource(Source):
             )
         if cfg.layout == "wide":
             metrics = plan.metrics
+            # Private names while unpivoting: a wide column may itself be called `value` or
+            # `metric` (`timestamp,value` is the commonest export); it becomes that metric.
             narrow = (
                 batch.select(_ROW, _TS, _DEVICE, *metrics)
-                .unpivot(metrics, index=[_ROW, _TS, _DEVICE], variable_name="metric")
+                .unpivot(
+                    metrics, index=[_ROW, _TS, _DEVICE], variable_name=_METRIC, value_name=_VALUE
+                )
+                .rename({_METRIC: "metric", _VALUE: "value"})
                 .with_columns(pl.lit(None, pl.String).alias("unit"))
                 .sort(_ROW, maintain_order=True)  # row-major: a row range is a narrow range
             )

@@ -90,6 +90,23 @@ async def test_drop_missing_and_column_choice(tmp_path: Path) -> None:
     assert df["ts"].dt.hour().to_list() == [18, 19]  # naive times default to UTC
 
 
+async def test_wide_column_named_value_is_a_metric(tmp_path: Path) -> None:
+    """`timestamp,value`, the commonest sensor export: the column `value` becomes the metric
+    `value` (it used to fail with "duplicate column name 'value'" and restart forever)."""
+    path = tmp_path / "export.csv"
+    path.write_text("timestamp,value\n2024-05-01T10:00:00Z,21.5\n")
+    df = pl.concat(
+        await run(make(tmp_path, path=str(path), layout="wide", time_column="timestamp"))
+    )
+    assert df.select("ts", "metric", "value").rows() == [
+        (datetime(2024, 5, 1, 10, tzinfo=UTC), "value", 21.5)
+    ]
+    odd = tmp_path / "odd.csv"  # the other names the narrow schema uses are just as fine
+    odd.write_text("timestamp,metric,value,unit\n2024-05-01T10:00:00Z,1,2,x\n")
+    df = pl.concat(await run(make(tmp_path, path=str(odd), layout="wide", time_column="timestamp")))
+    assert sorted(df.select("metric", "value").rows()) == [("metric", 1.0), ("value", 2.0)]
+
+
 async def test_chunks_are_bounded_and_complete(tmp_path: Path) -> None:
     rows = ["Date;Time;a;b;c"]
     start = datetime(2024, 1, 1)
@@ -262,6 +279,44 @@ async def test_uci_shaped_file_end_to_end(tmp_path: Path) -> None:
     df = pl.concat(await run(make(tmp_path, path=str(path), **UCI)))
     got = {(r["ts"], r["metric"]): r["value"] for r in df.to_dicts()}
     assert got == pytest.approx(expected)
+
+
+UCI_DOWNLOAD = (  # the head and tail of AirQualityUCI.csv as UCI ships it (CRLF, `;;` ends)
+    "Date;Time;CO(GT);PT08.S1(CO);NMHC(GT);C6H6(GT);PT08.S2(NMHC);NOx(GT);PT08.S3(NOx);"
+    "NO2(GT);PT08.S4(NO2);PT08.S5(O3);T;RH;AH;;\r\n"
+    "10/03/2004;18.00.00;2,6;1360;150;11,9;1046;166;1056;113;1692;1268;13,6;48,9;0,7578;;\r\n"
+    "10/03/2004;19.00.00;2;1292;112;9,4;955;103;1174;92;1559;972;13,3;47,7;0,7255;;\r\n"
+    "10/03/2004;20.00.00;2,2;1402;88;9,0;939;131;1140;114;1555;1074;11,9;54,0;0,7502;;\r\n"
+    "11/03/2004;04.00.00;-200;1011;14;1,3;527;21;1818;34;1197;445;10,1;60,5;0,7465;;\r\n"
+    ";;;;;;;;;;;;;;;;\r\n;;;;;;;;;;;;;;;;\r\n"
+)
+
+
+def readme_example(after: str) -> str:
+    """The first ```yaml block of README.md after the line containing ``after``."""
+    text = (Path(__file__).parents[3] / "README.md").read_text()
+    block = text[text.index(after) :].split("```yaml\n", 1)[1]
+    return block.split("```", 1)[0]
+
+
+async def test_uci_example_is_the_one_in_readme_and_reads_the_download(tmp_path: Path) -> None:
+    import yaml
+
+    assert readme_example('UCI "Air Quality"') == ReplaySource.example
+    (entry,) = yaml.safe_load(ReplaySource.example)
+    path = tmp_path / "AirQualityUCI.csv"
+    path.write_bytes(UCI_DOWNLOAD.encode())
+    src = make(tmp_path, **{**entry, "path": str(path)})
+    df = pl.concat(await run(src))
+    got = {(r["ts"], r["metric"]): r["value"] for r in df.to_dicts()}
+    t18 = datetime(2004, 3, 10, 18, tzinfo=UTC)
+    assert len({m for _, m in got}) == 13  # every gas/weather column, nothing else
+    assert got[(t18, "CO(GT)")] == 2.6
+    assert got[(t18, "AH")] == 0.7578
+    assert got[(t18 + timedelta(hours=1), "NOx(GT)")] == 103.0
+    assert (datetime(2004, 3, 11, 4, tzinfo=UTC), "CO(GT)") not in got  # -200, dropped
+    assert df.height == 13 * 4 - 1
+    assert not (tmp_path / "dead-letter").exists()  # the empty tail rows are not errors
 
 
 # -- resuming --------------------------------------------------------------------------------
