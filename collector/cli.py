@@ -25,6 +25,19 @@ business on a shared gateway (folders 0700, files 0600)."""
 log = logging.getLogger("collector")
 
 
+def _console() -> Any:
+    """A rich Console for stdout that never cuts a line when stdout is not a terminal.
+
+    Piped or redirected, rich would assume 80 columns and crop or wrap tables (names, times);
+    a pipe has no width, so the width is only a bound no line reaches.
+    """
+    from rich.console import Console
+
+    if sys.stdout.isatty():
+        return Console()
+    return Console(width=100_000, soft_wrap=True)
+
+
 def _setup_logging(level: str) -> None:
     """Rich on a terminal; plain one-line records for files, journald and pipes."""
     handler: logging.Handler
@@ -52,11 +65,19 @@ def _setup_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _load_or_exit(path: str, *, import_plugins: bool = True) -> Any:
+def _load_or_exit(
+    path: str, *, import_plugins: bool = True, require_extras: bool = True
+) -> Any:
+    """The validated config, or its problems on stderr and exit 2.
+
+    ``require_extras=False`` for commands that only read the config (`status`, `catalog`): they
+    work without the optional packages of its plugins (psutil, aiobotocore…), which only
+    `check` and `run` need.
+    """
     from collector import config
 
     try:
-        return config.load(path, import_plugins=import_plugins)
+        return config.load(path, import_plugins=import_plugins, require_extras=require_extras)
     except ConfigError as exc:
         for issue in exc.issues:
             click.echo(redact.text(str(issue)), err=True)
@@ -216,6 +237,7 @@ async def _run(
     reload_to: dict[str, Any] = {}
     reloading: set[asyncio.Task[None]] = set()
     flush = _FlushOnStop()
+    totals = _Totals()
 
     def on_stop() -> None:
         if stopping["signal"]:
@@ -310,18 +332,50 @@ async def _run(
             code = await runtime.run(
                 once=once, duration=duration, stop=stop, flush=flush  # type: ignore[arg-type]
             )
+            totals.add(runtime)
             if "cfg" not in reload_to:
+                log.info("%s", totals.stopped_line(runtime, code))
                 return code
             if runtime.pipeline_still_running:  # two pipelines on one log would collide
                 log.error(
                     "cannot reload while the old pipeline is still busy; exiting so the "
                     "service manager starts the collector again with the new config"
                 )
+                log.info("%s", totals.stopped_line(runtime, 1))
                 return 1
             cfg = reload_to.pop("cfg")
             stop.clear()
     finally:
         lock.close()
+
+
+class _Totals:
+    """Rows read and delivered over the whole `collector run`, reloads included."""
+
+    def __init__(self) -> None:
+        self.rows_in = 0.0
+        self.delivered: dict[str, float] = {}
+
+    def add(self, runtime: Any) -> None:
+        for (name, labels), value in runtime.counters.snapshot():
+            if name == "rows_in_total":
+                self.rows_in += value
+            elif name == "delivered_rows_total":
+                sink = dict(labels).get("sink", "?")
+                self.delivered[sink] = self.delivered.get(sink, 0) + value
+
+    def stopped_line(self, runtime: Any, code: int) -> str:
+        """``collector stopped: 120 rows in, delivered lake=24 console=24 (exit 0)``."""
+        delivered = " ".join(
+            f"{name}={self.delivered.get(name, 0):,.0f}" for name in runtime.sinks
+        )
+        left = sum(r.spool.backlog_rows for r in runtime.sinks.values())
+        return (
+            f"collector stopped: {self.rows_in:,.0f} rows in, delivered "
+            f"{delivered or 'nothing (no sinks)'}"
+            + (f", {left:,} rows left in the spool" if left else "")
+            + f" (exit {code})"
+        )
 
 
 def _warn_exposed(cfg: Any) -> None:
@@ -382,11 +436,18 @@ def schema() -> None:
     "--kind", type=click.Choice(["sources", "transforms", "sinks"]), help="Only this kind."
 )
 def plugins(kind: str | None) -> None:
-    """List plugins with a one-line description and an example."""
+    """List plugins with a one-line description and an example.
+
+    On a terminal the examples are highlighted; piped or redirected, the output is plain text
+    with every example line whole (indented by two spaces: paste it under `sources:`).
+    """
+    from collector import registry
+
+    if not sys.stdout.isatty():
+        _plugins_plain(registry, kind)
+        return
     from rich.console import Console
     from rich.syntax import Syntax
-
-    from collector import registry
 
     console = Console()
     for k in ("sources", "transforms", "sinks"):
@@ -401,7 +462,32 @@ def plugins(kind: str | None) -> None:
                 continue
             console.print(f"[bold cyan]{name}[/]  {cls.description}")
             if cls.example:
-                console.print(Syntax(cls.example.strip(), "yaml", padding=(0, 2)))
+                console.print(
+                    Syntax(cls.example.strip(), "yaml", padding=(0, 2), word_wrap=True)
+                )
+
+
+def _plugins_plain(registry: Any, kind: str | None) -> None:
+    first = True
+    for k in ("sources", "transforms", "sinks"):
+        if kind and k != kind:
+            continue
+        if not first:
+            click.echo()
+        first = False
+        click.echo(f"=== {k} ===")
+        for name in sorted(registry.available(k)):
+            click.echo()
+            try:
+                cls = registry.load(k, name)
+            except Exception as exc:
+                click.echo(f"{name}  (cannot load: {exc})")
+                continue
+            click.echo(f"{name}  {cls.description}".rstrip())
+            if cls.example:
+                click.echo()
+                for line in cls.example.strip("\n").splitlines():
+                    click.echo(f"  {line}".rstrip())
 
 
 @cli.command()
@@ -425,18 +511,27 @@ def status(data_dir: str, config_file: str | None, as_json: bool) -> None:
     Works while the collector runs and after it stopped or died: it reads the status file the
     collector keeps and looks at the spool folders directly.
     """
-    from rich.console import Console
     from rich.table import Table
 
     from collector.runtime.telemetry import fmt_time, read_status
 
     if config_file:
-        data_dir = str(_load_or_exit(config_file, import_plugins=False).settings.data_dir)
+        cfg = _load_or_exit(config_file, import_plugins=False, require_extras=False)
+        data_dir = str(cfg.settings.data_dir)
+    if not Path(data_dir).is_dir():
+        what = "is not a folder" if Path(data_dir).exists() else "does not exist"
+        click.echo(
+            f"data dir {data_dir} {what}: no collector has run there (give the `data_dir` of "
+            "the config with --data-dir DIR, or --config FILE)",
+            err=True,
+        )
+        sys.exit(EXIT_IO)
     st = read_status(Path(data_dir))
     if as_json:
         click.echo(json.dumps(st, indent=2, default=str))
         return
-    console = Console()
+    console = _console()
+    piped = not sys.stdout.isatty()
     state = "running" if st.get("alive") else "not running"
     if not st.get("sinks") and not st.get("updated_at"):
         click.echo(f"no collector has run with data dir {data_dir} (no status.json, no spool)")
@@ -444,7 +539,8 @@ def status(data_dir: str, config_file: str | None, as_json: bool) -> None:
     click.echo(
         f"collector in {data_dir}: {state} (status written {fmt_time(st.get('updated_at'))})"
     )
-    table = Table(
+    table = Table()
+    for header in (
         "sink",
         "backlog",
         "oldest",
@@ -453,7 +549,8 @@ def status(data_dir: str, config_file: str | None, as_json: bool) -> None:
         "dropped",
         "last success",
         "last error",
-    )
+    ):  # fold, never hide: a cut sink name or time is useless
+        table.add_column(header, overflow="fold")
     for name, s in sorted(st.get("sinks", {}).items()):
         dropped = s.get("dropped_rows") or {}
         age = s.get("oldest_file_age_s")
@@ -465,9 +562,14 @@ def status(data_dir: str, config_file: str | None, as_json: bool) -> None:
             f"{s.get('dead_lettered_rows', 0):,.0f} ({s.get('dead_letter_files', 0)} files)",
             ", ".join(f"{k}={v:,.0f}" for k, v in dropped.items()) or "0",
             fmt_time(s.get("last_success")),
-            (s.get("last_error") or "-")[:80],
+            _one_line(s.get("last_error") or "-", None if piped else 80),
         )
     console.print(table)
+
+
+def _one_line(text: str, limit: int | None) -> str:
+    text = " ".join(text.split())
+    return text if limit is None or len(text) <= limit else text[: limit - 1] + "…"
 
 
 @cli.command()
@@ -515,7 +617,7 @@ def catalog(
         raise click.UsageError("give exactly one of --config, --s3 and --firehose")
     try:
         if config_file:
-            cfg = _load_or_exit(config_file, import_plugins=False)
+            cfg = _load_or_exit(config_file, import_plugins=False, require_extras=False)
             columns = None
             if cfg.output is not None:  # the columns the sinks really receive
                 columns = {

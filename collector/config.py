@@ -441,17 +441,24 @@ class _Locator:
 
 
 def load_text(
-    text: str, file: str = "<config>", *, import_plugins: bool = True
+    text: str,
+    file: str = "<config>",
+    *,
+    import_plugins: bool = True,
+    require_extras: bool = True,
 ) -> LoadedConfig:
     """Validate a config given as YAML text; ConfigError lists every problem found.
 
     ``import_plugins=False`` is `collector check`'s mode: a ``module:Class`` plugin outside
     edge-collector's own packages is located on disk but not imported (its import could run
     anything), and only the fields shared by its kind are checked; `run` imports it.
+    ``require_extras=False`` is the mode of commands that only read the config (`status`,
+    `catalog`): a plugin whose optional Python package (``requires``) is not installed is no
+    error there, since none of its code runs.
     Whatever ``text`` holds, only ConfigError escapes.
     """
     try:
-        return _load_text(text, file, import_plugins)
+        return _load_text(text, file, import_plugins, require_extras)
     except ConfigError:
         raise
     except RecursionError:
@@ -462,7 +469,9 @@ def load_text(
         raise ConfigError([ConfigIssue("", redact.text(msg), None, file)]) from None
 
 
-def _load_text(text: str, file: str, import_plugins: bool) -> LoadedConfig:
+def _load_text(
+    text: str, file: str, import_plugins: bool, require_extras: bool = True
+) -> LoadedConfig:
     size = len(text.encode("utf-8", "surrogatepass"))
     if size > MAX_CONFIG_BYTES:
         raise ConfigError([_too_big(file, size)])
@@ -501,7 +510,7 @@ def _load_text(text: str, file: str, import_plugins: bool) -> LoadedConfig:
         if not isinstance(items, list):
             continue
         for i, item in enumerate(items):
-            c = _component(kind, i, item, loc, import_plugins)
+            c = _component(kind, i, item, loc, import_plugins, require_extras)
             if c is None:
                 failed[kind].add(i)
             else:
@@ -529,7 +538,9 @@ def _too_big(file: str, size: int) -> ConfigIssue:
     )
 
 
-def load(path: str | Path, *, import_plugins: bool = True) -> LoadedConfig:
+def load(
+    path: str | Path, *, import_plugins: bool = True, require_extras: bool = True
+) -> LoadedConfig:
     """Validate a config file (at most :data:`MAX_CONFIG_BYTES`, read no further)."""
     p = Path(path)
     try:
@@ -548,11 +559,18 @@ def load(path: str | Path, *, import_plugins: bool = True) -> LoadedConfig:
         raise ConfigError(
             [ConfigIssue("", f"the config is not UTF-8 text (byte {exc.start})", None, str(path))]
         ) from None
-    return load_text(text, str(path), import_plugins=import_plugins)
+    return load_text(
+        text, str(path), import_plugins=import_plugins, require_extras=require_extras
+    )
 
 
 def _component(
-    kind: str, index: int, item: Any, loc: _Locator, import_plugins: bool = True
+    kind: str,
+    index: int,
+    item: Any,
+    loc: _Locator,
+    import_plugins: bool = True,
+    require_extras: bool = True,
 ) -> Component | None:
     where: Loc = (kind, index)
     if not isinstance(item, dict):
@@ -600,7 +618,7 @@ def _component(
     except Exception as exc:  # a plugin validator raising something pydantic does not wrap
         loc.add(where, f"invalid: {type(exc).__name__}: {exc}")
         return None
-    for module, extra in registry.missing_requirements(cls):
+    for module, extra in registry.missing_requirements(cls) if require_extras else ():
         loc.add(
             (*where, "type"),
             f"{type_name!r} needs the Python package {module!r}: "
