@@ -182,28 +182,44 @@ class Pacer:
         return self.w0 + (ts_us - self.t0) / 1e6 / self.speed - self.clock()
 
 
+def _number(column: str, dtype: pl.DataType, decimal_comma: bool, careful: bool) -> pl.Expr:
+    """``column`` cast to Float64 cell by cell (null where a cell does not read as a number)."""
+    col = pl.col(column)
+    if dtype != pl.String:
+        return col.cast(pl.Float64, strict=False)
+    text = col.str.strip_chars() if careful else col
+    if decimal_comma:
+        text = text.str.replace_all(",", ".", literal=True)
+    return text.cast(pl.Float64, strict=False)
+
+
 def _numbers(
-    batch: pl.DataFrame, columns: list[str], dtypes: dict[str, pl.DataType], decimal_comma: bool
+    batch: pl.DataFrame,
+    columns: list[str],
+    dtypes: dict[str, pl.DataType],
+    decimal_comma: bool,
+    cast: dict[str, str] | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """``batch`` with ``columns`` as Float64, and its bad cells (`__row`, `metric`, `__bad`).
 
     A cell is bad when it holds something (not empty, not a missing-value marker such as `NA`)
     that is not a finite number: its value becomes null and its text is kept for the dead
     letter, so the caller can reject exactly that cell and keep the rest of the row. Cheap in
-    the common case: one cast per column; only a column with a suspicious cell (text that did
-    not cast, or ±inf) gets the careful pass (stripping blanks, missing-value markers).
+    the common case: one cast per column (``cast`` names columns of ``batch`` that already
+    hold it, done by the scan); only a column with a suspicious cell (text that did not cast,
+    or ±inf) gets the careful pass (stripping blanks, missing-value markers).
     """
+    cast = cast or {}
 
     def number(column: str, careful: bool) -> pl.Expr:
-        col = pl.col(column)
-        if dtypes[column] != pl.String:
-            return col.cast(pl.Float64, strict=False)
-        text = col.str.strip_chars() if careful else col
-        if decimal_comma:
-            text = text.str.replace_all(",", ".", literal=True)
-        return text.cast(pl.Float64, strict=False)
+        return _number(column, dtypes[column], decimal_comma, careful)
 
-    quick = batch.select([number(c, careful=False).alias(c) for c in columns])
+    quick = batch.select(
+        [
+            pl.col(cast[c]).alias(c) if c in cast else number(c, careful=False).alias(c)
+            for c in columns
+        ]
+    )
     # Null counts are kept with each column: comparing them costs nothing per cell.
     flags = [
         quick[c].null_count() > batch[c].null_count() or bool(quick[c].is_infinite().any())
@@ -252,6 +268,9 @@ class _FilePlan:
     metrics: list[str]
     dtypes: dict[str, pl.DataType]
     identity: dict[str, Any]
+    casts: dict[str, str]
+    """Text column → a column of the scan holding its quick Float64 cast (made while reading,
+    in Polars' own threads, instead of in the source's thread)."""
 
 
 def file_identity(file: str, fmt: str, head_bytes: int | None = None) -> dict[str, Any]:
@@ -569,7 +588,16 @@ class ReplaySource(Source):
                 raise ConfigError(
                     [ConfigIssue(path="columns", message=f"{file!r} has no numeric columns")]
                 )
-        return _FilePlan(file, lf.with_columns(ts.alias(_TS)), metrics, dict(schema), identity)
+        numeric = metrics if cfg.layout == "wide" else ["value"]
+        casts = {c: f"__cast{i}" for i, c in enumerate(numeric) if schema[c] == pl.String}
+        lf = lf.with_columns(
+            ts.alias(_TS),
+            *[
+                _number(c, schema[c], cfg.decimal_comma, careful=False).alias(name)
+                for c, name in casts.items()
+            ],
+        )
+        return _FilePlan(file, lf, metrics, dict(schema), identity, casts)
 
     def _narrow(
         self, batch: pl.DataFrame, plan: _FilePlan
@@ -582,8 +610,9 @@ class ReplaySource(Source):
         cfg = self.config
         rejects: list[tuple[int, str, str]] = []
         batch = batch.with_row_index(_ROW)
-        bad_ts = batch.filter(pl.col(_TS).is_null())
-        if bad_ts.height:
+        casts = list(plan.casts.values())
+        if batch.get_column(_TS).null_count():
+            bad_ts = batch.filter(pl.col(_TS).is_null()).drop(casts)
             # Blank lines (every field empty) carry nothing to keep; anything else is kept.
             blank = pl.all_horizontal(pl.all().exclude(_TS, _ROW).is_null())
             for row in bad_ts.filter(~blank).drop(_TS).iter_rows(named=True):
@@ -597,8 +626,8 @@ class ReplaySource(Source):
         )
         batch = batch.with_columns(device.alias(_DEVICE))
         numeric = plan.metrics if cfg.layout == "wide" else ["value"]
-        recorded = batch  # the cells as read, for the dead letter
-        batch, bad = _numbers(batch, numeric, plan.dtypes, cfg.decimal_comma)
+        recorded = batch.drop(casts)  # the cells as read, for the dead letter
+        batch, bad = _numbers(batch, numeric, plan.dtypes, cfg.decimal_comma, plan.casts)
         if bad.height:
             rejects += self._rejects(
                 recorded,

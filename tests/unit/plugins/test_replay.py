@@ -177,7 +177,12 @@ async def test_narrow_csv_iso_times_and_bad_rows_go_to_dead_letter(tmp_path: Pat
     assert df["ts"][1] == datetime(2024, 1, 1, 0, 0, 10, tzinfo=UTC)
     dead = (tmp_path / "dead-letter" / "air.ndjson").read_text().splitlines()
     assert len(dead) == 1  # the blank line carries nothing; the bad time is kept
-    assert json.loads(json.loads(dead[0])["raw"])["value"] == "2.5"  # the text, as recorded
+    # the row as recorded, text and all, and nothing the source added while reading it
+    assert json.loads(json.loads(dead[0])["raw"]) == {
+        "ts": "not a time",
+        "metric": "t",
+        "value": "2.5",
+    }
     assert src.ctx.counters.get("source_rejected_total", component="air") == 1
 
 
@@ -535,7 +540,10 @@ async def test_cells_blanks_markers_and_bad_text_in_a_wide_file(
     assert set(df["metric"]) == {"a"}  # `note` is text: no metric; `a` is mostly numbers
     assert df["value"].to_list() == [2.5, None, None, 7.0, None, None]
     rejected = dead_letters(tmp_path)
-    assert [json.loads(r["raw"])["a"] for r in rejected] == ["x", "-inf"]
+    assert [json.loads(r["raw"]) for r in rejected] == [  # the whole row, as recorded
+        {"ts": f"2024-01-01T00:00:0{i}Z", "a": cell, "note": f"text {i}"}
+        for i, cell in ((3, "x"), (4, "-inf"))
+    ]
     assert "not a number" in rejected[0]["reason"] and "not finite" in rejected[1]["reason"]
 
 
