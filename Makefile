@@ -35,9 +35,9 @@ $(STAMP_DASH): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[dashboard]'
 	touch $@
 
-## make dashboard: the Streamlit dashboard on ./data/lake (or the sample lake)
+## make dashboard: the Streamlit dashboard on ./data/lake (or the sample lake), on 127.0.0.1 only
 dashboard: $(STAMP_DASH)
-	$(BIN)/streamlit run dashboards/app.py
+	$(BIN)/streamlit run dashboards/app.py --server.address 127.0.0.1
 
 system-deps:
 	@missing=""; \

@@ -5,7 +5,10 @@ Streamlit. Results are cached with ``st.cache_data`` keyed on the query and the 
 (path, size, mtime of each file), so a refresh re-reads only when a new batch has landed.
 
 The lake can be given as ``?lake=…`` in the URL or ``$EDGE_COLLECTOR_LAKE``; the default is
-``./data/lake`` if a collector wrote one, else the sample lake.
+``./data/lake`` if a collector wrote one, else the sample lake. Whoever reaches the page can type
+paths and SQL into it, so a local path (typed, or in the URL) is read only under the lake and
+data dir the dashboard was started with (:func:`dashboards.data.confine`), and the row filter
+passes the collector's SQL gate. `.streamlit/config.toml` binds the server to 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -141,6 +144,7 @@ def _view(
 
 
 def _sidebar_source() -> tuple[str, LakeQuery, Path]:
+    """The data source picked in the sidebar; PathRefused when a path is outside the roots."""
     params = st.query_params
     side = st.sidebar
     side.header("Data source")
@@ -150,11 +154,13 @@ def _sidebar_source() -> tuple[str, LakeQuery, Path]:
         "Read from", kinds, index=1 if lake_default.startswith("s3://") else 0, key="source_kind"
     )
     data_dir = Path(
-        side.text_input(
-            "Collector data dir",
-            str(data.default_data_dir()),
-            key="data_dir",
-            help="Holds spool/ and status.json",
+        data.confine(
+            side.text_input(
+                "Collector data dir",
+                str(data.default_data_dir()),
+                key="data_dir",
+                help="Holds spool/ and status.json",
+            )
         )
     )
     if kind == "Local lake":
@@ -162,8 +168,9 @@ def _sidebar_source() -> tuple[str, LakeQuery, Path]:
             "Lake path",
             lake_default if not lake_default.startswith("s3://") else str(data.SAMPLE_LAKE),
             key="lake_path",
+            help="A folder under the lake or data dir the dashboard was started with.",
         )
-        return "lake", LakeQuery(root=path), data_dir
+        return "lake", LakeQuery(root=data.confine(path)), data_dir
     if kind == "S3 lake":
         uri = side.text_input(
             "S3 lake",
@@ -430,7 +437,11 @@ def _export_callable(
 def main() -> None:
     st.set_page_config(page_title="edge-collector", layout="wide")
     st.title("edge-collector")
-    kind, base, data_dir = _sidebar_source()
+    try:
+        kind, base, data_dir = _sidebar_source()
+    except data.PathRefused as exc:
+        st.error(f"Refused: {exc}")
+        return
 
     spool_paths: tuple[Path, ...] | None = None
     all_files: tuple[LakeFile, ...] | None = None
@@ -515,7 +526,7 @@ def main() -> None:
             tuple(sorted(thresholds.items())),
             now.replace(microsecond=0),
         )
-    except pl.exceptions.PolarsError as exc:  # e.g. a row filter naming a missing column
+    except (pl.exceptions.PolarsError, ValueError) as exc:  # e.g. a filter's missing column
         st.error(f"The query failed: {str(exc).splitlines()[0]}")
         _health(data_dir)
         return

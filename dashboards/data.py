@@ -6,7 +6,13 @@ dashboard shows and what a user downloads are the same rows. Every view function
 to one "stats" shape (``mean``/``min``/``max``/``count`` per row): a raw reading is a window of
 one (mean = min = max = value, count = 1) and an aggregate is itself. Downsampling and tiles then
 work the same on raw lakes, aggregate lakes and lakes mixing both.
+
+The page is reachable by whoever reaches its port, so what it reads is bounded here: local paths
+only under the lake and data dir it was started with (:func:`allowed_roots`, from the
+environment, never from the page), or an explicit ``s3://`` URL; the row-filter SQL goes through
+the collector's one SQL gate (:mod:`collector.sqlexpr`) like every other SQL text.
 """
+
 
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ from collector.commands.export import (
     list_files,
     row_filter,
     scan,
+    supersede_partials,
 )
 
 LAKE_ENV = "EDGE_COLLECTOR_LAKE"
@@ -68,6 +75,50 @@ def default_lake(cwd: Path | None = None) -> str:
 
 def default_data_dir(cwd: Path | None = None) -> Path:
     return Path(os.environ.get(DATA_DIR_ENV) or (cwd or Path.cwd()) / "data")
+
+
+class PathRefused(ValueError):
+    """A path typed in the page (or its URL) outside the folders the dashboard may read."""
+
+
+def allowed_roots(cwd: Path | None = None) -> tuple[Path, ...]:
+    """The local folders the page may read: the lake and the data dir it was started with (from
+    ``$EDGE_COLLECTOR_LAKE``/``$EDGE_COLLECTOR_DATA_DIR`` or their defaults) and the sample lake
+    shipped with the code. Resolved, so a symlink cannot lead out of them."""
+    roots: list[Path] = []
+    lake = default_lake(cwd)
+    if not lake.startswith("s3://"):
+        roots.append(_resolve(lake, cwd))
+    roots.append(_resolve(str(default_data_dir(cwd)), cwd))
+    roots.append(SAMPLE_LAKE.resolve())
+    return tuple(dict.fromkeys(roots))
+
+
+def _resolve(path: str, cwd: Path | None) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_absolute():
+        p = (cwd or Path.cwd()) / p
+    return p.resolve()
+
+
+def confine(path: str, roots: Sequence[Path] | None = None, cwd: Path | None = None) -> str:
+    """``path`` when the page may read it: an ``s3://`` URL, or a local path inside one of
+    ``roots`` (default :func:`allowed_roots`) once resolved. Otherwise :class:`PathRefused`
+    with a message that says how to start the dashboard on another folder."""
+    text = path.strip()
+    if text.startswith("s3://"):
+        return text
+    if "://" in text or text.startswith("file:"):
+        raise PathRefused(f"{text!r}: only local folders or s3:// URLs can be read")
+    roots = tuple(roots) if roots is not None else allowed_roots(cwd)
+    resolved = _resolve(text or ".", cwd)
+    if any(resolved == r or r in resolved.parents for r in roots):
+        return text
+    where = ", ".join(str(r) for r in roots)
+    raise PathRefused(
+        f"{text!r} is outside the folders this dashboard was started with ({where}); start it "
+        f"with {LAKE_ENV}=<lake> or {DATA_DIR_ENV}=<data dir> to read another one"
+    )
 
 
 def lake_files(query: LakeQuery) -> list[LakeFile]:
@@ -116,11 +167,13 @@ def read_spool(paths: Sequence[Path]) -> pl.DataFrame:
 
 
 def spool_frame(query: LakeQuery, paths: Sequence[Path]) -> pl.LazyFrame:
-    """Spooled rows with the same filters a lake query applies."""
+    """Spooled rows with the same filters a lake query applies (one row per window too)."""
     frame = read_spool(paths).lazy()
     pred = row_filter(query, frame.collect_schema().names())
     if pred is not None:
         frame = frame.filter(pred)
+    if not query.keep_partial:
+        frame = supersede_partials(frame)
     return apply_where(frame, query.where)
 
 

@@ -12,6 +12,11 @@ Tables use partition projection, so new partitions are queryable at once with no
 
 Partition values containing characters other than ``A-Za-z0-9_.-`` are percent-encoded in
 paths (``sinks._partition.sanitize``); query them by their encoded spelling.
+
+When the table has a ``partial`` column (window output), a view ``<table>_windows`` follows the
+table: one row per window, the complete row (``partial = false``) superseding the partial rows a
+stop wrote for the same window, else the partial row with the largest ``count`` (the same rule
+as `collector export` and the dashboard).
 """
 
 from __future__ import annotations
@@ -147,7 +152,69 @@ def ddl(
     lines.append("TBLPROPERTIES (")
     lines.append(",\n".join(f"  {_s(k)}={_s(v)}" for k, v in props))
     lines.append(");")
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    if "partial" in cols:
+        text += "\n" + windows_view(table, cols, partitions, database)
+    return text
+
+
+_NOT_KEYS = {"record_id", "unit"}
+_TIME_PARTS = {"date", "year", "month", "day", "hour"}
+
+
+def _dq(name: str) -> str:
+    """Double-quoted identifier, as Athena's query engine (Trino) wants in views."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def windows_view(
+    table: str,
+    columns: Mapping[str, str],
+    partitions: Sequence[str] = (),
+    database: str | None = None,
+) -> str:
+    """``CREATE OR REPLACE VIEW``: one row per window over a table of window rows.
+
+    Rows sharing ``ts`` and every string column but ``record_id`` and ``unit`` (device, source,
+    metric, tags, column partitions) are one window. A complete row (``partial = false``) hides
+    the partial rows of its window; with no complete row, the partial row with the largest
+    ``count`` (the last written, by ``record_id``, on a tie) stays. Rows whose ``partial`` is
+    null (raw readings) are all kept. The view is ``<table>_windows``.
+    """
+    prefix = f"{_dq(database)}." if database else ""
+    cols = dict(columns)
+    names = [n for n in cols if n not in partitions] + list(partitions)
+    keys = ["ts"] + [
+        n
+        for n in names
+        if n not in _NOT_KEYS
+        and n != "ts"
+        and n not in _TIME_PARTS
+        and (cols.get(n, "string") == "string")
+    ]
+    key_list = ", ".join(_dq(k) for k in keys)
+    order = []
+    if "count" in cols:
+        order.append(f"{_dq('count')} DESC NULLS LAST")
+    if "record_id" in cols:
+        order.append(f"{_dq('record_id')} DESC NULLS LAST")
+    order_by = f" ORDER BY {', '.join(order)}" if order else ""
+    select_list = ", ".join(_dq(n) for n in names)
+    return (
+        "-- one row per window: a complete row supersedes the partial rows a stop wrote\n"
+        f"CREATE OR REPLACE VIEW {prefix}{_dq(table + '_windows')} AS\n"
+        f"SELECT {select_list}\n"
+        "FROM (\n"
+        "  SELECT *,\n"
+        f"    coalesce(bool_or(NOT {_dq('partial')}) OVER (PARTITION BY {key_list}), false)"
+        ' AS "window_has_complete",\n'
+        f"    row_number() OVER (PARTITION BY {key_list}, {_dq('partial')}{order_by})"
+        ' AS "window_rank"\n'
+        f"  FROM {prefix}{_dq(table)}\n"
+        ")\n"
+        f"WHERE {_dq('partial')} IS NOT TRUE"
+        ' OR (NOT "window_has_complete" AND "window_rank" = 1);\n'
+    )
 
 
 def ddl_firehose_json(

@@ -10,6 +10,13 @@ Files of different shapes (raw readings with ``value``; window aggregates with `
 ``max``/``count``; extra tag columns) are scanned in groups of identical schema and concatenated
 with missing columns as nulls, so one metric written raw and another aggregated read as one
 frame.
+
+Window output carries a ``partial`` column: a stop emits still-open windows as partial rows and
+the restarted collector later writes the complete row of the same window. Readers show one row
+per window (:func:`supersede_partials`) unless asked for everything (``keep_partial``).
+
+``where`` goes through :mod:`collector.sqlexpr` (the one SQL gate), checked against the
+columns of the rows at hand before anything is written.
 """
 
 from __future__ import annotations
@@ -22,13 +29,14 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import click
 import polars as pl
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from collector.schema import POLARS_SCHEMA
-from collector.sqlexpr import compile_expr
+from collector.sqlexpr import check_on, compile_expr, safe_reason
 from sinks._partition import sanitize
 
 _TIME_KEYS = ("date", "year", "month", "day", "hour")
@@ -83,6 +91,7 @@ class LakeQuery:
 
     ``since`` is inclusive, ``until`` exclusive; both compare with ``ts`` (the window start for
     aggregates). ``where`` is a Polars SQL boolean expression applied to the rows.
+    ``keep_partial`` shows every window row as written, partial ones included.
     """
 
     root: str
@@ -93,6 +102,7 @@ class LakeQuery:
     sources: tuple[str, ...] | None = None
     where: str | None = None
     endpoint_url: str | None = None
+    keep_partial: bool = False
 
     def __post_init__(self) -> None:
         for name in ("devices", "metrics", "sources"):
@@ -317,7 +327,47 @@ def scan_files(files: Sequence[LakeFile], query: LakeQuery) -> pl.LazyFrame:
 
 
 def apply_where(lf: pl.LazyFrame, where: str | None) -> pl.LazyFrame:
-    return lf if not where else lf.filter(compile_expr(where).fill_null(False))
+    """Rows where the gated ``where`` holds; a column the rows lack is a ValueError here."""
+    if not where:
+        return lf
+    return lf.filter(compile_expr(where, lf.collect_schema().names()).fill_null(False))
+
+
+_INDEX = "__supersede_row"
+_NOT_KEYS = frozenset({"record_id", "unit"})
+
+
+def window_keys(schema: pl.Schema | dict[str, Any]) -> list[str]:
+    """What identifies a window row: ``ts`` and every string column but record_id and unit
+    (device, source, metric and tags; a complete row may bring a unit its partial lacked)."""
+    return ["ts"] + [
+        c for c, t in schema.items() if t == pl.String and c not in _NOT_KEYS and c != "ts"
+    ]
+
+
+def supersede_partials(lf: pl.LazyFrame) -> pl.LazyFrame:
+    """One row per window: a complete row (``partial=false``) supersedes partial ones.
+
+    For rows with the same :func:`window_keys`, partial rows are dropped when a complete row
+    exists; otherwise the partial row with the largest ``count`` (if there is a ``count``) is
+    kept, the last one written on a tie. Rows whose ``partial`` is null (raw readings mixed in
+    the same frame) and frames without a ``partial`` column are returned untouched.
+    """
+    schema = lf.collect_schema()
+    if "partial" not in schema or "ts" not in schema:
+        return lf
+    keys = window_keys(schema)
+    partial = pl.col("partial").cast(pl.Boolean)
+    is_partial = partial.fill_null(False)
+    if "count" in schema and schema["count"].is_numeric():
+        size = pl.col("count").cast(pl.Float64).fill_null(float("-inf"))
+    else:
+        size = pl.lit(0.0)
+    best = pl.when(is_partial).then(size).max().over(keys)
+    chosen = pl.when(is_partial & (size == best)).then(pl.col(_INDEX)).max().over(keys)
+    complete = (~partial).fill_null(False).any().over(keys)
+    keep = ~is_partial | (~complete & (pl.col(_INDEX) == chosen))
+    return lf.with_row_index(_INDEX).filter(keep).drop(_INDEX)
 
 
 def scan_lake(
@@ -348,7 +398,22 @@ def scan_lake(
 def scan(query: LakeQuery, files: Sequence[LakeFile] | None = None) -> pl.LazyFrame:
     """``scan_lake`` for a ready :class:`LakeQuery` (and optionally an existing listing)."""
     files = list_files(query) if files is None else files
-    return apply_where(scan_files(files, query), query.where)
+    lf = scan_files(files, query)
+    if not query.keep_partial:
+        lf = supersede_partials(lf)
+    return apply_where(lf, query.where)
+
+
+def lake_schema(query: LakeQuery, files: Sequence[LakeFile]) -> pl.Schema:
+    """The columns of the query's result; with no file selected, those of the whole lake, so an
+    empty export still has the lake's shape (an aggregate lake's mean/min/max/count)."""
+    if files:
+        return scan_files(files, query).collect_schema()
+    everything = list_files(LakeQuery(root=query.root, endpoint_url=query.endpoint_url))
+    if not everything:
+        return pl.Schema(POLARS_SCHEMA)
+    return scan_files(everything, LakeQuery(root=query.root, endpoint_url=query.endpoint_url))\
+        .collect_schema()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,7 +441,12 @@ def export(
     partitions: dict[str, list[LakeFile]] = {}
     for f in files:
         partitions.setdefault(f.folder, []).append(f)
-    schema = scan_files(files, query).collect_schema()
+    schema = lake_schema(query, files)
+    where = None
+    if query.where:  # unknown columns and type errors fail before anything is written
+        where = compile_expr(query.where, schema.names())
+        check_on(where, query.where, pl.DataFrame(schema=schema), boolean=True)
+        where = where.fill_null(False)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     writer = _Writer(tmp, suffix, schema)
@@ -391,8 +461,10 @@ def export(
                         for c, t in schema.items()
                     ]
                 )
-                if query.where:
-                    frame = frame.filter(compile_expr(query.where).fill_null(False))
+                if not query.keep_partial:  # a window's rows share ts, so one partition
+                    frame = supersede_partials(frame.lazy()).collect()
+                if where is not None:
+                    frame = frame.filter(where)
                 if "ts" in frame.columns:
                     frame = frame.sort("ts", maintain_order=True)
                 writer.write(frame)
@@ -492,6 +564,18 @@ class _Progress:
             self._bar.__exit__(*exc)
 
 
+class ExportFailed(click.ClickException):
+    """One line for the user and an exit code: 2 for what they typed, 1 for I/O or no match.
+
+    A ClickException, so the CLI prints ``Error: <message>`` and exits with ``exit_code``
+    without a traceback, whichever of ValueError/OSError/PolarsError caused it.
+    """
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def run_export(
     lake: str,
     out: Path,
@@ -505,17 +589,77 @@ def run_export(
     endpoint_url: str | None = None,
     progress: bool = True,
     now: datetime | None = None,
+    keep_partial: bool = False,
 ) -> int:
-    """``collector export`` in one call: CLI strings in, number of rows written out."""
+    """``collector export`` in one call: CLI strings in, number of rows written out.
+
+    Every failure is an :class:`ExportFailed`: exit 2 for a bad argument (a time, an unknown
+    column or a type error in ``--where``, a refused SQL construct), 1 when the lake cannot be
+    read, and 1 when a ``--device``/``--metric``/``--source`` names a value the lake does not
+    hold (the empty file, with the lake's columns, is still written).
+    """
     now = now or datetime.now(UTC)
-    query = LakeQuery(
-        root=lake,
-        since=parse_time(since, now) if since else None,
-        until=parse_time(until, now) if until else None,
-        devices=tuple(devices) or None,
-        metrics=tuple(metrics) or None,
-        sources=tuple(sources) or None,
-        where=where,
-        endpoint_url=endpoint_url,
-    )
-    return export(query, out, progress=progress)
+    try:
+        query = LakeQuery(
+            root=lake,
+            since=parse_time(since, now) if since else None,
+            until=parse_time(until, now) if until else None,
+            devices=tuple(devices) or None,
+            metrics=tuple(metrics) or None,
+            sources=tuple(sources) or None,
+            where=where,
+            endpoint_url=endpoint_url,
+            keep_partial=keep_partial,
+        )
+        n = export(query, out, progress=progress)
+        if n == 0:
+            missing = _absent_values(query)
+            if missing:
+                raise ExportFailed(
+                    f"0 rows -> {out}: " + "; ".join(missing), exit_code=1
+                )
+        return n
+    except ExportFailed:
+        raise
+    except FileNotFoundError as exc:
+        raise ExportFailed(safe_reason(exc), exit_code=1) from None
+    except ValueError as exc:  # our own checks: the message names the argument
+        raise ExportFailed(safe_reason(exc), exit_code=2) from None
+    except (pl.exceptions.ColumnNotFoundError, pl.exceptions.InvalidOperationError,
+            pl.exceptions.SchemaError, pl.exceptions.SQLInterfaceError,
+            pl.exceptions.SQLSyntaxError) as exc:
+        raise ExportFailed(f"--where: {safe_reason(exc)}", exit_code=2) from None
+    except (OSError, pl.exceptions.PolarsError, pa.ArrowException) as exc:
+        raise ExportFailed(f"cannot read the lake {lake!r}: {safe_reason(exc)}", 1) from None
+
+
+def _absent_values(query: LakeQuery, limit: int = 20) -> list[str]:
+    """For each ``--device``/``--metric``/``--source`` filter, the asked values the lake does
+    not hold at all (whatever the time range), with what it does hold: a typo says so, while a
+    real name outside the time range is just an empty export."""
+    base = LakeQuery(root=query.root, endpoint_url=query.endpoint_url)
+    files = list_files(base)
+    lf = scan_files(files, base)
+    names = lf.collect_schema().names()
+    out: list[str] = []
+    for column, flag, asked in (
+        ("device", "--device", query.devices),
+        ("metric", "--metric", query.metrics),
+        ("source", "--source", query.sources),
+    ):
+        if not asked:
+            continue
+        present: list[str] = []
+        if column in names:
+            present = sorted(
+                v for v in lf.select(pl.col(column).unique()).collect().to_series().to_list()
+                if v is not None
+            )
+        absent = [a for a in asked if a not in present]
+        if absent:
+            shown = ", ".join(present[:limit]) + (", …" if len(present) > limit else "")
+            out.append(
+                f"{flag} {', '.join(absent)} matches nothing in the lake"
+                + (f" (it has: {shown})" if present else "")
+            )
+    return out

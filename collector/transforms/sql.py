@@ -1,4 +1,9 @@
-"""Any Polars SQL query over the micro-batch, which is the table `self`."""
+"""A Polars SQL SELECT over the micro-batch, which is the table `self` (and the only one).
+
+The query passes :mod:`collector.sqlexpr`'s gate first: one SELECT over `self` (CTEs and
+FROM-subqueries over it allowed), no joins, no table functions, no other table, so a query
+can neither read a file nor leak one into an error.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +13,26 @@ import polars as pl
 from pydantic import Field, field_validator
 
 from collector.plugin import Transform, TransformConfig
+from collector.sqlexpr import SqlRejected, gate_query, run_query, safe_reason
 
 
 def check_query(query: str) -> None:
-    """ValueError when the query does not parse or names a table other than `self`.
+    """ValueError when the query is refused by the gate, does not parse, or names a table other
+    than `self`.
 
     Runs on a frame without columns, so unknown columns are left to the chain check, which
-    knows the real schema.
+    knows the real schema. The gate runs first, so Polars only ever plans a query over an
+    in-memory frame: no I/O, as `collector check` promises.
     """
+    try:
+        gate_query(query)
+    except SqlRejected as exc:
+        raise ValueError(f"invalid SQL query (the batch is the table `self`): {exc}") from None
     try:
         # Parse errors surface in sql(); unknown tables only when the plan is resolved.
         pl.LazyFrame().sql(query).collect_schema()
     except (pl.exceptions.SQLInterfaceError, pl.exceptions.SQLSyntaxError) as exc:
-        reason = str(exc).strip().splitlines()[0]
+        reason = safe_reason(exc)
         raise ValueError(f"invalid SQL query (the batch is the table `self`): {reason}") from None
     except Exception:  # column errors: the schema is not known here
         pass
@@ -54,4 +66,4 @@ class SqlTransform(Transform):
     requires = {}
 
     def apply(self, df: pl.DataFrame) -> pl.DataFrame:
-        return df.sql(self.config.query, table_name="self")
+        return run_query(df, self.config.query)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -183,3 +186,196 @@ def test_empty_selection_writes_an_empty_file(lake: Path, tmp_path: Path) -> Non
     out = tmp_path / "none.csv"
     assert export(LakeQuery(str(lake), devices=("nobody",)), out) == 0
     assert pl.read_csv(out).height == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# one row per window: complete rows supersede the partial rows a stop wrote (issue 12 item 4)
+
+T0 = datetime(2024, 6, 1, 10, tzinfo=UTC)
+WINDOW_COLUMNS = {
+    "ts": pa.timestamp("us", tz="UTC"),
+    "device": pa.string(),
+    "source": pa.string(),
+    "metric": pa.string(),
+    "site": pa.string(),
+    "unit": pa.string(),
+    "mean": pa.float64(),
+    "count": pa.int64(),
+    "partial": pa.bool_(),
+    "record_id": pa.string(),
+}
+
+
+def window_file(root: Path, name: str, rows: list[tuple]) -> None:
+    """One lake file of window rows: (minute, device, site, unit, mean, count, partial)."""
+    table = pa.table(
+        {
+            "ts": [T0 + timedelta(minutes=r[0]) for r in rows],
+            "device": [r[1] for r in rows],
+            "source": ["room"] * len(rows),
+            "metric": ["temperature"] * len(rows),
+            "site": [r[2] for r in rows],
+            "unit": [r[3] for r in rows],
+            "mean": [r[4] for r in rows],
+            "count": [r[5] for r in rows],
+            "partial": [r[6] for r in rows],
+            "record_id": [f"{name}:{i}" for i in range(len(rows))],
+        },
+        schema=pa.schema(WINDOW_COLUMNS),
+    )
+    folder = root / "metric=temperature" / "date=2024-06-01"
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, folder / f"part-{name}.parquet")
+
+
+@pytest.fixture
+def window_lake(tmp_path: Path) -> Path:
+    """Hand-written: what a collector stopped twice inside windows leaves in the lake."""
+    root = tmp_path / "wlake"
+    # first life: stopped at 10:00:40 and at 10:01:30, windows still open -> partial rows
+    window_file(root, "a-0001", [(0, "d1", "north", None, 20.0, 2, True),
+                                 (0, "d2", "north", "C", 30.0, 4, True),
+                                 (1, "d1", "north", "C", 21.0, 3, True)])
+    window_file(root, "a-0002", [(1, "d1", "north", "C", 21.5, 5, True),
+                                 (1, "d1", "south", "C", 25.0, 1, True)])
+    # after the restart the 10:00 window of d1 closed: its complete row (another unit spelling)
+    window_file(root, "a-0003", [(0, "d1", "north", "C", 20.5, 8, False),
+                                 (2, "d1", "north", "C", 22.0, 6, False)])
+    # raw readings (no partial column) sharing a timestamp: never touched
+    keys = ("ts", "device", "source", "metric")
+    raw_schema = pa.schema({k: WINDOW_COLUMNS[k] for k in keys} | {"value": pa.float64()})
+    raw = pa.table({"ts": [T0, T0], "device": ["d1", "d1"], "source": ["room", "room"],
+                    "metric": ["temperature", "temperature"], "value": [1.0, 2.0]},
+                   schema=raw_schema)
+    pq.write_table(raw, root / "metric=temperature" / "date=2024-06-01" / "part-raw.parquet")
+    return root
+
+
+def _windows(frame: pl.DataFrame) -> list[tuple]:
+    rows = frame.filter(pl.col("partial").is_not_null()).sort("ts", "device", "site")
+    return rows.select(
+        pl.col("ts").dt.minute(), "device", "site", "count", "partial"
+    ).rows()
+
+
+EXPECTED_WINDOWS = [
+    (0, "d1", "north", 8, False),  # the complete row superseded the 2-reading partial one
+    (0, "d2", "north", 4, True),  # never completed (yet): the partial row stays
+    (1, "d1", "north", 5, True),  # two stops in one window: the fuller partial row
+    (1, "d1", "south", 1, True),  # another tag value is another window
+    (2, "d1", "north", 6, False),
+]
+
+
+def test_export_shows_one_row_per_window(window_lake: Path, tmp_path: Path) -> None:
+    out = tmp_path / "w.parquet"
+    n = run_export(str(window_lake), out, progress=False, now=NOW)
+    got = pl.read_parquet(out)
+    assert n == got.height == len(EXPECTED_WINDOWS) + 2
+    assert _windows(got) == EXPECTED_WINDOWS
+    raw = got.filter(pl.col("partial").is_null())
+    assert sorted(raw["value"].to_list()) == [1.0, 2.0]
+    # supersede first, then --where: the complete row is judged, not the partial it replaced
+    n = run_export(str(window_lake), tmp_path / "few.csv", where="count < 3", progress=False)
+    few = pl.read_csv(tmp_path / "few.csv")
+    assert n == 1 and few["count"].to_list() == [1]
+
+    everything = tmp_path / "all.parquet"
+    n = run_export(str(window_lake), everything, keep_partial=True, progress=False)
+    assert n == 7 + 2
+    assert pl.read_parquet(everything).filter(pl.col("partial"))["count"].sort().to_list() == [
+        1, 2, 3, 4, 5]
+
+
+def test_lake_scan_and_the_spool_reader_supersede_too(window_lake: Path) -> None:
+    from dashboards import data
+
+    frame = data.lake_frame(LakeQuery(str(window_lake))).collect()
+    assert _windows(frame) == EXPECTED_WINDOWS
+    stats = data.to_stats(data.lake_frame(LakeQuery(str(window_lake)))).collect()
+    assert stats.filter(pl.col("count") > 1).height == len(EXPECTED_WINDOWS) - 1
+    # the spool: Arrow stream files of the same rows
+    files = sorted(window_lake.rglob("part-a-*.parquet"))
+    spool = window_lake.parent / "spool"
+    spool.mkdir()
+    paths = []
+    for f in files:
+        table = pq.read_table(f)
+        path = spool / f"{f.stem}.arrow"
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+            w.write_table(table)
+        paths.append(path)
+    assert _windows(data.spool_frame(LakeQuery(str(spool)), paths).collect()) == EXPECTED_WINDOWS
+
+
+def test_catalog_view_keeps_one_row_per_window(window_lake: Path) -> None:
+    """The Athena view's SQL, run by DuckDB on the same files, keeps the same rows."""
+    import duckdb
+
+    from collector.commands.catalog import columns_from_schema, ddl
+
+    files = sorted(str(f) for f in window_lake.rglob("part-a-*.parquet"))
+    schema = pq.read_schema(files[0])
+    text = ddl("s3://bucket/lake", ["metric", "date"], columns_from_schema(schema))
+    view = text[text.index("CREATE OR REPLACE VIEW"):]
+    con = duckdb.connect()
+    con.execute(
+        "CREATE TABLE readings AS SELECT *, '2024-06-01' AS date FROM read_parquet(?)", [files]
+    )
+    con.execute(view)
+    got = con.execute(
+        'SELECT minute(ts), device, site, "count", partial FROM readings_windows '
+        "ORDER BY ts, device, site"
+    ).fetchall()
+    assert [tuple(r) for r in got] == EXPECTED_WINDOWS
+
+
+# ---------------------------------------------------------------------------------------------
+# export errors: one line, no traceback, exit 2 for what was typed, 1 for I/O (issue 17 item 5)
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "AWS_EC2_METADATA_DISABLED": "true", "AWS_ACCESS_KEY_ID": "x",
+           "AWS_SECRET_ACCESS_KEY": "x", "AWS_REGION": "us-east-1"}
+    return subprocess.run(
+        [sys.executable, "-m", "collector", "export", *args, "--no-progress"],
+        capture_output=True, text=True, cwd=cwd, env=env, timeout=120,
+    )
+
+
+def one_line_error(res: subprocess.CompletedProcess[str]) -> str:
+    err = res.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_export_errors_are_one_line(lake: Path, tmp_path: Path) -> None:
+    out = tmp_path / "x.csv"
+    res = cli("--lake", str(lake), "--where", "maxx > 1", "--out", str(out), cwd=tmp_path)
+    assert res.returncode == 2
+    assert "maxx" in one_line_error(res)
+    res = cli("--lake", str(lake), "--where", "max > 'abc'", "--out", str(out), cwd=tmp_path)
+    assert res.returncode == 2
+    assert "cannot compare string with numeric" in one_line_error(res)
+    res = cli("--lake", "s3://nobucket/x", "--endpoint-url", "http://127.0.0.1:9",
+              "--out", str(out), cwd=tmp_path)
+    assert res.returncode == 1
+    assert "nobucket" in one_line_error(res)
+    assert not out.exists()
+
+
+def test_a_filter_value_the_lake_lacks_says_so(lake: Path, tmp_path: Path) -> None:
+    out = tmp_path / "typo.parquet"
+    res = cli("--lake", str(lake), "--metric", "temprature", "--out", str(out), cwd=tmp_path)
+    assert res.returncode == 1
+    line = one_line_error(res)
+    assert "--metric temprature matches nothing" in line and "temperature" in line
+    # the empty file still has the lake's columns (an aggregate lake: mean, min, max, count)
+    empty = pl.read_parquet(out)
+    assert empty.height == 0
+    assert set(pl.read_parquet(next(lake.rglob("*.parquet"))).columns) <= set(empty.columns)
+    # a real value outside the time range is no error: 0 rows, exit 0, the lake's columns
+    res = cli("--lake", str(lake), "--metric", "temperature", "--since", "2030-01-01",
+              "--out", str(out), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "0 rows" in res.stdout and "mean" in pl.read_parquet(out).columns
