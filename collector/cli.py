@@ -656,6 +656,12 @@ def catalog(
     type=click.Path(dir_okay=False, path_type=Path),
     help="FILE.parquet or FILE.csv (format from the suffix).",
 )
+@click.option(
+    "--keep-partial",
+    is_flag=True,
+    help="Also the partial window rows a stop wrote (by default a window's complete row "
+    "supersedes them: one row per window).",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def export_cmd(
     lake: str,
@@ -667,6 +673,7 @@ def export_cmd(
     where: str | None,
     endpoint_url: str | None,
     out: Path,
+    keep_partial: bool,
     no_progress: bool,
 ) -> None:
     """Write lake rows matching the filters to Parquet or CSV.
@@ -691,6 +698,7 @@ def export_cmd(
             where=where,
             endpoint_url=endpoint_url,
             progress=not no_progress,
+            keep_partial=keep_partial,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
