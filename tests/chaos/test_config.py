@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import signal
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -214,16 +213,6 @@ def test_fuzzed_configs_raise_only_config_errors(text: str) -> None:
 
 # --- SIGHUP with a hostile file -----------------------------------------------------------------
 
-
-@pytest.fixture
-def collectors() -> Iterator[list[Collector]]:
-    """Collectors started in a test; any left running are killed at the end."""
-    started: list[Collector] = []
-    yield started
-    for c in started:
-        if c.alive():
-            c.proc.kill()
-            c.proc.wait()
 
 
 def _running_collector(tmp_path: Path, collectors: list[Collector]) -> tuple[Collector, Path]:

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +47,6 @@ def assert_no_secret(text: str, where: str) -> None:
     for secret in SECRETS:
         assert secret not in text, f"{secret} leaked in {where}:\n{text}"
 
-
-@pytest.fixture
-def collectors() -> Iterator[list[Collector]]:
-    started: list[Collector] = []
-    yield started
-    for c in started:
-        if c.alive():
-            c.proc.kill()
-            c.proc.wait()
 
 
 def test_check_output_shows_names_and_stars_never_values(tmp_path: Path) -> None:
