@@ -13,21 +13,13 @@ import signal
 import time
 from pathlib import Path
 
-import polars as pl
 import pytest
 
 from collector.runtime.log import DeviceLog
+from tests.chaos.conftest import write_csv
 from tests.e2e.conftest import Collector, read_lake, run_cli, wait_for, write_config
 
 pytestmark = pytest.mark.slow
-
-
-def _csv(path: Path, n: int) -> Path:
-    ts = [f"2024-01-01T00:{i // 60:02d}:{i % 60:02d}Z" for i in range(n)]
-    pl.DataFrame({"ts": ts, "metric": ["t"] * n, "value": [float(i) for i in range(n)]}).write_csv(
-        path
-    )
-    return path
 
 
 def _replay_config(tmp_path: Path, n: int, sink: dict) -> Path:
@@ -41,7 +33,7 @@ def _replay_config(tmp_path: Path, n: int, sink: dict) -> Path:
                 {
                     "name": "rp",
                     "type": "replay",
-                    "path": str(_csv(tmp_path / "in.csv", n)),
+                    "path": str(write_csv(tmp_path / "in.csv", n)),
                     "speed": "max",
                     "chunk_rows": 2,
                 }

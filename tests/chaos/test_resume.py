@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import signal
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,27 +20,13 @@ import polars as pl
 import pytest
 
 from collector.sources.simulated import SimulatedConfig, generate
+from tests.chaos.conftest import T0, write_csv
 from tests.e2e.conftest import Collector, read_lake, run_cli, wait_for, write_config
 
 pytestmark = pytest.mark.slow
 
-T0 = datetime(2024, 2, 1, tzinfo=UTC)
+
 KEY = ["device", "source", "metric", "ts"]
-
-
-def write_csv(
-    path: Path, n: int, *, start: datetime = T0, step: float = 1.0, first: int = 0
-) -> Path:
-    """``n`` narrow rows, one metric, value = row number (``first`` on): each row is known."""
-    ts = [(start + timedelta(seconds=step * i)).strftime("%Y-%m-%dT%H:%M:%S.%fZ") for i in range(n)]
-    pl.DataFrame(
-        {
-            "ts": ts,
-            "metric": ["flow"] * n,
-            "value": [float(first + i) for i in range(n)],
-        }
-    ).write_csv(path)
-    return path
 
 
 def replay_config(
