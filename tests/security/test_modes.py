@@ -6,13 +6,12 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import ROOT, read_lake, write_config
+from tests.e2e.conftest import ROOT, read_lake, run_cli, write_config
 
 TEMP = ROOT / "sample_data" / "temp.yaml"
 
@@ -20,14 +19,7 @@ TEMP = ROOT / "sample_data" / "temp.yaml"
 def run(
     *args: str, cwd: Path, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "collector", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
-    )
+    return run_cli(*args, cwd=cwd, timeout=180, env={"PYTHONPATH": str(ROOT), **(env or {})})
 
 
 def tree(root: Path) -> set[str]:

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from collector.config import load_text
 from collector.errors import ConfigError
-from tests.e2e.conftest import ROOT, read_lake
+from tests.e2e.conftest import ROOT, read_lake, run_cli
 
 SINK_MODULE = '''
 from pathlib import Path
@@ -40,14 +39,7 @@ class MarkerSink(Sink):
 
 
 def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "collector", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": f"{tmp_path / 'plugins'}{os.pathsep}{ROOT}"},
-    )
+    return run_cli(*args, env={"PYTHONPATH": f"{tmp_path / 'plugins'}{os.pathsep}{ROOT}"})
 
 
 def plugin_package(tmp_path: Path) -> Path:

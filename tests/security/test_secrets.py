@@ -7,11 +7,9 @@ secret put by mistake in a duration field (whose error message quotes the value)
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ from collector import redact
 from collector.errors import PermanentSinkError
 from collector.plugin import Sink
 from collector.testing import run_once
-from tests.e2e.conftest import ROOT, Collector, read_lake, wait_for, write_config
+from tests.e2e.conftest import Collector, read_lake, run_cli, wait_for, write_config
 
 PASSWORD = "Pw-9f3c1d77e2"
 TOKEN = "Tok-4b8a2e19c0"
@@ -33,14 +31,7 @@ ENV = {"ES_PASSWORD": PASSWORD, "API_TOKEN": TOKEN}
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "collector", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **ENV},
-    )
+    return run_cli(*args, env=ENV)
 
 
 def assert_no_secret(text: str, where: str) -> None:

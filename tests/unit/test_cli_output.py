@@ -6,30 +6,22 @@ or `collector status | grep lake`.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import yaml
 
 from collector import registry
+from tests.e2e.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 KINDS = ("sources", "transforms", "sinks")
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "collector", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-        env={**os.environ, "COLUMNS": "80", **(env or {})},
-    )
+    return run_cli(*args, env={"COLUMNS": "80", **(env or {})})
 
 
 def printed_examples(out: str) -> dict[tuple[str, str], str]:
