@@ -69,3 +69,25 @@ def quarantine(
         f" in {target}" if target else "",
     )
     return target
+
+
+def quarantine_file(
+    data_dir: Path,
+    path: Path,
+    *,
+    file: str,
+    reason: str,
+    counters: Counters | None,
+    detail: str = "",
+) -> None:
+    """Move a whole damaged file aside (copy, then remove it from where the runtime reads)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        data = b""
+        detail = f"{detail}; unreadable: {exc.strerror}" if detail else f"unreadable: {exc}"
+    quarantine(data_dir, file=file, data=data, reason=reason, counters=counters, detail=detail)
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.error("cannot remove damaged %s: %s", path, exc)

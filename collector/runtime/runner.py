@@ -35,7 +35,7 @@ from collector.runtime.delivery import RepeatedLog, SinkWorker
 from collector.runtime.fsutil import atomic_write
 from collector.runtime.log import DeviceLog, Entry, Kind
 from collector.runtime.pipeline import Batch, Pipeline, Route
-from collector.runtime.quarantine import quarantine
+from collector.runtime.quarantine import quarantine_file
 from collector.runtime.spool import Spool
 from collector.runtime.telemetry import SinkState, Telemetry
 from collector.schema import normalize
@@ -175,18 +175,8 @@ class Runtime:
             )
 
     def _set_aside(self, path: Path, reason: str) -> None:
-        try:
-            data = path.read_bytes()
-            path.unlink()
-        except OSError as exc:
-            data = b""
-            log.error("cannot move %s aside: %s", path, exc)
-        quarantine(
-            self.data_dir,
-            file=f"state/{path.name}",
-            data=data,
-            reason=reason,
-            counters=self.counters,
+        quarantine_file(
+            self.data_dir, path, file=f"state/{path.name}", reason=reason, counters=self.counters
         )
 
     def _resume_sources(self) -> None:

@@ -34,7 +34,7 @@ from collector.plugin import Counters, SpoolConfig
 from collector.runtime.fsutil import atomic_write
 from collector.runtime.identity import order_key
 from collector.runtime.log import encode_table
-from collector.runtime.quarantine import quarantine
+from collector.runtime.quarantine import quarantine_file
 
 _META_ROWS = b"edge_collector.rows"
 _META_CREATED = b"edge_collector.created_ms"
@@ -107,19 +107,14 @@ class Spool:
 
     def _set_aside(self, path: Path, reason: str, rows: int | None) -> None:
         """Quarantine a damaged spool file; its rows (if known) count as dropped."""
-        try:
-            data = path.read_bytes()
-        except OSError:
-            data = b""
-        quarantine(
+        quarantine_file(
             self.data_dir,
+            path,
             file=f"spool/{self.sink}/{path.name}",
-            data=data,
             reason=reason,
             counters=self.counters,
             detail=f"{rows} row(s) lost" if rows is not None else "row count unknown",
         )
-        path.unlink(missing_ok=True)
         if rows:
             self.counters.inc("dropped_rows_total", rows, sink=self.sink, reason="corrupt")
 
