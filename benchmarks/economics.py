@@ -55,6 +55,8 @@ from sinks.firehose import (
     pack,
     pack_gzip,
 )
+from sinks.mqtt import DEFAULT_BATCH_AGE as MQTT_BATCH_AGE
+from sinks.mqtt import MqttSinkConfig, metered_units, plan
 from sinks.s3 import to_parquet
 
 START = datetime(2024, 1, 1, tzinfo=UTC)
@@ -281,12 +283,31 @@ def per_reading_tally(
             t.wire_bytes += mqtt_publish_bytes(MQTT_TOPIC, n)
             t.records += 1
             t.billable_bytes += billable(n)
+            t.extra["iot_metered_units"] = t.extra.get("iot_metered_units", 0) + metered_units(n)
             t.extra["firehose_put_record_bytes"] = (
                 t.extra.get("firehose_put_record_bytes", 0) + fixed + _b64(n)
             )
     t.calls = t.rows  # the device's IoT Core publishes; the rule adds one PutRecord each
     t.extra["iot_rule_put_record_calls"] = t.rows
     t.s3_puts = delivery_objects(sc, t.payload_bytes)
+    return t
+
+
+def mqtt_tally(batches: list[pa.Table]) -> Tally:
+    """The `mqtt` sink's own planner with its defaults: NDJSON per topic
+    ``dt/{device}/{source}/{metric}``, messages up to 124,900 bytes; IoT Core metered units."""
+    cfg = MqttSinkConfig(type="mqtt", host="example-ats.iot.eu-west-1.amazonaws.com")
+    t = Tally()
+    units = 0
+    for b in batches:
+        t.rows += b.num_rows
+        for m in plan(b, cfg).messages:
+            t.calls += 1
+            t.records += 1
+            t.payload_bytes += len(m.payload)
+            t.wire_bytes += mqtt_publish_bytes(m.topic, len(m.payload))
+            units += metered_units(len(m.payload))
+    t.extra["iot_metered_units"] = units
     return t
 
 
@@ -306,6 +327,10 @@ def run_scenario(sc: Scenario, wire: dict[str, tuple[int, int]]) -> dict[str, An
         slow, wire, gzip=True
     )
     designs["s3 lake, 1-min aggregates (Parquet)"] = s3_tally(agg, wire)
+    mqtt_raw = pipeline_batches(tables, sc, windowed=False, max_age=MQTT_BATCH_AGE)
+    mqtt_agg = pipeline_batches(tables, sc, windowed=True, max_age=MQTT_BATCH_AGE)
+    designs["mqtt to IoT Core, raw readings packed"] = mqtt_tally(mqtt_raw)
+    designs["mqtt to IoT Core, 1-min aggregates packed"] = mqtt_tally(mqtt_agg)
     designs["s3 lake, raw readings (Parquet)"] = s3_tally(raw, wire)
     for name, d in designs.items():
         if name.startswith("firehose"):
@@ -338,6 +363,11 @@ def run_scenario(sc: Scenario, wire: dict[str, tuple[int, int]]) -> dict[str, An
             "fewer_aws_calls_x": _ratio(base.calls * 2, d.calls),
             "fewer_billable_x": _ratio(base.billable_bytes, d.billable_bytes)
             if d.billable_bytes
+            else None,
+            "fewer_metered_x": _ratio(
+                base.extra.get("iot_metered_units", 0), d.extra["iot_metered_units"]
+            )
+            if "iot_metered_units" in d.extra
             else None,
         }
     return out

@@ -50,6 +50,7 @@ BUILTIN: dict[str, dict[str, str]] = {
         "firehose": "sinks.firehose:FirehoseSink",
         "iot_analytics": "sinks.iot_analytics:IotAnalyticsSink",
         "elasticsearch": "sinks.elasticsearch:ElasticsearchSink",
+        "mqtt": "sinks.mqtt:MqttSink",
     },
 }
 

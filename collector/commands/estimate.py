@@ -56,11 +56,20 @@ def print_estimate(cfg: LoadedConfig) -> None:
 
     rate, notes = rates(cfg)
     firehoses = [c for c in cfg.sinks if c.config.type == "firehose"]
+    mqtts = [c for c in cfg.sinks if c.config.type == "mqtt"]
     click.echo(f"\nrows reaching the sinks: {rate:,.3f}/s = {rate * 86400:,.0f}/day")
     for note in notes:
         click.echo(f"  assumption: {note}")
+    if mqtts:
+        from collector.commands.economics import estimate_mqtt_sink, format_mqtt_estimate
+
+        for comp in mqtts:
+            click.echo(format_mqtt_estimate(
+                estimate_mqtt_sink(comp.config, rate, device=cfg.settings.device),
+                name=comp.name))
     if not firehoses:
-        click.echo("no firehose sink in this config: nothing billed per record")
+        if not mqtts:
+            click.echo("no firehose sink in this config: nothing billed per record")
         return
     for comp in firehoses:
         click.echo(format_estimate(estimate_sink(comp.config, rate, device=cfg.settings.device),
