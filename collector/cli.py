@@ -606,6 +606,9 @@ def catalog(
     """Print Athena/Glue DDL for the S3 lake (partition projection: no crawler, no MSCK).
 
     The documented replacement for IoT Analytics datastores: paste the output into Athena.
+    Column types follow the files (lists are array<…>, structs struct<…>). A comment explains
+    record_id (<device slug>-<instance id>-<first offset>-<last offset>[-<part>]:<row>);
+    Firehose tables (at least once) get a `<table>_dedup` view, one row per record_id.
 
     \b
       collector catalog --config collector.yaml
@@ -639,7 +642,13 @@ def catalog(
 
 
 @cli.command("export")
-@click.option("--lake", required=True, help="Lake root: a folder or s3://bucket/prefix.")
+@click.option(
+    "--lake",
+    required=True,
+    help="Lake root: a folder or s3://bucket/prefix; or one sink's spool folder "
+    "(DATA_DIR/spool/SINK, detected by its *.arrow files or inflight/ folder): the rows not "
+    "uploaded yet.",
+)
 @click.option(
     "--since",
     help="Start, inclusive: 2024-06-01, 2024-06-01T12:00Z, now, today, yesterday, -1d, -2h30m.",
@@ -676,13 +685,15 @@ def export_cmd(
     keep_partial: bool,
     no_progress: bool,
 ) -> None:
-    """Write lake rows matching the filters to Parquet or CSV.
+    """Write lake (or spool) rows matching the filters to Parquet or CSV.
 
     Only the partitions the filters can match are read (partition pruning), so a day out of a
-    year-long lake is quick. Example:
+    year-long lake is quick. A spool folder (a sink's batches not uploaded yet: ready and in
+    flight, not its dead letters) is read with the same filters. Examples:
 
     \b
       collector export --lake ./data/lake --since -1d --metric temperature --out today.parquet
+      collector export --lake ./data/spool/bulk --out pending.csv
     """
     from collector.commands.export import run_export
 

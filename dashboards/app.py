@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `streamlit run dashboards/app.py` puts only dashboards/ on it
     sys.path.insert(0, str(ROOT))
 
-from collector.commands.export import LakeFile, LakeQuery, export, listing_key  # noqa: E402
+from collector.commands.export import export  # noqa: E402
+from collector.lakequery import LakeFile, LakeQuery, listing_key  # noqa: E402
 from dashboards import data  # noqa: E402
 
 PRESETS: dict[str, timedelta | None] = {
@@ -68,11 +69,7 @@ def _remote_listing(query: LakeQuery) -> tuple[LakeFile, ...]:
     return tuple(data.lake_files(query))
 
 
-def _frame(
-    query: LakeQuery, files: Sequence[LakeFile] | None, spool: Sequence[Path] | None
-) -> pl.LazyFrame:
-    if spool is not None:
-        return data.to_stats(data.spool_frame(query, spool))
+def _frame(query: LakeQuery, files: Sequence[LakeFile] | None) -> pl.LazyFrame:
     return data.to_stats(data.lake_frame(query, files))
 
 
@@ -80,12 +77,9 @@ def _frame(
 def _bounds(
     query: LakeQuery,
     key: tuple[Any, ...],
-    files: tuple[LakeFile, ...] | None,
-    spool: tuple[Path, ...] | None,
+    files: tuple[LakeFile, ...],
 ) -> tuple[datetime, datetime] | None:
-    if files is not None:
-        files = _edge_partitions(files)
-    return data.bounds(_frame(query, files, spool))
+    return data.bounds(_frame(query, _edge_partitions(files)))
 
 
 def _edge_partitions(files: tuple[LakeFile, ...]) -> tuple[LakeFile, ...]:
@@ -101,26 +95,23 @@ def _edge_partitions(files: tuple[LakeFile, ...]) -> tuple[LakeFile, ...]:
 def _choices(
     query: LakeQuery,
     key: tuple[Any, ...],
-    files: tuple[LakeFile, ...] | None,
-    spool: tuple[Path, ...] | None,
+    files: tuple[LakeFile, ...],
 ) -> dict[str, list[str]]:
-    return data.choices(_frame(query, files, spool))
+    return data.choices(_frame(query, files))
 
 
 @st.cache_data(show_spinner="Querying…", max_entries=32)
 def _view(
     query: LakeQuery,
     key: tuple[Any, ...],
-    files: tuple[LakeFile, ...] | None,
-    spool: tuple[Path, ...] | None,
+    files: tuple[LakeFile, ...],
     start: datetime,
     end: datetime,
     resolution: str | timedelta,
     by_device: bool,
     thresholds: tuple[tuple[str, data.Threshold], ...],
-    now: datetime,
 ) -> dict[str, Any]:
-    stats = _frame(query, files, spool).cache()
+    stats = _frame(query, files).cache()
     rows, bucket = data.series(
         stats,
         start=start,
@@ -134,7 +125,7 @@ def _view(
         "latest": data.latest(stats, compare=None),
         "exceedances": data.exceedances(stats, dict(thresholds), limit=500),
         "histogram": data.histogram(stats),
-        "freshness": data.freshness(stats, now=now),
+        "freshness": data.freshness(stats),  # the age is taken at display time
         "rows": stats.select(pl.len()).collect().item(),
     }
 
@@ -143,8 +134,10 @@ def _view(
 # sidebar
 
 
-def _sidebar_source() -> tuple[str, LakeQuery, Path]:
-    """The data source picked in the sidebar; PathRefused when a path is outside the roots."""
+def _sidebar_source() -> tuple[str, LakeQuery, Path | None]:
+    """The data source picked in the sidebar and the collector data dir whose health and spool
+    go with it (None when the lake belongs to no collector here, e.g. the sample lake);
+    PathRefused when a path is outside the roots."""
     params = st.query_params
     side = st.sidebar
     side.header("Data source")
@@ -153,16 +146,6 @@ def _sidebar_source() -> tuple[str, LakeQuery, Path]:
     kind = side.radio(
         "Read from", kinds, index=1 if lake_default.startswith("s3://") else 0, key="source_kind"
     )
-    data_dir = Path(
-        data.confine(
-            side.text_input(
-                "Collector data dir",
-                str(data.default_data_dir()),
-                key="data_dir",
-                help="Holds spool/ and status.json",
-            )
-        )
-    )
     if kind == "Local lake":
         path = side.text_input(
             "Lake path",
@@ -170,7 +153,8 @@ def _sidebar_source() -> tuple[str, LakeQuery, Path]:
             key="lake_path",
             help="A folder under the lake or data dir the dashboard was started with.",
         )
-        return "lake", LakeQuery(root=data.confine(path)), data_dir
+        query = LakeQuery(root=data.confine(path))
+        return "lake", query, _sidebar_data_dir(data.data_dir_for(query.root), query.root)
     if kind == "S3 lake":
         uri = side.text_input(
             "S3 lake",
@@ -183,8 +167,25 @@ def _sidebar_source() -> tuple[str, LakeQuery, Path]:
             key="s3_endpoint",
             help="Credentials come from the standard AWS chain (env, profile, instance role).",
         )
-        return "lake", LakeQuery(root=uri, endpoint_url=endpoint or None), data_dir
-    return "spool", LakeQuery(root=str(data_dir / "spool")), data_dir
+        query = LakeQuery(root=uri, endpoint_url=endpoint or None)
+        return "lake", query, _sidebar_data_dir(data.data_dir_for(uri), uri)
+    data_dir = _sidebar_data_dir(data.default_data_dir(), "spool")
+    return "spool", LakeQuery(root=str((data_dir or Path(".")) / "spool")), data_dir
+
+
+def _sidebar_data_dir(default: Path | None, source: str) -> Path | None:
+    """The collector data dir field. It follows the source: picking another lake resets it to
+    that lake's data dir (empty when it has none), so the health panel never describes a
+    collector unrelated to the rows on the page."""
+    if st.session_state.get("_data_dir_for") != source:
+        st.session_state["data_dir"] = "" if default is None else str(default)
+        st.session_state["_data_dir_for"] = source
+    text = st.sidebar.text_input(
+        "Collector data dir",
+        key="data_dir",
+        help="Holds spool/ and status.json; empty: no collector goes with this lake.",
+    ).strip()
+    return Path(data.confine(text)) if text else None
 
 
 def _sidebar_time(bounds: tuple[datetime, datetime]) -> tuple[datetime, datetime]:
@@ -263,12 +264,26 @@ def _sidebar_thresholds(metrics: Sequence[str]) -> dict[str, data.Threshold]:
 # main area
 
 
-def _chart(rows: pl.DataFrame, metric: str, unit: str | None) -> alt.LayerChart:
+def _chart(
+    rows: pl.DataFrame, metric: str, unit: str | None, start: datetime, end: datetime
+) -> alt.LayerChart:
     frame = rows.select("ts", "device", "mean", "min", "max", "count")
     title = f"{metric} ({unit})" if unit else metric
+    first, last = rows["ts"].min(), rows["ts"].max()
+    ticks, fmt = data.time_axis(
+        max(start, first) if isinstance(first, datetime) else start,
+        min(end, last) if isinstance(last, datetime) else end,
+    )
     base = alt.Chart(frame).encode(
         x=alt.X(
-            "ts:T", title=None, scale=alt.Scale(type="utc"), axis=alt.Axis(format="%m-%d %H:%M")
+            "ts:T",
+            title=None,
+            scale=alt.Scale(type="utc"),
+            axis=alt.Axis(
+                values=[t.isoformat() for t in ticks],  # Vega drops an axis of epoch ms
+                format=fmt,
+                labelOverlap=True,
+            ),
         ),
         color=alt.Color("device:N", title="device"),
     )
@@ -276,7 +291,7 @@ def _chart(rows: pl.DataFrame, metric: str, unit: str | None) -> alt.LayerChart:
     line = base.mark_line(strokeWidth=1.5).encode(
         y=alt.Y("mean:Q", title=title, scale=alt.Scale(zero=False)),
         tooltip=[
-            alt.Tooltip("ts:T", format="%Y-%m-%d %H:%M"),
+            alt.Tooltip("ts:T", format="%Y-%m-%d %H:%M:%S"),
             "device:N",
             alt.Tooltip("mean:Q", format=".2f"),
             alt.Tooltip("min:Q", format=".2f"),
@@ -324,7 +339,7 @@ def _tiles(latest: pl.DataFrame) -> None:
         st.caption(f"{latest.height - MAX_TILES} more devices in the freshness table")
 
 
-def _metric_section(metric: str, view: dict[str, Any]) -> None:
+def _metric_section(metric: str, view: dict[str, Any], start: datetime, end: datetime) -> None:
     latest = view["latest"].filter(pl.col("metric") == metric)
     unit = next((u for u in latest["unit"].to_list() if u), None)
     st.subheader(metric)
@@ -333,7 +348,9 @@ def _metric_section(metric: str, view: dict[str, Any]) -> None:
     if rows.is_empty():
         st.info(f"No {metric} rows in this range.")
         return
-    st.altair_chart(_chart(rows, metric, unit), width="stretch", key=f"chart_{metric}")
+    st.altair_chart(
+        _chart(rows, metric, unit, start, end), width="stretch", key=f"chart_{metric}"
+    )
     left, right = st.columns([2, 3])
     with left:
         hist = view["histogram"].filter(pl.col("metric") == metric)
@@ -350,7 +367,7 @@ def _metric_section(metric: str, view: dict[str, Any]) -> None:
 def _freshness(view: dict[str, Any], now: datetime) -> None:
     st.subheader("Data freshness")
     fresh = (
-        view["freshness"]
+        data.with_age(view["freshness"], now)
         .with_columns(
             (pl.col("age").dt.total_seconds() / 60).round(1).alias("age_min"),
             (pl.col("typical_step").dt.total_seconds()).alias("step_s"),
@@ -359,14 +376,20 @@ def _freshness(view: dict[str, Any], now: datetime) -> None:
         .select("device", "last_ts", "age_min", "timestamps", "step_s", "gaps", "longest_gap_min")
     )
     st.caption(
-        f"Age relative to {now:%Y-%m-%d %H:%M:%S} UTC. A gap is a step over 3 times the "
-        "device's usual step."
+        f"Age of each device's last reading at {now:%Y-%m-%d %H:%M:%S} UTC (now). A gap is a "
+        "step over 3 times the device's usual step."
     )
     st.dataframe(fresh, hide_index=True, key="freshness")
 
 
-def _health(data_dir: Path) -> None:
+def _health(data_dir: Path | None) -> None:
     st.subheader("Collector health")
+    if data_dir is None:
+        st.info(
+            "No collector data dir goes with this lake (it is not `<data dir>/lake` of a "
+            "collector here): enter one in the sidebar to see its backlog, drops and errors."
+        )
+        return
     status = data.read_status(data_dir)
     if status is None:
         st.info(
@@ -379,10 +402,11 @@ def _health(data_dir: Path) -> None:
         if updated:
             when = f"{datetime.fromtimestamp(updated, UTC):%Y-%m-%d %H:%M:%S} UTC"
         st.caption(
-            f"Collector {'running' if status.get('alive') else 'not running'}; "
+            f"Collector in {data_dir} {'running' if status.get('alive') else 'not running'}; "
             f"status written {when}."
         )
-        st.dataframe(data.status_table(status), hide_index=True, key="status")
+        # a static table: every sink and every column on the page, long errors wrapped
+        st.table(data.health_view(data.status_table(status)).to_pandas().set_index("sink"))
     url = os.environ.get(data.METRICS_URL_ENV, data.DEFAULT_METRICS_URL)
     if st.toggle("Scrape the metrics endpoint", value=False, key="scrape", help=url):
         samples = data.scrape_metrics(url)
@@ -392,16 +416,14 @@ def _health(data_dir: Path) -> None:
             st.dataframe(samples, hide_index=True, key="prom")
 
 
-def _downloads(
-    kind: str, query: LakeQuery, files: Sequence[LakeFile] | None, spool: Sequence[Path] | None
-) -> None:
+def _downloads(query: LakeQuery, files: Sequence[LakeFile]) -> None:
     st.subheader("Download")
     st.caption("The filtered rows, produced by the same code as `collector export`.")
     cols = st.columns(2)
     for col, suffix in zip(cols, (".parquet", ".csv"), strict=True):
         col.download_button(
             f"Download {suffix[1:].upper()}",
-            data=_export_callable(kind, query, files, spool, suffix),
+            data=_export_callable(query, files, suffix),
             file_name=f"export{suffix}",
             mime="application/octet-stream" if suffix == ".parquet" else "text/csv",
             key=f"dl{suffix}",
@@ -409,23 +431,12 @@ def _downloads(
 
 
 def _export_callable(
-    kind: str,
-    query: LakeQuery,
-    files: Sequence[LakeFile] | None,
-    spool: Sequence[Path] | None,
-    suffix: str,
+    query: LakeQuery, files: Sequence[LakeFile], suffix: str
 ) -> Callable[[], bytes]:
     def produce() -> bytes:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / f"export{suffix}"
-            if kind == "spool":
-                frame = data.spool_frame(query, spool or ()).collect()
-                if suffix == ".csv":
-                    frame.write_csv(out)
-                else:
-                    frame.write_parquet(out, compression="zstd")
-            else:
-                export(query, out, files=files)
+            export(query, out, files=files)  # a lake or a spool: the same export
             return out.read_bytes()
 
     return produce
@@ -443,40 +454,37 @@ def main() -> None:
         st.error(f"Refused: {exc}")
         return
 
-    spool_paths: tuple[Path, ...] | None = None
-    all_files: tuple[LakeFile, ...] | None = None
+    if kind == "spool":
+        if data_dir is None:
+            st.info("Enter the collector data dir in the sidebar to read its spool.")
+            return
+        sinks = data.spool_sinks(data_dir)
+        if not sinks:
+            st.info(f"No spool under {data_dir / 'spool'}: nothing is waiting for upload.")
+            _health(data_dir)
+            return
+        sink = st.sidebar.selectbox("Sink", sinks, key="spool_sink")
+        base = LakeQuery(root=str(data.spool_root(data_dir, sink)))
     try:
-        if kind == "spool":
-            sinks = data.spool_sinks(data_dir)
-            if not sinks:
-                st.info(f"No spool under {data_dir / 'spool'}: nothing is waiting for upload.")
-                _health(data_dir)
-                return
-            sink = st.sidebar.selectbox("Sink", sinks, key="spool_sink")
-            spool_paths = tuple(data.spool_paths(data_dir, sink))
-            key: tuple[Any, ...] = tuple(
-                (str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in spool_paths if p.exists()
-            )
-        else:
-            all_files = _listing(base)
-            key = listing_key(all_files)
+        all_files = _listing(base)
     except (FileNotFoundError, OSError) as exc:
         st.warning(f"Cannot read {base.root}: {exc}")
         _health(data_dir)
         return
+    key = listing_key(all_files)
     if not key:
         st.info("The source holds no data yet.")
         _health(data_dir)
         return
-    lake_bounds = _bounds(base, key, all_files, spool_paths)
+    lake_bounds = _bounds(base, key, all_files)
     if lake_bounds is None:
         st.info("The source holds no rows yet.")
         _health(data_dir)
         return
     start, end = _sidebar_time(lake_bounds)
     ranged = LakeQuery(root=base.root, endpoint_url=base.endpoint_url, since=start, until=end)
-    ranged_files = None if all_files is None else _listing(ranged)
-    options = _choices(ranged, key, ranged_files, spool_paths)
+    ranged_files = _listing(ranged)
+    options = _choices(ranged, key, ranged_files)
     chosen = _sidebar_filters(options, f"{kind}:{base.root}")
     st.sidebar.header("Display")
     resolution = RESOLUTIONS[
@@ -511,20 +519,17 @@ def main() -> None:
         st.sidebar.error(str(exc))
         query = LakeQuery(**fields)
 
-    files = None if all_files is None else _listing(query)
-    now = datetime.now(UTC) if refresh else lake_bounds[1]
+    files = _listing(query)
     try:
         view = _view(
             query,
             key,
-            None if files is None else tuple(files),
-            spool_paths,
+            tuple(files),
             start,
             end,
             resolution,
             by_device,
             tuple(sorted(thresholds.items())),
-            now.replace(microsecond=0),
         )
     except (pl.exceptions.PolarsError, ValueError) as exc:  # e.g. a filter's missing column
         st.error(f"The query failed: {str(exc).splitlines()[0]}")
@@ -532,38 +537,28 @@ def main() -> None:
         return
     st.caption(
         f"{base.root} · {start:%Y-%m-%d %H:%M} → {end:%Y-%m-%d %H:%M} UTC · "
-        f"{view['rows']:,} rows from {len(files) if files is not None else len(key)} files"
+        f"{view['rows']:,} rows from {len(files)} files"
         f" · resolution {data.format_bucket(view['bucket'])}"
     )
     for metric in chosen["metric"]:
-        _metric_section(metric, view)
-    _freshness(view, now)
-    _downloads(kind, query, files, spool_paths)
+        _metric_section(metric, view, start, end)
+    _freshness(view, datetime.now(UTC))
+    _downloads(query, files)
     _health(data_dir)
     if refresh:
-        _watch(kind, base, data_dir, spool_paths, key, float(every))
+        _watch(base, key, float(every))
 
 
-def _watch(
-    kind: str,
-    base: LakeQuery,
-    data_dir: Path,
-    spool: tuple[Path, ...] | None,
-    key: tuple[Any, ...],
-    every: float,
-) -> None:
-    """Re-run the page when the source changed; a cheap listing every ``every`` seconds."""
+def _watch(base: LakeQuery, key: tuple[Any, ...], every: float) -> None:
+    """Re-run the page when the source (lake or spool) changed: a cheap listing every
+    ``every`` seconds."""
 
     @st.fragment(run_every=timedelta(seconds=every))
     def watch() -> None:
-        if kind == "spool":
-            current: tuple[Any, ...] = tuple(
-                (str(p), p.stat().st_size, p.stat().st_mtime_ns)
-                for p in data.spool_paths(data_dir, st.session_state.get("spool_sink", ""))
-                if p.exists()
-            )
-        else:
+        try:
             current = listing_key(data.lake_files(base))
+        except OSError:
+            current = ()
         if current != key:
             st.rerun(scope="app")
 

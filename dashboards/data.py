@@ -1,11 +1,11 @@
 """Pure query functions behind the dashboard, on Polars lazy frames; no Streamlit here.
 
-Reading goes through :mod:`collector.commands.export` (the same path as ``collector export``), so
-what the
-dashboard shows and what a user downloads are the same rows. Every view function first maps rows
-to one "stats" shape (``mean``/``min``/``max``/``count`` per row): a raw reading is a window of
-one (mean = min = max = value, count = 1) and an aggregate is itself. Downsampling and tiles then
-work the same on raw lakes, aggregate lakes and lakes mixing both.
+Reading goes through :mod:`collector.lakequery` (the same code as ``collector export``), for a
+lake and for a spool alike, so what the dashboard shows and what a user downloads are the same
+rows. Every view function first maps rows to one "stats" shape (``mean``/``min``/``max``/
+``count`` per row): a raw reading is a window of one (mean = min = max = value, count = 1) and
+an aggregate is itself. Downsampling and tiles then work the same on raw lakes, aggregate lakes
+and lakes mixing both.
 
 The page is reachable by whoever reaches its port, so what it reads is bounded here: local paths
 only under the lake and data dir it was started with (:func:`allowed_roots`, from the
@@ -27,18 +27,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import polars as pl
-import pyarrow as pa
-import pyarrow.ipc as ipc
 
-from collector.commands.export import (
-    LakeFile,
-    LakeQuery,
-    apply_where,
-    list_files,
-    row_filter,
-    scan,
-    supersede_partials,
-)
+from collector import lakequery
+from collector.lakequery import LakeFile, LakeQuery, list_files, scan
 
 LAKE_ENV = "EDGE_COLLECTOR_LAKE"
 DATA_DIR_ENV = "EDGE_COLLECTOR_DATA_DIR"
@@ -122,7 +113,8 @@ def confine(path: str, roots: Sequence[Path] | None = None, cwd: Path | None = N
 
 
 def lake_files(query: LakeQuery) -> list[LakeFile]:
-    """The partition-pruned listing (:func:`collector.commands.export.listing_key` keys caches)."""
+    """The partition-pruned listing (:func:`collector.lakequery.listing_key` keys caches); for a
+    spool folder, its batch files."""
     return list_files(query)
 
 
@@ -138,43 +130,34 @@ def spool_sinks(data_dir: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def spool_root(data_dir: Path, sink: str) -> Path:
+    """One sink's spool folder: a source :class:`LakeQuery` reads like a lake."""
+    return data_dir / "spool" / sink
+
+
 def spool_paths(data_dir: Path, sink: str, *, inflight: bool = True) -> list[Path]:
     """Spooled batches not yet delivered, oldest first (ready files, then in-flight ones)."""
-    folder = data_dir / "spool" / sink
-    paths = sorted(p for p in folder.glob("*.arrow") if not p.name.startswith("."))
-    if inflight:
-        paths += sorted(
-            p for p in (folder / "inflight").glob("*.arrow") if not p.name.startswith(".")
-        )
-    return paths
+    folder = spool_root(data_dir, sink)
+    if not folder.is_dir():
+        return []
+    return [Path(f.path) for f in lakequery.spool_files(folder, inflight=inflight)]
 
 
 def read_spool(paths: Sequence[Path]) -> pl.DataFrame:
     """Rows of spooled Arrow IPC stream files; a file cut short by a crash is skipped."""
-    tables: list[pa.Table] = []
-    for path in paths:
-        try:
-            with ipc.open_stream(path) as reader:
-                tables.append(reader.read_all())
-        except (OSError, pa.ArrowInvalid):
-            continue  # being written or deleted under us; the next refresh will see it
-    tables = [t for t in tables if t.num_rows]
-    if not tables:
+    table = lakequery.read_spool(paths)
+    if table is None:
         return pl.DataFrame(schema=STATS_SCHEMA)
-    frame = pl.from_arrow(pa.concat_tables(tables, promote_options="permissive"))
+    frame = pl.from_arrow(table)
     assert isinstance(frame, pl.DataFrame)
     return frame
 
 
 def spool_frame(query: LakeQuery, paths: Sequence[Path]) -> pl.LazyFrame:
-    """Spooled rows with the same filters a lake query applies (one row per window too)."""
-    frame = read_spool(paths).lazy()
-    pred = row_filter(query, frame.collect_schema().names())
-    if pred is not None:
-        frame = frame.filter(pred)
-    if not query.keep_partial:
-        frame = supersede_partials(frame)
-    return apply_where(frame, query.where)
+    """Spooled rows with the same filters a lake query applies (one row per window too): the
+    same :func:`collector.lakequery.scan` as a lake."""
+    files = [LakeFile(path=str(p), partition=(), size=0, mtime_ns=0) for p in paths]
+    return scan(query, files)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,6 +257,24 @@ def _every(bucket: timedelta) -> str:
     return f"{int(bucket.total_seconds() * 1_000_000)}us"
 
 
+def native_step(
+    stats: pl.LazyFrame, keys: Sequence[str] = ("device", "metric")
+) -> timedelta | None:
+    """The finest spacing the data is stored at: the smallest, over series, of the median step
+    between a series' consecutive timestamps (1 minute for 1-minute aggregates), or None when
+    no series has two timestamps."""
+    step = (
+        stats.group_by(list(keys))
+        .agg(pl.col("ts").unique().sort().diff().drop_nulls().median().alias("step"))
+        .select(pl.col("step").min())
+        .collect()
+        .item()
+    )
+    if step is None or step <= timedelta(0):
+        return None
+    return step if isinstance(step, timedelta) else None
+
+
 def series(
     stats: pl.LazyFrame,
     *,
@@ -284,17 +285,22 @@ def series(
     max_points: int = 2000,
     max_total: int = 40_000,
 ) -> tuple[pl.DataFrame, timedelta | None]:
-    """Chart rows (ts, device, metric, mean, min, max, count) and the bucket used.
+    """Chart rows (ts, device, metric, mean, min, max, count) and the resolution shown.
 
     ``auto`` picks the bucket with :func:`choose_bucket` from the number of series actually
-    present; ``raw`` returns rows unaggregated (bucket ``None``). Bucket mean is the
+    present; ``raw`` returns rows unaggregated (resolution ``None``). Bucket mean is the
     count-weighted mean of the rows' means (exact for both readings and aggregates), min and max
     are the extremes, count the sum. ``by_device=False`` merges devices into one series per
     metric (device shown as ``all``).
+
+    A bucket no coarser than the data itself (1-second buckets over 1-minute aggregates) cannot
+    summarise anything: the rows are returned as stored and the resolution is the data's own
+    step (:func:`native_step`), so the page says "1m" for 1-minute data, never "1s".
     """
     keys = ["device", "metric"] if by_device else ["metric"]
+    columns = ("ts", "device", "metric", "mean", "min", "max", "count")
     if resolution == "raw":
-        frame = stats.select("ts", "device", "metric", "mean", "min", "max", "count")
+        frame = stats.select(*columns)
         if not by_device:
             frame = frame.with_columns(pl.lit("all").alias("device"))
         return frame.sort("metric", "device", "ts").collect(), None
@@ -305,6 +311,10 @@ def series(
         )
     else:
         bucket = resolution
+    native = native_step(stats, ["device", "metric"])
+    if by_device and native is not None and bucket <= native:
+        rows = stats.select(*columns).sort("metric", "device", "ts").collect()
+        return rows, native
     weighted = pl.when(pl.col("mean").is_not_null()).then(pl.col("count")).otherwise(0)
     frame = (
         stats.with_columns(pl.col("ts").dt.truncate(_every(bucket)).alias("ts"))
@@ -318,8 +328,56 @@ def series(
     )
     if not by_device:
         frame = frame.with_columns(pl.lit("all").alias("device"))
-    out = frame.select("ts", "device", "metric", "mean", "min", "max", "count")
+    out = frame.select(*columns)
+    if native is not None and bucket < native:
+        bucket = native  # combined devices: each bucket holds at most one row per device
     return out.sort("metric", "device", "ts").collect(), bucket
+
+
+# ---------------------------------------------------------------------------------------------
+# the time axis
+
+TICK_STEPS: tuple[timedelta, ...] = tuple(
+    timedelta(seconds=s)
+    for s in (
+        1, 2, 5, 10, 15, 30,
+        60, 120, 300, 600, 900, 1800,
+        3600, 7200, 10800, 21600, 43200,
+        86400, 172800, 604800, 1209600, 2592000, 7776000, 31536000,
+    )
+)  # fmt: skip
+
+
+def time_axis(start: datetime, end: datetime, *, ticks: int = 8) -> tuple[list[datetime], str]:
+    """Tick times for a chart over [start, end] and a strftime format whose labels never repeat.
+
+    Ticks are multiples of a round step (at most ``ticks`` of them, aligned in UTC) and the
+    format shows the finest unit the step needs and a coarser one whenever the range spans it
+    (a date once the range crosses midnight), so no two ticks share a label: letting the chart
+    library format every tick ``%m-%d %H:%M`` printed the same minute several times on short
+    ranges.
+    """
+    start, end = start.astimezone(UTC), end.astimezone(UTC)
+    if end <= start:
+        end = start + timedelta(seconds=1)
+    span = end - start
+    step = next((s for s in TICK_STEPS if span / s <= ticks - 1), TICK_STEPS[-1])
+    if step >= timedelta(days=365):
+        step = timedelta(days=365 * max(1, math.ceil(span / timedelta(days=365) / ticks)))
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    t = epoch + math.ceil((start - epoch) / step) * step
+    values: list[datetime] = []
+    while t <= end:
+        values.append(t)
+        t += step
+    values = values or [start]
+    if step >= timedelta(days=1):
+        fmt = "%Y-%m-%d"
+    else:
+        clock = "%H:%M:%S" if step < timedelta(minutes=1) else "%H:%M"
+        one_day = len({v.date() for v in values}) == 1
+        fmt = clock if one_day else f"%m-%d {clock}"
+    return values, fmt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,16 +498,22 @@ def histogram(stats: pl.LazyFrame, *, bins: int = 30) -> pl.DataFrame:
     )
 
 
-def freshness(stats: pl.LazyFrame, *, now: datetime, gap: timedelta | None = None) -> pl.DataFrame:
-    """Per device: last reading, its age, rows, and gaps between consecutive timestamps.
+def freshness(
+    stats: pl.LazyFrame, *, now: datetime | None = None, gap: timedelta | None = None
+) -> pl.DataFrame:
+    """Per device: last reading, its age at ``now``, rows, and gaps between consecutive
+    timestamps.
 
+    ``now`` is the wall clock (a collector stopped 20 minutes ago shows an age of 20 minutes,
+    whatever the time range shown); with ``now=None`` the age is left null, to be filled at
+    display time by :func:`with_age` (so a cached result never shows a stale age).
     A gap is a step longer than ``gap`` or, by default, three times the device's median step
     (so a 5 s source and a 1-minute aggregate are judged on their own cadence).
     """
     step = pl.col("ts").unique().sort().diff().drop_nulls()
     limit = pl.lit(gap) if gap is not None else step.median() * 3
     is_gap = step > limit
-    return (
+    frame = (
         stats.group_by("device")
         .agg(
             pl.col("ts").max().alias("last_ts"),
@@ -458,11 +522,40 @@ def freshness(stats: pl.LazyFrame, *, now: datetime, gap: timedelta | None = Non
             is_gap.sum().cast(pl.Int64).alias("gaps"),
             step.filter(is_gap).max().alias("longest_gap"),
         )
-        .with_columns((pl.lit(now.astimezone(UTC)) - pl.col("last_ts")).alias("age"))
+        .with_columns(pl.lit(None, pl.Duration("us")).alias("age"))
         .select("device", "last_ts", "age", "timestamps", "typical_step", "gaps", "longest_gap")
         .sort("device")
         .collect()
     )
+    return frame if now is None else with_age(frame, now)
+
+
+def with_age(fresh: pl.DataFrame, now: datetime) -> pl.DataFrame:
+    """:func:`freshness` rows with ``age = now - last_ts`` (``now``: the wall clock)."""
+    age = (pl.lit(now.astimezone(UTC)) - pl.col("last_ts")).cast(pl.Duration("us"))
+    return fresh.with_columns(age.alias("age"))
+
+
+def data_dir_for(lake: str, cwd: Path | None = None) -> Path | None:
+    """The collector data dir whose health goes with ``lake``, or None when none does.
+
+    The lake and data dir the dashboard was started with go together; a lake in a folder
+    that holds a collector's ``status.json``, ``spool/`` or ``state/`` (``<data_dir>/lake``)
+    goes with that folder; an ``s3://`` lake with the started-with data dir (the collector on
+    this device uploads there). Any other lake (``?lake=sample_data/lake``) has none: its page
+    must not show the health of an unrelated collector.
+    """
+    if lake.startswith("s3://"):
+        return default_data_dir(cwd)
+    path = _resolve(lake, cwd)
+    started = default_lake(cwd)
+    chosen = bool(os.environ.get(LAKE_ENV)) or _resolve(started, cwd) != SAMPLE_LAKE.resolve()
+    if chosen and not started.startswith("s3://") and path == _resolve(started, cwd):
+        return default_data_dir(cwd)
+    parent = path.parent
+    if any((parent / name).exists() for name in ("status.json", "spool", "state")):
+        return parent
+    return None
 
 
 def bounds(stats: pl.LazyFrame) -> tuple[datetime, datetime] | None:
@@ -538,6 +631,51 @@ def status_table(status: Mapping[str, Any]) -> pl.DataFrame:
         "last_error": pl.String(),
     }
     return pl.DataFrame(rows, schema=schema)
+
+
+def health_view(table: pl.DataFrame) -> pl.DataFrame:
+    """:func:`status_table` as the page shows it: seven short text columns that fit the page
+    width (backlog, dropped and dead letters each in one cell), the last error in full."""
+
+    def size(n: int | None) -> str:
+        value = float(n or 0)
+        for unit in ("B", "KiB", "MiB", "GiB"):
+            if value < 1024 or unit == "GiB":
+                return f"{value:,.0f} {unit}" if unit == "B" else f"{value:,.1f} {unit}"
+            value /= 1024
+        return ""
+
+    def num(n: Any) -> str:
+        return "-" if n is None else f"{n:,}"
+
+    rows = []
+    for r in table.iter_rows(named=True):
+        backlog = f"{num(r['backlog_rows'])} rows, {num(r['backlog_files'])} files"
+        if r["backlog_bytes"]:
+            backlog += f", {size(r['backlog_bytes'])}"
+        if r["oldest_age_s"] is not None:
+            backlog += f", oldest {r['oldest_age_s']:,.0f} s"
+        dropped = num(r["dropped_rows"])
+        if r["dropped_by_reason"]:
+            dropped += f" ({r['dropped_by_reason']})"
+        dead = f"{num(r['dead_lettered_rows'])} rows"
+        if r["dead_letter_files"] is not None:
+            dead += f", {num(r['dead_letter_files'])} files"
+        success = r["last_success"]
+        rows.append(
+            {
+                "sink": r["sink"],
+                "backlog": backlog,
+                "delivered": num(r["delivered_rows"]),
+                "dropped": dropped,
+                "dead letters": dead,
+                "last success (UTC)": "-" if success is None else f"{success:%Y-%m-%d %H:%M:%S}",
+                "last error": r["last_error"] or "-",
+            }
+        )
+    names = ("sink", "backlog", "delivered", "dropped", "dead letters", "last success (UTC)",
+             "last error")  # fmt: skip
+    return pl.DataFrame(rows, schema={n: pl.String() for n in names})
 
 
 def _float(value: Any) -> float | None:

@@ -21,6 +21,7 @@ as `collector export` and the dashboard).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -64,20 +65,126 @@ def parse_s3_url(url: str) -> tuple[str, str]:
 
 
 def hive_type(dtype: pa.DataType) -> str:
-    """The Athena/Hive column type of an Arrow type."""
-    if pa.types.is_timestamp(dtype):
+    """The Athena/Hive column type that reads an Arrow type as written to Parquet.
+
+    Nested types map recursively (``list<double>`` -> ``array<double>``, structs ->
+    ``struct<name:type,…>``, maps -> ``map<k,v>``); a dictionary column is its value type;
+    timestamps of any unit, with or without a zone, are ``timestamp`` (Parquet stores UTC
+    instants; Athena reads them as UTC). A type Athena cannot read from Parquet is a
+    ValueError naming it, never a silent ``string``.
+    """
+    t = pa.types
+    if t.is_dictionary(dtype):
+        return hive_type(dtype.value_type)
+    if t.is_timestamp(dtype):
         return "timestamp"
-    if pa.types.is_boolean(dtype):
+    if t.is_boolean(dtype):
         return "boolean"
-    if pa.types.is_floating(dtype):
+    if t.is_floating(dtype):
         return "double" if dtype.bit_width == 64 else "float"
-    if pa.types.is_integer(dtype):
-        return "bigint" if dtype.bit_width > 32 else "int"
-    if pa.types.is_date(dtype):
+    if t.is_integer(dtype):
+        width = dtype.bit_width + (0 if t.is_signed_integer(dtype) else 1)
+        if width <= 8:
+            return "tinyint"
+        if width <= 16:
+            return "smallint"
+        if width <= 32:
+            return "int"
+        if width <= 64:
+            return "bigint"
+        return "decimal(20,0)"  # uint64: Parquet UINT_64 does not fit a bigint
+    if t.is_date(dtype):
         return "date"
-    if pa.types.is_decimal(dtype):
+    if t.is_decimal(dtype):
         return f"decimal({dtype.precision},{dtype.scale})"
-    return "string"
+    if t.is_string(dtype) or t.is_large_string(dtype) or _is(dtype, "is_string_view"):
+        return "string"
+    if t.is_binary(dtype) or t.is_large_binary(dtype) or t.is_fixed_size_binary(dtype):
+        return "binary"
+    if _is(dtype, "is_binary_view"):
+        return "binary"
+    if (
+        t.is_list(dtype)
+        or t.is_large_list(dtype)
+        or t.is_fixed_size_list(dtype)
+        or _is(dtype, "is_list_view")
+        or _is(dtype, "is_large_list_view")
+    ):
+        return f"array<{hive_type(dtype.value_type)}>"
+    if t.is_map(dtype):
+        return f"map<{hive_type(dtype.key_type)},{hive_type(dtype.item_type)}>"
+    if t.is_struct(dtype):
+        fields = (dtype.field(i) for i in range(dtype.num_fields))
+        return "struct<" + ",".join(f"{_field(f.name)}:{hive_type(f.type)}" for f in fields) + ">"
+    if t.is_null(dtype):
+        return "string"  # a column of nulls only: any type reads it
+    if t.is_duration(dtype):
+        return "bigint"  # Parquet keeps a duration as its integer count of units
+    raise ValueError(f"Arrow type {dtype} has no Athena equivalent in Parquet")
+
+
+def _field(name: str) -> str:
+    """A struct field name as Hive DDL accepts it: plain, or backtick-quoted."""
+    return name if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) else _q(name)
+
+
+def _is(dtype: pa.DataType, check: str) -> bool:
+    """A ``pa.types`` check that older pyarrow versions lack counts as False."""
+    fn = getattr(pa.types, check, None)
+    return bool(fn(dtype)) if fn is not None else False
+
+
+RECORD_ID_FORMAT = (
+    "<device slug>-<instance id>-<first log offset:012d>-<last log offset:012d>[-<part:04d>]:<row>"
+)
+RECORD_ID_EXAMPLE = "edge-01-3f9a2c1b-000000000120-000000000131:7"
+
+
+def record_id_comment(table: str, *, at_least_once: bool, database: str | None = None) -> str:
+    """SQL ``--`` lines saying what ``record_id`` is and how to read each row once."""
+    name = f"{_dq(database)}.{_dq(table)}" if database else _dq(table)
+    lines = [
+        f"-- record_id = {RECORD_ID_FORMAT}",
+        f"--   e.g. {RECORD_ID_EXAMPLE}",
+        "--   unique across the fleet (device slug, the data dir's instance id: README 'Fleet",
+        "--   identity') and the same on every retry and replay: a reader can dedupe on it.",
+    ]
+    if at_least_once:
+        lines += [
+            "-- Delivery is at least once: a retried call can store a row twice. Read each row",
+            f"-- once through the view {_dq(table + '_dedup')} below, or:",
+            f"--   SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY \"record_id\")"
+            f" AS rn FROM {name}) WHERE rn = 1",
+        ]
+    else:
+        lines += [
+            "-- A replayed batch overwrites its own object, so each row is stored once; a query",
+            "-- that also reads another copy (e.g. a Firehose table) keeps one row per id with:",
+            f"--   SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY \"record_id\")"
+            f" AS rn FROM {name}) WHERE rn = 1",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def dedup_view(
+    table: str, columns: Sequence[str], database: str | None = None, order_by: str | None = None
+) -> str:
+    """``CREATE OR REPLACE VIEW <table>_dedup``: one row per ``record_id`` (at-least-once
+    destinations such as Firehose)."""
+    prefix = f"{_dq(database)}." if database else ""
+    select_list = ", ".join(_dq(c) for c in columns)
+    order = f" ORDER BY {_dq(order_by)}" if order_by else ""
+    return (
+        "-- one row per record_id: Firehose may deliver a record twice\n"
+        f"CREATE OR REPLACE VIEW {prefix}{_dq(table + '_dedup')} AS\n"
+        f"SELECT {select_list}\n"
+        "FROM (\n"
+        f"  SELECT *, row_number() OVER (PARTITION BY {_dq('record_id')}{order})"
+        ' AS "record_copy"\n'
+        f"  FROM {prefix}{_dq(table)}\n"
+        ")\n"
+        'WHERE "record_copy" = 1;\n'
+    )
 
 
 def columns_from_schema(schema: pa.Schema) -> dict[str, str]:
@@ -141,7 +248,10 @@ def ddl(
         return "int" if p in _INTEGER_RANGES else "string"
 
     name = f"{_q(database)}.{_q(table)}" if database else _q(table)
-    lines = [f"CREATE EXTERNAL TABLE IF NOT EXISTS {name} ("]
+    lines = []
+    if "record_id" in cols:
+        lines.append(record_id_comment(table, at_least_once=False, database=database).rstrip())
+    lines.append(f"CREATE EXTERNAL TABLE IF NOT EXISTS {name} (")
     lines.append(",\n".join(f"  {_q(n)} {t}" for n, t in data_cols))
     lines.append(")")
     lines.append(
@@ -234,6 +344,9 @@ def ddl_firehose_json(
     cols = dict(columns if columns is not None else READING_COLUMNS)
     cols["ts"] = "string"
     name = f"{_q(database)}.{_q(table)}" if database else _q(table)
+    head = record_id_comment(table, at_least_once=True, database=database) if (
+        "record_id" in cols
+    ) else ""
     props = [
         ("projection.enabled", "true"),
         ("projection.dt.type", "date"),
@@ -243,8 +356,9 @@ def ddl_firehose_json(
         ("projection.dt.interval.unit", "HOURS"),
         ("storage.location.template", root + "${dt}"),
     ]
-    return (
-        f"CREATE EXTERNAL TABLE IF NOT EXISTS {name} (\n"
+    text = (
+        head
+        + f"CREATE EXTERNAL TABLE IF NOT EXISTS {name} (\n"
         + ",\n".join(f"  {_q(n)} {t}" for n, t in cols.items())
         + "\n)\nPARTITIONED BY (`dt` string)\n"
         "ROW FORMAT SERDE 'org.openx.data.jsonserde.JsonSerDe'\n"
@@ -253,6 +367,9 @@ def ddl_firehose_json(
         + ",\n".join(f"  {_s(k)}={_s(v)}" for k, v in props)
         + "\n);\n"
     )
+    if "record_id" in cols:
+        text += "\n" + dedup_view(table, [*cols, "dt"], database, order_by="dt")
+    return text
 
 
 def _get(config: Any, key: str, default: Any = None) -> Any:

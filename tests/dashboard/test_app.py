@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
@@ -47,6 +49,13 @@ def charts(at: AppTest) -> dict[str, pl.DataFrame]:
         assert isinstance(frame, pl.DataFrame)
         out[title] = frame
     return out
+
+
+def health(at: AppTest) -> Any:
+    """The collector health table as shown (a pandas frame indexed by sink)."""
+    tables = [t.value for t in at.table if "last error" in t.value.columns]
+    assert len(tables) == 1
+    return tables[0]
 
 
 def lake_rows(lake: Path) -> pl.DataFrame:
@@ -162,10 +171,10 @@ def test_spool_source_and_collector_health(env: Path) -> None:
         )
     )
     at = run()
-    status = next(d.value for d in at.dataframe if "dead_lettered_rows" in d.value.columns)
-    row = status.iloc[0]
-    assert row["sink"] == "cloud" and row["dropped_rows"] == 3
-    assert row["backlog_files"] == 1 and row["last_error"] == "ServiceUnavailable"
+    status = health(at)
+    row = status.loc["cloud"]
+    assert row["dropped"] == "3 (spool_full: 3)" and row["dead letters"].startswith("1 rows")
+    assert "1 files" in row["backlog"] and row["last error"] == "ServiceUnavailable"
 
     at.radio(key="source_kind").set_value("Spool (not yet uploaded)")
     run(at)
@@ -244,3 +253,64 @@ def test_row_filter_and_its_errors(env: Path, sample_lake: Path) -> None:
     at.text_input(key="where").set_value("value > 3")  # an aggregate lake has no `value`
     run(at)
     assert any("query failed" in e.value for e in at.error)
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 17 item 13
+
+
+def test_freshness_age_is_against_now(env: Path) -> None:
+    before = datetime.now(UTC)
+    at = run()
+    fresh = next(d.value for d in at.dataframe if "age_min" in d.value.columns)
+    least = (before - LAST).total_seconds() / 60  # the sample lake ends at LAST
+    assert (fresh["age_min"] >= math.floor(least)).all(), fresh["age_min"].tolist()
+    assert any("(now)" in c.value for c in at.caption)
+
+
+def test_a_lake_from_the_url_shows_its_own_collector_health(
+    env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (env / "lake").mkdir(parents=True)
+    write_lake(aggregate_table(days=1, gap=None), env / "lake")
+    (env / "status.json").write_text(
+        json.dumps({"pid": 0, "updated_at": 1719792000.0,
+                    "sinks": {"started-sink": {"delivered_rows": 5}}})
+    )
+    monkeypatch.setenv(data.LAKE_ENV, str(env / "lake"))
+    at = run()
+    assert list(health(at).index) == ["started-sink"]  # the started-with lake: its collector
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.query_params["lake"] = str(data.SAMPLE_LAKE)
+    at.run()
+    assert not at.exception
+    assert str(data.SAMPLE_LAKE) in at.caption[0].value
+    assert not [t for t in at.table if "last error" in t.value.columns]  # not ./data's health
+    assert any("No collector data dir goes with this lake" in i.value for i in at.info)
+    assert at.text_input(key="data_dir").value == ""
+
+
+def test_resolution_shown_is_the_data_own_for_a_short_range(env: Path) -> None:
+    at = run()
+    at.selectbox(key="preset").set_value("Last hour")
+    run(at)
+    assert "resolution 1m" in at.caption[0].value  # 1-minute data, not "1s"/"2s" buckets
+    assert charts(at)["pressure (hPa)"].height == 3 * 60
+
+
+@pytest.mark.parametrize("preset", ["Last hour", "Last 24 hours", "All"])
+def test_time_axis_labels_do_not_repeat(env: Path, preset: str) -> None:
+    at = run()
+    at.selectbox(key="preset").set_value(preset)
+    run(at)
+    for chart in at.get("vega_lite_chart"):
+        spec = json.loads(chart.proto.spec)
+        if "layer" not in spec:
+            continue
+        axis = spec["layer"][0]["encoding"]["x"]["axis"]
+        ticks = [datetime.fromisoformat(v) for v in axis["values"]]
+        labels = [t.strftime(axis["format"]) for t in ticks]
+        assert len(labels) >= 2 and len(set(labels)) == len(labels), labels
+        shown = charts(at)
+        first = min(f["ts"].min() for f in shown.values())
+        assert all(first <= t <= LAST for t in ticks)

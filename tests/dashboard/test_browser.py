@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -102,6 +103,21 @@ def test_chart_tiles_and_table_render_in_chromium(
     from playwright.sync_api import sync_playwright
 
     lake_rows = pl.read_parquet(sample_lake / "**" / "*.parquet", hive_partitioning=False)
+    error = (
+        "ClientError: An error occurred (AccessDenied) when calling the PutObject operation: "
+        "User arn:aws:iam::123456789012:user/collector is not authorized to perform "
+        "s3:PutObject on resource arn:aws:s3:::my-sensor-lake/readings/part.parquet"
+    )
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "status.json").write_text(json.dumps({
+        "pid": 0, "updated_at": 1719792000.0,
+        "sinks": {name: {"delivered_rows": 123456, "dropped_rows": {"spool_full": 3, "ttl": 2},
+                         "dead_lettered_rows": 1, "spool_backlog_rows": 1000,
+                         "backlog_files": 4, "backlog_bytes": 123456789,
+                         "oldest_file_age_s": 12.5, "last_success": 1719792000.0,
+                         "last_error": error}
+                  for name in ("cloud", "datalake", "search-index-with-a-long-name")},
+    }))
 
     shot = tmp_path / "dashboard.png"
     with sync_playwright() as p:
@@ -144,6 +160,26 @@ def test_chart_tiles_and_table_render_in_chromium(
             headings = page.locator("h3").all_inner_texts()
             assert {"temperature", "humidity", "pressure"} <= {h.strip() for h in headings}
             page.screenshot(path=str(shot), full_page=True)
+
+            # the health table shows every column of every sink, the error in full: no part
+            # of it is scrolled or clipped away
+            table = page.locator('[data-testid="stTable"]').last
+            table.scroll_into_view_if_needed()
+            text = table.inner_text()
+            for needle in ("last error", "dead letters", "search-index-with-a-long-name",
+                           "123,456", "5 (spool_full: 3, ttl: 2)"):
+                assert needle in text, needle
+            assert text.count(error) == 3 or " ".join(text.split()).count(error) == 3
+            clipped = table.evaluate(
+                """el => [el, ...el.querySelectorAll('*')].some(
+                       e => e.scrollWidth > e.clientWidth + 1
+                            && getComputedStyle(e).overflowX !== 'visible')"""
+            )
+            assert not clipped
+            main = page.locator('[data-testid="stMain"], section.main').first.bounding_box()
+            box = table.bounding_box()
+            assert main is not None and box is not None
+            assert box["x"] + box["width"] <= main["x"] + main["width"] + 1
 
             # the Parquet download runs the export code on click and holds the shown rows
             button = page.get_by_role("button", name="Download PARQUET")

@@ -342,3 +342,92 @@ def test_committed_sample_lake_is_what_the_generator_makes(sample_lake: Path) ->
     assert a.equals(b)
     assert sum(p.stat().st_size for p in committed.rglob("*")) < 2_000_000
     assert not math.isnan(a["mean"].mean() or math.nan)
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 17 item 13: freshness against now, resolution never finer than the data, axis labels
+
+
+def test_freshness_age_is_measured_against_now_not_the_newest_reading(sample_lake: Path) -> None:
+    stats = stats_for(LakeQuery(str(sample_lake), since=DAY3))
+    last = datetime(2024, 6, 3, 23, 59, tzinfo=UTC)
+    now = last + timedelta(minutes=20)  # every collector stopped 20 minutes ago
+    fresh = data.freshness(stats, now=now)
+    assert fresh["age"].to_list() == [timedelta(minutes=20)] * 3
+    later = data.with_age(data.freshness(stats), now + timedelta(hours=1))
+    assert later["age"].to_list() == [timedelta(minutes=80)] * 3
+
+
+@pytest.mark.parametrize(
+    ("span", "want"),
+    [(timedelta(hours=1), timedelta(minutes=1)), (timedelta(minutes=10), timedelta(minutes=1)),
+     (timedelta(days=3), timedelta(minutes=5))],
+)
+def test_resolution_is_never_finer_than_the_data(
+    sample_lake: Path, span: timedelta, want: timedelta
+) -> None:
+    end = datetime(2024, 6, 4, tzinfo=UTC)
+    query = LakeQuery(str(sample_lake), since=end - span, until=end, metrics=("pressure",))
+    stats = stats_for(query)
+    rows, bucket = data.series(stats, start=end - span, end=end)
+    assert bucket == want
+    assert data.format_bucket(bucket) == ("1m" if want == timedelta(minutes=1) else "5m")
+    if want == timedelta(minutes=1):  # as stored: one row per stored row, nothing merged
+        assert rows.height == stats.select(pl.len()).collect().item()
+        assert rows["count"].to_list() == stats.collect().sort("device", "ts")["count"].to_list()
+    assert data.native_step(stats) == timedelta(minutes=1)
+
+
+@pytest.mark.parametrize(
+    ("start", "span"),
+    [
+        (datetime(2024, 6, 3, 12, 0, 3, tzinfo=UTC), timedelta(minutes=4)),
+        (datetime(2024, 6, 3, 12, 0, tzinfo=UTC), timedelta(seconds=20)),
+        (datetime(2024, 6, 3, tzinfo=UTC), timedelta(days=1)),
+        (datetime(2024, 6, 3, 23, 30, tzinfo=UTC), timedelta(hours=1)),
+        (datetime(2023, 12, 31, 18, tzinfo=UTC), timedelta(hours=9)),
+        (datetime(2024, 6, 1, tzinfo=UTC), timedelta(days=3)),
+        (datetime(2024, 5, 1, tzinfo=UTC), timedelta(days=45)),
+        (datetime(2020, 5, 1, tzinfo=UTC), timedelta(days=1500)),
+    ],
+)
+def test_time_axis_labels_never_repeat(start: datetime, span: timedelta) -> None:
+    ticks, fmt = data.time_axis(start, start + span)
+    labels = [t.strftime(fmt) for t in ticks]
+    assert 2 <= len(labels) <= 8
+    assert len(set(labels)) == len(labels), labels
+    assert all(start <= t <= start + span for t in ticks)
+    assert ticks == sorted(ticks)
+
+
+def test_data_dir_goes_with_its_lake(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started = tmp_path / "data"
+    (started / "lake").mkdir(parents=True)
+    other = tmp_path / "data" / "fleet" / "edge-02"
+    (other / "lake").mkdir(parents=True)
+    (other / "status.json").write_text("{}")
+    monkeypatch.setenv(data.LAKE_ENV, str(started / "lake"))
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(started))
+    assert data.data_dir_for(str(started / "lake")) == started
+    assert data.data_dir_for(str(other / "lake")) == other
+    assert data.data_dir_for(str(data.SAMPLE_LAKE)) is None  # no collector wrote it
+    assert data.data_dir_for("s3://bucket/lake") == started
+
+
+def test_health_view_keeps_every_field_in_seven_columns() -> None:
+    error = "AccessDenied: " + "x" * 300
+    table = data.status_table(
+        {"sinks": {"cloud": {"delivered_rows": 1234, "dropped_rows": {"ttl": 2},
+                             "dead_lettered_rows": 1, "spool_backlog_rows": 9,
+                             "backlog_files": 2, "backlog_bytes": 3 * 1024 * 1024,
+                             "oldest_file_age_s": 61.0, "last_error": error}}}
+    )
+    view = data.health_view(table)
+    assert view.columns == ["sink", "backlog", "delivered", "dropped", "dead letters",
+                            "last success (UTC)", "last error"]
+    row = view.row(0, named=True)
+    assert row["backlog"] == "9 rows, 2 files, 3.0 MiB, oldest 61 s"
+    assert row["delivered"] == "1,234" and row["dropped"] == "2 (ttl: 2)"
+    assert row["last error"] == error  # in full

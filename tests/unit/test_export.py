@@ -379,3 +379,74 @@ def test_a_filter_value_the_lake_lacks_says_so(lake: Path, tmp_path: Path) -> No
               "--out", str(out), cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "0 rows" in res.stdout and "mean" in pl.read_parquet(out).columns
+
+
+# ---------------------------------------------------------------------------------------------
+# export from a spool: rows not uploaded yet (issue 17 item 4)
+
+
+def spool_dir(root: Path, lake: Path) -> tuple[Path, pl.DataFrame]:
+    """``<root>/data/spool/bulk`` as the runtime writes it (zstd Arrow IPC streams named by
+    batch id), holding one day of the lake: ready batches, one in flight, a torn file, and a
+    dead letter that is no part of the backlog."""
+    from collector.runtime.log import encode_table
+
+    rows = pl.read_parquet(sorted(lake.rglob("*.parquet")), hive_partitioning=False).filter(
+        (pl.col("ts") >= DAY2) & (pl.col("ts") < DAY2 + timedelta(hours=2))
+    )
+    folder = root / "data" / "spool" / "bulk"
+    (folder / "inflight").mkdir(parents=True)
+    (folder / "dead-letter").mkdir()
+    thirds = [rows.slice(0, 360), rows.slice(360, 360), rows.slice(720)]
+    names = [f"edge-01-3f9a2c1b-{i:012d}-{i:012d}.arrow" for i in (1, 2, 3)]
+    (folder / names[0]).write_bytes(encode_table(thirds[0].to_arrow()))
+    (folder / names[2]).write_bytes(encode_table(thirds[2].to_arrow()))
+    (folder / "inflight" / names[1]).write_bytes(encode_table(thirds[1].to_arrow()))
+    (folder / "edge-01-3f9a2c1b-000000000004-000000000004.arrow").write_bytes(b"ARROW1 torn")
+    pq.write_table(rows.head(7).to_arrow(), folder / "dead-letter" / "x.parquet")
+    (root / "data" / "spool" / "other" / "inflight").mkdir(parents=True)
+    return folder, rows
+
+
+def test_export_reads_a_spool_folder(lake: Path, tmp_path: Path) -> None:
+    folder, rows = spool_dir(tmp_path, lake)
+    res = cli("--lake", str(folder), "--out", str(tmp_path / "all.parquet"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().endswith(f"{rows.height} rows -> {tmp_path / 'all.parquet'}")
+    got = pl.read_parquet(tmp_path / "all.parquet")
+    assert sorted(got["record_id"]) == sorted(rows["record_id"])  # each spooled row once
+    # filters, --where and CSV work as on a lake
+    res = cli("--lake", str(folder), "--device", "edge-02", "--metric", "humidity",
+              "--where", "max > mean", "--out", str(tmp_path / "some.csv"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    want = rows.filter((pl.col("device") == "edge-02") & (pl.col("metric") == "humidity")
+                       & (pl.col("max") > pl.col("mean")))
+    assert sorted(pl.read_csv(tmp_path / "some.csv")["record_id"]) == sorted(want["record_id"])
+    # a typo in a filter says so, for a spool too
+    res = cli("--lake", str(folder), "--device", "edge-9", "--out", str(tmp_path / "n.parquet"),
+              cwd=tmp_path)
+    assert res.returncode == 1 and "matches nothing in the spool" in res.stderr
+    # the parent of the sinks' spools is no lake (its dead letters must not pass for one)
+    res = cli("--lake", str(folder.parent), "--out", str(tmp_path / "p.parquet"), cwd=tmp_path)
+    assert res.returncode == 2
+    assert str(folder) in res.stderr and str(folder.parent / "other") in res.stderr
+    # a spool with nothing waiting: 0 rows, exit 0, the canonical columns
+    res = cli("--lake", str(folder.parent / "other"), "--out", str(tmp_path / "e.parquet"),
+              cwd=tmp_path)
+    assert res.returncode == 0 and res.stdout.startswith("0 rows")
+    assert {"ts", "device", "metric"} <= set(pl.read_parquet(tmp_path / "e.parquet").columns)
+
+
+def test_dashboard_and_export_read_the_spool_with_one_code(lake: Path, tmp_path: Path) -> None:
+    from dashboards import data
+
+    folder, rows = spool_dir(tmp_path, lake)
+    query = LakeQuery(str(folder), devices=("edge-01",))
+    exported = tmp_path / "x.parquet"
+    n = export(query, exported)
+    shown = data.lake_frame(query).collect()
+    assert n == shown.height == rows.filter(pl.col("device") == "edge-01").height
+    paths = data.spool_paths(tmp_path / "data", "bulk")
+    assert [p.parent.name for p in paths] == ["bulk"] * 3 + ["inflight"]
+    assert_same = sorted(data.spool_frame(query, paths).collect()["record_id"])
+    assert assert_same == sorted(pl.read_parquet(exported)["record_id"])
