@@ -268,8 +268,10 @@ class SinkWorker:
                 self.spool.release_if_inflight(item)
                 raise
             except Exception as exc:  # spool I/O (a full disk): the batch stays, retried later
-                self.errors(
-                    logging.ERROR, f"sink {self.name}: delivery step failed: {exc}", exc_info=True
+                self.errors(  # a disk error is the environment, not a bug: no traceback
+                    logging.ERROR,
+                    f"sink {self.name}: delivery step failed: {exc}",
+                    exc_info=not isinstance(exc, OSError),
                 )
                 self.spool.release_if_inflight(item)
                 self._failed(exc)
