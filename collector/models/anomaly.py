@@ -1,9 +1,11 @@
-"""The built-in streaming anomaly detector: rolling z-score or EWMA per series, no training step.
+"""The built-in streaming anomaly detector: robust, z-score or EWMA per series, no training step.
 
 Pure Python (no numpy) so a bare install gets anomaly flags, and every piece of state is a plain
 value (dataclasses of floats and deques) that the runtime's checkpoint codec stores as JSON.
 
-Methods: ``zscore`` compares a reading with the mean and standard deviation of the last
+Methods: ``robust`` (the default; :mod:`collector.models.robust`) compares a reading with a
+median level, learnt daily/weekly profiles and a tail-aware scale over a long history, for real
+sensor series; ``zscore`` compares a reading with the mean and standard deviation of the last
 ``window`` accepted readings (steady signals); ``ewma`` compares it with an exponentially
 weighted level that follows the signal at ``alpha``, and with the spread of past one-step errors
 averaged over about ``window`` readings (drifting signals such as a random walk).
@@ -17,6 +19,14 @@ Three choices make the detector usable on real signals:
   the spread would come from two or three points and flag plain noise.
 - ``confidence`` is ``1 - exp(-| |z| - threshold |)``: near 1 far from the threshold on either
   side, near 0 for readings right at the boundary, which are the ones worth a human look.
+
+On top of the per-reading score sits the **alarm logic**, the same for every method: an event
+opens after ``min_duration`` readings in a row score above ``threshold`` (its first reading
+carries ``alarm``), stays open while the score stays above ``threshold * hysteresis``, and a
+new trigger within ``cooldown`` readings of its end continues the same event (same
+``event_id``, no second alarm). ``prediction`` is 1 for every reading of an open event. With
+``hysteresis: 1``, ``min_duration: 1`` and ``cooldown: 0`` (the zscore/ewma defaults) events are
+exactly the runs of flagged readings.
 """
 
 from __future__ import annotations
@@ -25,9 +35,13 @@ import math
 from collections import deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Literal
 
-Method = Literal["zscore", "ewma"]
+from collector.models.robust import RobustState, hour_of
+
+Method = Literal["robust", "zscore", "ewma"]
+Season = Literal["auto", "day", "week", "none"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +55,17 @@ class DetectorSettings:
     alpha: float = 0.1
     reset_after: int = 10
     min_std: float = 1e-9
+    history: int = 1000
+    """robust: accepted readings the scale (and the long-run median) is taken over."""
+    level_window: int = 5
+    """robust: accepted readings whose median is the local level."""
+    season: Season = "auto"
+    hysteresis: float = 1.0
+    """An open event stays open while the score is above ``threshold * hysteresis``."""
+    min_duration: int = 1
+    spike_threshold: float | None = None
+    """A single reading scoring above this opens an event whatever ``min_duration`` says."""
+    cooldown: int = 0
 
 
 @dataclass
@@ -51,6 +76,9 @@ class Verdict:
     confidence: float
     score: float | None
     window: list[float]
+    alarm: bool | None = None
+    """True on the first reading of an event: the one to notify on."""
+    event_id: str | None = None
 
 
 @dataclass
@@ -71,6 +99,23 @@ class SeriesState:
     streak: int = 0
     raw: deque[float] = field(default_factory=deque)
     """The last ``window`` raw values, anomalies included: the window a verdict came from."""
+    robust: RobustState | None = None
+    events: EventState = field(default_factory=lambda: EventState())
+
+
+@dataclass
+class EventState:
+    """Where a series is in the alarm logic."""
+
+    above: int = 0
+    """Readings in a row above the threshold (while no event is open)."""
+    open: bool = False
+    event_id: str | None = None
+    """The open event, or the last one (continued by a trigger within the cool-down)."""
+    quiet: int = 0
+    """Readings since the last event closed."""
+    closing: bool = False
+    """The reading being scored is the open event's last (a confirmed shift was adopted)."""
 
 
 def confidence_of(z: float, threshold: float) -> float:
@@ -85,44 +130,90 @@ class StreamingDetector:
         self.settings = settings
         self.series: dict[Hashable, SeriesState] = {}
 
-    def score(self, keys: Sequence[Hashable], values: Sequence[float]) -> list[Verdict]:
+    def score(
+        self,
+        keys: Sequence[Hashable],
+        values: Sequence[float],
+        times: Sequence[datetime | None] | None = None,
+    ) -> list[Verdict]:
         """Verdicts for readings given in time order (any mix of series)."""
-        return [self.observe(key, value) for key, value in zip(keys, values, strict=True)]
+        stamps = times if times is not None else [None] * len(values)
+        return [self.observe(k, v, t) for k, v, t in zip(keys, values, stamps, strict=True)]
 
-    def observe(self, key: Hashable, value: float) -> Verdict:
+    def observe(self, key: Hashable, value: float, ts: datetime | None = None) -> Verdict:
         """Score one reading against its series' past, then learn from it unless it is flagged."""
         s = self.settings
         state = self.series.get(key)
         if state is None:
-            state = self.series[key] = SeriesState(
-                accepted=deque(maxlen=s.window), raw=deque(maxlen=s.window)
-            )
+            state = self.series[key] = self._new_state(deque(maxlen=s.window))
         window = [*state.raw, value]
         state.raw.append(value)
+        if s.method == "robust":
+            z = self._robust_z(state, value, ts)
+        else:
+            z = self._classic_z(key, state, value)
+        if z is None:
+            return Verdict(prediction=None, confidence=0.0, score=None, window=window)
+        in_event, alarm, event_id = _alarm_step(self.series[key].events, s, abs(z), key, ts)
+        return Verdict(
+            prediction=1.0 if in_event else 0.0,
+            confidence=confidence_of(z, s.threshold),
+            score=abs(z),
+            window=window,
+            alarm=alarm,
+            event_id=event_id,
+        )
+
+    def _new_state(self, raw: deque[float], events: EventState | None = None) -> SeriesState:
+        s = self.settings
+        state = SeriesState(accepted=deque(maxlen=s.window), raw=raw,
+                            events=events or EventState())
+        if s.method == "robust":
+            state.robust = RobustState.new(s.history, s.level_window, s.season)
+        return state
+
+    def _classic_z(self, key: Hashable, state: SeriesState, value: float) -> float | None:
+        s = self.settings
         if s.method == "zscore":
             warm, mean, std = len(state.accepted) >= s.warmup, *_mean_std(state)
         else:
             warm, mean, std = state.seen >= s.warmup, state.level, _ewm_std(state, s.window)
         if not warm:
             self._learn(state, value)
-            return Verdict(prediction=None, confidence=0.0, score=None, window=window)
+            return None
         z = (value - mean) / max(std, s.min_std)
-        anomalous = abs(z) > s.threshold
-        if anomalous:
+        if abs(z) > s.threshold:
             state.streak += 1
             if state.streak >= s.reset_after:
-                self.series[key] = SeriesState(
-                    accepted=deque(maxlen=s.window), raw=state.raw
-                )
+                self.series[key] = self._new_state(state.raw, state.events)
         else:
             state.streak = 0
             self._learn(state, value)
-        return Verdict(
-            prediction=1.0 if anomalous else 0.0,
-            confidence=confidence_of(z, s.threshold),
-            score=abs(z),
-            window=window,
-        )
+        return z
+
+    def _robust_z(self, state: SeriesState, value: float, ts: datetime | None) -> float | None:
+        s = self.settings
+        r = state.robust
+        assert r is not None
+        hour = hour_of(ts)
+        residual = r.residual(value, hour)
+        r.remember(value, hour)
+        if state.seen < s.warmup or residual is None:
+            state.seen += 1
+            r.learn(value, hour, residual)
+            return None
+        z = residual / r.scale(s.min_std)
+        if abs(z) > s.threshold:
+            state.streak += 1
+            if state.streak >= s.reset_after:
+                r.adopt_shift(state.streak)
+                state.streak = 0
+                state.events.closing = True  # the shift is the new normal: its event ends here
+        else:
+            state.streak = 0
+            state.seen += 1
+            r.learn(value, hour, residual)
+        return z
 
     def _learn(self, state: SeriesState, value: float) -> None:
         if self.settings.method == "ewma":
@@ -151,6 +242,37 @@ class StreamingDetector:
         state.updates += 1
         if state.updates % (state.accepted.maxlen or 1) == 0:
             _resum(state)
+
+
+def _alarm_step(
+    ev: EventState, s: DetectorSettings, score: float, key: Hashable, ts: datetime | None
+) -> tuple[bool, bool, str | None]:
+    """(in an event, raises the alarm, event id) for one scored reading."""
+    if ev.open:
+        if ev.closing:
+            ev.open, ev.closing, ev.quiet = False, False, 0
+            return True, False, ev.event_id
+        if score > s.threshold * s.hysteresis:
+            return True, False, ev.event_id
+        ev.open, ev.quiet = False, 0
+    ev.closing = False
+    ev.above = ev.above + 1 if score > s.threshold else 0
+    spike = s.spike_threshold is not None and score > s.spike_threshold
+    if ev.above < s.min_duration and not spike:
+        ev.quiet += 1
+        return False, False, None
+    ev.open, ev.above = True, 0
+    if ev.event_id is not None and ev.quiet < s.cooldown:
+        return True, False, ev.event_id  # the same event again within the cool-down
+    ev.event_id = event_id_of(key, ts)
+    return True, True, ev.event_id
+
+
+def event_id_of(key: Hashable, ts: datetime | None) -> str:
+    """``device/source/metric@<first reading's time>``: the same on every replay."""
+    parts = key if isinstance(key, tuple) else (key,)
+    when = ts.isoformat().replace("+00:00", "Z") if ts is not None else "?"
+    return "/".join(str(p) for p in parts) + "@" + when
 
 
 def _resum(state: SeriesState) -> None:

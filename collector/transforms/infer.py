@@ -56,29 +56,38 @@ from collector.units import Duration
 
 ROW = "__infer_row"
 _TMP = {"prediction": "__infer_prediction", "confidence": "__infer_confidence",
-        "score": "__infer_score", "window": "__infer_window"}
+        "score": "__infer_score", "window": "__infer_window", "alarm": "__infer_alarm",
+        "event": "__infer_event"}
 _CANONICAL = {"ts", "device", "source", "metric", "value", "unit"}
 
 
 class BuiltinModelConfig(Model):
-    """The built-in streaming anomaly detector: flags readings far from their series' recent past.
+    """The built-in streaming anomaly detector: flags readings far from their series' usual.
 
-    ``prediction`` is 1.0 for an anomaly and 0.0 otherwise, ``score`` is ``|z|`` and
-    ``confidence`` is ``1 - exp(-| |z| - threshold |)``.
+    ``score`` is how far a reading is from what the series makes expected, in robust standard
+    deviations (``|z|`` for zscore/ewma); ``confidence`` is ``1 - exp(-| score - threshold |)``;
+    ``prediction`` is 1.0 for every reading of an anomaly event and 0.0 otherwise; ``alarm`` is
+    true on an event's first reading only, and ``event_id`` names the event on all its readings.
     """
 
     kind: Literal["builtin"] = Field(default="builtin", description="Model kind.")
-    method: Literal["zscore", "ewma"] = Field(
-        default="zscore",
-        description="`zscore`: mean/std of the last `window` readings (steady signals); `ewma`: "
-        "exponentially weighted level and spread (drifting signals, e.g. a random walk).",
+    method: Literal["robust", "zscore", "ewma"] = Field(
+        default="robust",
+        description="`robust`: median level, daily/weekly profiles learnt online and a "
+        "heavy-tail-aware scale over `history` readings (real sensor series); `zscore`: mean/std "
+        "of the last `window` readings (steady, Gaussian signals); `ewma`: exponentially "
+        "weighted level and spread (drifting signals, e.g. a random walk).",
     )
     window: int = Field(
         default=60, ge=2,
         description="zscore: readings in the rolling window; ewma: readings the spread is "
-        "averaged over; both: previous readings kept in `window_column`.",
+        "averaged over; all: previous readings kept in `window_column`.",
     )
-    threshold: float = Field(default=4.0, gt=0, description="Flag when |z| is above this.")
+    threshold: float = Field(
+        default=4.0, gt=0,
+        description="A reading whose score is above this is anomalous (robust: robust standard "
+        "deviations; zscore/ewma: |z|).",
+    )
     warmup: int = Field(
         default=30, ge=2, description="Readings per series before it is scored (null until then)."
     )
@@ -87,7 +96,42 @@ class BuiltinModelConfig(Model):
     )
     reset_after: int = Field(
         default=10, ge=1,
-        description="After this many anomalies in a row, accept the new level and warm up again.",
+        description="After this many anomalies in a row the series has moved for good: accept "
+        "the new level (robust: at once, keeping its scale; zscore/ewma: by warming up again).",
+    )
+    history: int = Field(
+        default=1000, ge=10, le=100_000,
+        description="robust: accepted readings per series the scale and the long-run median "
+        "are taken over (memory per series is about 2 x this many floats).",
+    )
+    level_window: int = Field(
+        default=5, ge=1, le=1000,
+        description="robust: accepted readings whose median is the expected level (small: "
+        "follows drifts and random walks; larger: smoother on noisy steady signals).",
+    )
+    season: Literal["auto", "day", "week", "none"] = Field(
+        default="auto",
+        description="robust: hour-of-day / hour-of-week profiles learnt online (UTC hours); "
+        "`auto` uses whichever the data shows, if any.",
+    )
+    hysteresis: float | None = Field(
+        default=None, gt=0, le=1,
+        description="An open event stays open while the score is above threshold x this "
+        "(default: robust 0.5, zscore/ewma 1).",
+    )
+    min_duration: int | None = Field(
+        default=None, ge=1,
+        description="Readings in a row above threshold before an event opens (default 1).",
+    )
+    spike_threshold: float | None = Field(
+        default=None, gt=0,
+        description="A single reading scoring above this opens an event even when "
+        "`min_duration` asks for more (default: robust 2 x threshold; zscore/ewma: threshold).",
+    )
+    cooldown: int | None = Field(
+        default=None, ge=0,
+        description="A new trigger within this many readings of an event's end continues that "
+        "event: same `event_id`, no new alarm (default: robust 12, zscore/ewma 0).",
     )
 
     @model_validator(mode="after")
@@ -97,10 +141,28 @@ class BuiltinModelConfig(Model):
         return self
 
     def settings(self) -> DetectorSettings:
+        robust = self.method == "robust"
         return DetectorSettings(
             method=self.method, window=self.window, threshold=self.threshold,
             warmup=self.warmup, alpha=self.alpha, reset_after=self.reset_after,
+            history=self.history, level_window=self.level_window, season=self.season,
+            hysteresis=_default(self.hysteresis, ROBUST_HYSTERESIS if robust else 1.0),
+            min_duration=_default(self.min_duration, ROBUST_MIN_DURATION if robust else 1),
+            cooldown=_default(self.cooldown, ROBUST_COOLDOWN if robust else 0),
+            spike_threshold=_default(
+                self.spike_threshold, self.threshold * (ROBUST_SPIKE if robust else 1.0)
+            ),
         )
+
+
+ROBUST_HYSTERESIS = 0.5
+ROBUST_MIN_DURATION = 1
+ROBUST_COOLDOWN = 12
+ROBUST_SPIKE = 2.0
+
+
+def _default(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
 
 def _needs(modules: tuple[str, ...], kind: str) -> None:
@@ -231,6 +293,16 @@ class InferConfig(TransformConfig):
         description="Also add a list column with the raw readings behind each verdict "
         "(for retraining uploads); off by default because it multiplies row size.",
     )
+    alarm_column: str = Field(
+        default="alarm",
+        description="builtin: output column, true on the first reading of an anomaly event "
+        "(route alerts with `where: alarm`), false on others, null when unscored.",
+    )
+    event_column: str = Field(
+        default="event_id",
+        description="builtin: output column naming the event a reading belongs to "
+        "(`device/source/metric@<first ts>`), null outside events.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> InferConfig:
@@ -239,6 +311,8 @@ class InferConfig(TransformConfig):
             raise ValueError("the builtin detector keeps its own window per series: `features` "
                              "takes only `metrics` and `value_column` with it")
         outputs = [self.prediction_column, self.confidence_column, self.score_column]
+        if self.model.kind == "builtin":
+            outputs += [self.alarm_column, self.event_column]
         if self.window_column:
             outputs.append(self.window_column)
         if len(set(outputs)) != len(outputs):
@@ -388,7 +462,8 @@ class InferTransform(Transform):
         scored = candidates.filter(pl.col(v).is_not_null()).sort("ts", maintain_order=True)
         key_cols = [scored[c].to_list() for c in key_columns(scored)]
         keys = list(zip(*key_cols, strict=True)) if key_cols else [()] * scored.height
-        verdicts = self._detector.score(keys, scored[v].cast(pl.Float64).to_list())
+        times = scored["ts"].to_list() if scored.schema["ts"] == pl.Datetime else None
+        verdicts = self._detector.score(keys, scored[v].cast(pl.Float64).to_list(), times)
         windows = None
         if self.config.window_column:
             windows = pl.DataFrame({
@@ -396,7 +471,10 @@ class InferTransform(Transform):
                 _TMP["window"]: pl.Series([vd.window for vd in verdicts],
                                           dtype=pl.List(pl.Float64)),
             })
-        preds = self._frame_of(_outputs_of(verdicts), scored.height)
+        preds = self._frame_of(_outputs_of(verdicts), scored.height).with_columns(
+            pl.Series(_TMP["alarm"], [vd.alarm for vd in verdicts], dtype=pl.Boolean),
+            pl.Series(_TMP["event"], [vd.event_id for vd in verdicts], dtype=pl.String),
+        )
         return self._results(candidates, scored[ROW], preds, windows)
 
     def _score_rows(self, candidates: pl.DataFrame) -> pl.DataFrame:
@@ -497,6 +575,9 @@ class InferTransform(Transform):
             _TMP["confidence"]: pl.Float64(),
             _TMP["score"]: pl.Float64(),
         }
+        if self._detector is not None:
+            schema[_TMP["alarm"]] = pl.Boolean()
+            schema[_TMP["event"]] = pl.String()
         if self.config.window_column:
             schema[_TMP["window"]] = pl.List(pl.Float64())
         return pl.DataFrame(schema=schema)
@@ -517,6 +598,9 @@ class InferTransform(Transform):
             cfg.confidence_column: _TMP["confidence"],
             cfg.score_column: _TMP["score"],
         }
+        if self._detector is not None:
+            targets[cfg.alarm_column] = _TMP["alarm"]
+            targets[cfg.event_column] = _TMP["event"]
         if cfg.window_column:
             targets[cfg.window_column] = _TMP["window"]
         is_candidate = pl.col("__infer_candidate").fill_null(False)

@@ -54,6 +54,7 @@ def recall_fpr(out: pl.DataFrame) -> tuple[float, float, int, int]:
     [
         (["temperature", "vibration"], {"method": "zscore"}),
         (["pressure"], {"method": "ewma", "alpha": 0.5}),
+        (["temperature", "vibration", "pressure"], {}),  # the default: robust
     ],
 )
 def test_finds_injected_anomalies(
@@ -136,3 +137,92 @@ def test_window_column_holds_the_raw_readings(make_ctx: Callable[[str], Context]
         windows = series["window_values"].to_list()
         for i in (0, 5, 49, 50, 110):
             assert windows[i] == values[max(0, i - 50): i + 1]
+
+
+def _series(values: list[float], step_s: int = 3600, metric: str = "t") -> pl.DataFrame:
+    import datetime as dt
+
+    start = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
+    return pl.DataFrame({
+        "ts": [start + dt.timedelta(seconds=step_s * i) for i in range(len(values))],
+        "device": "d1", "source": "s", "metric": metric, "value": values, "unit": None,
+    }).cast({"ts": pl.Datetime("us", "UTC"), "unit": pl.String})
+
+
+def _noise(i: int) -> float:
+    return 0.3 * ((i * 7919) % 13 - 6) / 6
+
+
+def test_one_alarm_per_event_and_cool_down(make_ctx: Callable[[str], Context]) -> None:
+    values = [10.0 + _noise(i) for i in range(300)]
+    for i in [*range(100, 106), *range(109, 112), *range(200, 204)]:
+        values[i] += 20.0  # a 6-reading burst, a relapse 3 readings later, a later burst
+    t = infer(make_ctx("infer"), model={"cooldown": 12})
+    out = run(t, [_series(values).slice(i, 25) for i in range(0, 300, 25)])
+    alarms = out.filter(pl.col("alarm"))
+    assert alarms.height == 2  # the relapse within the cool-down is the same event
+    first, _second = alarms["event_id"].to_list()
+    assert first.startswith("d1/s/t@2024-01-05T04:00:00")
+    events = out.filter(pl.col("event_id").is_not_null())
+    assert events.filter(pl.col("event_id") == first).height == 9  # the burst and the relapse
+    assert (events["prediction"] == 1.0).all()
+    assert out.filter(pl.col("event_id").is_null())["prediction"].drop_nulls().sum() == 0
+    assert out.filter(pl.col("prediction").is_null())["alarm"].null_count() == 30  # warm-up
+
+
+def test_min_duration_ignores_lone_spikes(make_ctx: Callable[[str], Context]) -> None:
+    values = [10.0 + _noise(i) for i in range(200)]
+    values[100] += 5.0  # one reading, moderately high: noise on a real sensor
+    values[150] += 50.0  # one reading, far out: a spike worth an alarm on its own
+    for i in range(170, 175):
+        values[i] += 5.0
+    df = _series(values)
+    plain = run(infer(make_ctx("a")), [df])
+    assert plain["alarm"].sum() == 3
+    quiet = run(infer(make_ctx("b"), model={"min_duration": 2, "spike_threshold": 30}), [df])
+    assert quiet.filter(pl.col("alarm"))["ts"].to_list() == [df["ts"][150], df["ts"][171]]
+
+
+def test_daily_profile_is_learnt_where_the_data_has_one(
+    make_ctx: Callable[[str], Context],
+) -> None:
+    import math
+
+    hours = 24 * 8
+    cycle = [20.0 + 8 * math.sin(2 * math.pi * (i % 24) / 24) + _noise(i) for i in range(hours)]
+    flat = [20.0 + _noise(i) for i in range(hours)]
+    t = infer(make_ctx("infer"))
+    run(t, [pl.concat([_series(cycle, metric="cyc"), _series(flat, metric="flat")]).sort("ts")])
+    assert t._detector is not None
+    in_use = {k[-1]: s.robust.in_use for k, s in t._detector.series.items() if s.robust}
+    assert in_use == {"cyc": "day", "flat": "none"}
+    # With the profile, the last day's hourly swings are not anomalies...
+    later = cycle + [20.0 + 8 * math.sin(2 * math.pi * (i % 24) / 24) for i in range(24)]
+    later[-6] += 10.0  # ...but a reading 10 above its hour's usual is, though within the range
+    out = run(infer(make_ctx("b")), [_series(later)]).tail(24)
+    assert out.filter(pl.col("alarm"))["ts"].to_list() == [out["ts"][-6]]
+
+
+def test_robust_state_survives_a_restart_and_stays_bounded(
+    make_ctx: Callable[[str], Context],
+) -> None:
+    import math
+
+    values = [20.0 + 5 * math.sin(2 * math.pi * (i % 24) / 24) + _noise(i) for i in range(24 * 6)]
+    values[100:110] = [v + 15 for v in values[100:110]]
+    for i in range(120, len(values)):
+        values[i] += 30.0  # a shift for good
+    batches = [_series(values).slice(i, 16) for i in range(0, len(values), 16)]
+    config = {"model": {"history": 40, "reset_after": 4}, "window_column": "window_values"}
+    straight = run(infer(make_ctx("a"), **config), batches)
+
+    first = infer(make_ctx("b"), **config)
+    head = run(first, batches[:5])
+    restored = restart_transform(first, make_ctx("b"))
+    tail = run(restored, batches[5:])
+    assert pl.concat([head, tail]).equals(straight)
+    assert straight.tail(12)["prediction"].sum() == 0  # the shift was adopted
+    assert restored._detector is not None
+    for state in restored._detector.series.values():
+        assert state.robust is not None
+        assert len(state.robust.residuals) <= 40 and len(state.robust.long.ranked) <= 40

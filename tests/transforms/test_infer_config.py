@@ -41,7 +41,7 @@ def test_config_mistakes_are_rejected(config: dict[str, object], message: str) -
 
 def test_defaults_are_the_builtin_detector() -> None:
     cfg = InferConfig.model_validate({"type": "infer"})
-    assert cfg.model.kind == "builtin" and cfg.model.method == "zscore"
+    assert cfg.model.kind == "builtin" and cfg.model.method == "robust"
     assert cfg.reload_every == 30.0
 
 
