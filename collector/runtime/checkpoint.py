@@ -142,17 +142,6 @@ class CheckpointStore:
             os.replace(current, self.dir / PREVIOUS)
         atomic_write(current, lambda tmp: Path(tmp).write_bytes(data))
 
-    def referenced(self) -> set[str]:
-        """Pending files any kept checkpoint may still need."""
-        names: set[str] = set()
-        for path in self.candidates():
-            try:
-                cp = Checkpoint.from_bytes(path.read_bytes())
-                names.update(r.file for r in cp.pending.values())
-            except (OSError, CheckpointError):
-                continue
-        return names
-
     def prune_pending(self, keep: set[str]) -> None:
         for path in self.pending_dir.glob("*.arrows"):
             if path.name not in keep:

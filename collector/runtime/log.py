@@ -98,7 +98,6 @@ class _Rec:
     kind: int
     meta: bytes
     payload: bytes
-    skipped: bool = False
 
 
 @dataclass
@@ -131,7 +130,7 @@ def _parse(fh: io.BufferedReader, skip_below: int) -> _Rec | None:
                 fh.seek(n - _META.size, io.SEEK_CUR)
                 nxt = fh.peek(len(RECORD_MAGIC))[: len(RECORD_MAGIC)]
                 if nxt in (b"", RECORD_MAGIC):
-                    return _Rec(pos, fh.tell(), offset, 0, 0, b"", b"", skipped=True)
+                    return _Rec(pos, fh.tell(), offset, 0, 0, b"", b"")  # below start: not read
         fh.seek(pos + _HEAD.size)  # not skippable after all: read and check it whole
     body = fh.read(n)
     if len(body) < n or zlib.crc32(body) != crc:

@@ -132,8 +132,8 @@ class Runtime:
         self._log_errors = 0
         self._skipped: dict[str, int] = {}
         self.failed_sources: dict[str, str] = {}
-        self._source_logs: dict[str, RepeatedLog] = {}
         """Finite sources that gave up (their reason): `--once` then exits 1."""
+        self._source_logs: dict[str, RepeatedLog] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def _ctx(self, component: str) -> Context:
