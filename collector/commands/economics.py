@@ -133,6 +133,51 @@ def format_estimate(costs: dict[str, Any], name: str = "firehose") -> str:
     )
 
 
+def _sample_batch(
+    sink_config: Any,
+    readings_per_second: float,
+    device: str,
+    source: str,
+    metrics: Sequence[str],
+    unit: str | None,
+    seed: int,
+) -> tuple[Any, float]:
+    """One batch of canonical readings as the runtime would cut it for this sink
+    (``min(batch.max_rows, rate x batch.max_age)`` rows, random values, record ids of the
+    real format), and the readings per day."""
+    import random
+    from datetime import UTC, datetime, timedelta
+
+    import pyarrow as pa
+
+    from collector.runtime.identity import batch_id as make_batch_id
+    from collector.runtime.identity import batch_prefix
+    from collector.schema import READING_SCHEMA, RECORD_ID
+
+    per_day = readings_per_second * SECONDS_PER_DAY
+    batch = sink_config.batch
+    rows = max(1, min(int(batch.max_rows), round(readings_per_second * batch.max_age)))
+    rows = min(rows, max(1, round(per_day)))
+    rnd = random.Random(seed)
+    start = datetime(2024, 1, 1, tzinfo=UTC)
+    batch_id = make_batch_id(batch_prefix(device, "00000000"), 0, rows - 1)
+    table = pa.table(
+        {
+            "ts": [
+                start + timedelta(seconds=i / max(readings_per_second, 1e-9)) for i in range(rows)
+            ],
+            "device": [device] * rows,
+            "source": [source] * rows,
+            "metric": [metrics[i % len(metrics)] for i in range(rows)],
+            "value": [rnd.uniform(0, 30) for _ in range(rows)],
+            "unit": [unit] * rows,
+            RECORD_ID: [f"{batch_id}:{i}" for i in range(rows)],
+        },
+        schema=READING_SCHEMA.append(pa.field(RECORD_ID, pa.string())),
+    )
+    return table, per_day
+
+
 def estimate_sink(
     sink_config: Any,
     readings_per_second: float,
@@ -150,34 +195,12 @@ def estimate_sink(
     packs it with the sink's own packer and settings (``record_target_bytes``,
     ``compression``, call limits), and scales to a day. Same keys as ``firehose_costs``.
     """
-    import random
-    from datetime import UTC, datetime, timedelta
-
-    import pyarrow as pa
-
-    from collector.schema import READING_SCHEMA, RECORD_ID
     from sinks.firehose import calls, ndjson_lines, pack, pack_gzip
 
-    per_day = readings_per_second * SECONDS_PER_DAY
-    batch = sink_config.batch
-    rows = max(1, min(int(batch.max_rows), round(readings_per_second * batch.max_age)))
-    rows = min(rows, max(1, round(per_day)))
-    rnd = random.Random(seed)
-    start = datetime(2024, 1, 1, tzinfo=UTC)
-    batch_id = f"{0:012d}-{rows - 1:012d}"
-    table = pa.table(
-        {
-            "ts": [start + timedelta(seconds=i / max(readings_per_second, 1e-9))
-                   for i in range(rows)],
-            "device": [device] * rows,
-            "source": [source] * rows,
-            "metric": [metrics[i % len(metrics)] for i in range(rows)],
-            "value": [rnd.uniform(0, 30) for _ in range(rows)],
-            "unit": [unit] * rows,
-            RECORD_ID: [f"{batch_id}:{i}" for i in range(rows)],
-        },
-        schema=READING_SCHEMA.append(pa.field(RECORD_ID, pa.string())),
+    table, per_day = _sample_batch(
+        sink_config, readings_per_second, device, source, metrics, unit, seed
     )
+    rows = table.num_rows
     lines = ndjson_lines(table)
     packer = pack_gzip if getattr(sink_config, "compression", "none") == "gzip" else pack
     packed = packer(lines, sink_config.record_target_bytes)
@@ -225,35 +248,13 @@ def estimate_mqtt_sink(
     units per day, packed by the sink's own planner (topic template, format, payload target)
     against the talk's one JSON message per reading. Measured on one batch as the runtime cuts
     it (``min(batch.max_rows, rate x batch.max_age)`` rows), scaled to a day."""
-    import random
-    from datetime import UTC, datetime, timedelta
-
-    import pyarrow as pa
-
-    from collector.schema import READING_SCHEMA, RECORD_ID
     from sinks.firehose import ndjson_lines
     from sinks.mqtt import BASIC_INGEST, metered_units, plan
 
-    per_day = readings_per_second * SECONDS_PER_DAY
-    batch = sink_config.batch
-    rows = max(1, min(int(batch.max_rows), round(readings_per_second * batch.max_age)))
-    rows = min(rows, max(1, round(per_day)))
-    rnd = random.Random(seed)
-    start = datetime(2024, 1, 1, tzinfo=UTC)
-    batch_id = f"{device}-00000000-{0:012d}-{rows - 1:012d}"
-    table = pa.table(
-        {
-            "ts": [start + timedelta(seconds=i / max(readings_per_second, 1e-9))
-                   for i in range(rows)],
-            "device": [device] * rows,
-            "source": [source] * rows,
-            "metric": [metrics[i % len(metrics)] for i in range(rows)],
-            "value": [rnd.uniform(0, 30) for _ in range(rows)],
-            "unit": [unit] * rows,
-            RECORD_ID: [f"{batch_id}:{i}" for i in range(rows)],
-        },
-        schema=READING_SCHEMA.append(pa.field(RECORD_ID, pa.string())),
+    table, per_day = _sample_batch(
+        sink_config, readings_per_second, device, source, metrics, unit, seed
     )
+    rows = table.num_rows
     packed = plan(table, sink_config)
     single = [line.rstrip(b"\n") for line in ndjson_lines(table)]  # one JSON object each
     batches = per_day / rows
