@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,6 +22,46 @@ from sample_data.make_lake import aggregate_table, write_lake
 from sinks._partition import split
 
 RAW_START = datetime(2024, 6, 2, tzinfo=UTC)
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@contextlib.contextmanager
+def streamlit(
+    port: int, env: dict[str, str], log_path: Path, *flags: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`streamlit run dashboards/app.py` from the repo root on ``port``, until it answers its
+    health check; stopped (its whole process group) afterwards."""
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "dashboards/app.py",
+             "--server.port", str(port), "--server.fileWatcherType", "none", *flags],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + 90
+            while True:
+                try:
+                    url = f"http://127.0.0.1:{port}/_stcore/health"
+                    with urllib.request.urlopen(url, timeout=2) as resp:
+                        if resp.read().strip() == b"ok":
+                            break
+                except OSError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"streamlit did not start:\n{log_path.read_text()}")
+                time.sleep(0.2)
+            yield proc
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,6 +13,7 @@ import polars as pl
 import pytest
 
 from dashboards import data
+from tests.dashboard.conftest import streamlit
 
 CHROMIUM = "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,54 +43,9 @@ def dashboard(sample_lake: Path, tmp_path: Path) -> Iterator[str]:
         data.DATA_DIR_ENV: str(tmp_path / "data"),
         "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false",
     }
-    log = (tmp_path / "streamlit.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "streamlit",
-            "run",
-            "dashboards/app.py",
-            "--server.headless",
-            "true",
-            "--server.port",
-            str(port),
-            "--server.address",
-            "127.0.0.1",
-            "--browser.gatherUsageStats",
-            "false",
-            "--server.fileWatcherType",
-            "none",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as resp:
-                    if resp.read().strip() == b"ok":
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                text = (tmp_path / "streamlit.log").read_text()
-                raise RuntimeError(f"streamlit did not start:\n{text}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+    flags = ("--server.headless", "true", "--server.address", "127.0.0.1")
+    with streamlit(port, env, tmp_path / "streamlit.log", *flags):
+        yield f"http://127.0.0.1:{port}"
 
 
 def test_chart_tiles_and_table_render_in_chromium(

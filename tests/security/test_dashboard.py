@@ -9,11 +9,7 @@ refused, and the row-filter box refuses `read_csv` without a byte of the file in
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import subprocess
-import sys
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -24,6 +20,7 @@ import pytest
 
 from dashboards import data
 from sample_data.make_lake import aggregate_table, write_lake
+from tests.dashboard.conftest import streamlit
 
 CHROMIUM = "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,39 +53,9 @@ def started(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, obje
     }
     env.update({data.LAKE_ENV: str(lake), data.DATA_DIR_ENV: str(base / "allowed" / "data")})
     log_path = base / "streamlit.log"
-    log = log_path.open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "dashboards/app.py",
-         "--server.port", str(port), "--server.fileWatcherType", "none"],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as resp:
-                    if resp.read().strip() == b"ok":
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"streamlit did not start:\n{log_path.read_text()}")
-            time.sleep(0.2)
-        yield {"url": url, "port": port, "pid": proc.pid, "outside": outside,
-               "secret": secret, "log": log_path}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+    with streamlit(port, env, log_path) as proc:  # no address flag: the project's config
+        yield {"url": f"http://127.0.0.1:{port}", "port": port, "pid": proc.pid,
+               "outside": outside, "secret": secret, "log": log_path}
 
 
 def test_it_listens_on_loopback_only(started: dict[str, object]) -> None:
