@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -16,7 +15,6 @@ import click
 from collector import redact
 from collector.errors import ConfigError
 from collector.runtime.fsutil import private_files
-from collector.units import parse_duration
 
 EXIT_CONFIG = 2
 EXIT_IO = 1
@@ -154,6 +152,8 @@ def run(
     cfg = _load_or_exit(config_file)
     seconds = None
     if duration:
+        from collector.units import parse_duration
+
         try:
             seconds = parse_duration(duration)
         except ValueError as exc:
@@ -169,6 +169,8 @@ def run(
 
 def _run_loop(main: Any) -> int:
     """asyncio.run without its final wait on executor threads (a hung read would block it)."""
+    import asyncio
+
     loop = asyncio.new_event_loop()
     try:
         return loop.run_until_complete(main)
@@ -218,6 +220,8 @@ async def _run(
     data_dir: Path | None,
     from_start: bool = False,
 ) -> int:
+    import asyncio
+
     from collector import config
     from collector.runtime.runner import Runtime, pid_lock
 

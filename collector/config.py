@@ -30,7 +30,7 @@ import polars as pl
 import yaml
 from pydantic import ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from collector import redact, registry, sqlexpr
+from collector import redact, registry
 from collector.errors import ConfigError, ConfigIssue
 from collector.plugin import (
     Context,
@@ -760,6 +760,8 @@ def _check_dataflow(
                 loc.add(("sinks", i, "partition_by"), str(exc))
         if where is None:
             continue
+        from collector import sqlexpr  # sqlglot: only for a config that has SQL
+
         try:
             expr = sqlexpr.compile_expr(where)
             if frame is not None:

@@ -28,7 +28,6 @@ from collector.runtime.checkpoint import Checkpoint, CheckpointStore, PendingRef
 from collector.runtime.identity import batch_id as make_batch_id
 from collector.runtime.log import Entry, Kind, encode_table
 from collector.schema import RECORD_ID
-from collector.sqlexpr import apply_where, compile_expr
 
 log = logging.getLogger("collector")
 
@@ -66,13 +65,21 @@ class Route:
         self.sink = sink
         self.id_prefix = id_prefix
         self.where = where
-        self.expr = compile_expr(where) if where else None
+        self.expr: pl.Expr | None = None
+        if where:
+            from collector.sqlexpr import compile_expr  # sqlglot: only when SQL is configured
+
+            self.expr = compile_expr(where)
         self.batch = batch
         self.pending = _Pending()
 
     def select(self, df: pl.DataFrame) -> pl.DataFrame:
         """The rows this sink takes (its `where:`)."""
-        return df if self.expr is None else apply_where(df, self.expr)
+        if self.expr is None:
+            return df
+        from collector.sqlexpr import apply_where
+
+        return apply_where(df, self.expr)
 
     def add(self, df: pl.DataFrame, offset: int, wall_us: int) -> None:
         if df.height == 0:

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from collector import redact
 from collector.config import Component, LoadedConfig
@@ -372,6 +371,8 @@ class Runtime:
             "dead_letter_reason",
             pa.array([redact.text(str(exc))] * entry.table.num_rows, pa.string()),
         )
+        import pyarrow.parquet as pq  # only here: most runs never dead-letter
+
         folder = self.data_dir / "dead-letter"
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write(

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.ipc as ipc
-import pyarrow.parquet as pq
 
 from collector import redact
 from collector.plugin import Counters, SpoolConfig
@@ -324,6 +323,8 @@ class Spool:
         table = table.append_column(
             "dead_letter_ts", pa.array([now] * n, pa.timestamp("us", tz="UTC"))
         )
+        import pyarrow.parquet as pq  # only here: most runs never dead-letter
+
         path = self.dead_dir / f"{batch_id}-{time.time_ns()}.parquet"
         atomic_write(path, lambda tmp: pq.write_table(table, str(tmp), compression="zstd"))
         self.counters.inc("dead_letter_rows_total", n, sink=self.sink)

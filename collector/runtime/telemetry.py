@@ -9,19 +9,21 @@ from __future__ import annotations
 import json
 import logging
 import os
+import selectors
+import socket
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
-
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
+from typing import TYPE_CHECKING, Any
 
 from collector.plugin import Counters
+
+if TYPE_CHECKING:
+    from http.server import ThreadingHTTPServer
+
+    from prometheus_client import CollectorRegistry
 
 log = logging.getLogger("collector")
 PREFIX = "edge_collector_"
@@ -66,11 +68,16 @@ class SinkState:
         return self.last_error
 
 
-class _CountersCollector(Collector):
+class _CountersCollector:
+    """The counters and sink states as Prometheus families (prometheus_client's ``Collector``
+    is a Protocol: ``collect()`` is all it asks, so this module imports it only when scraped)."""
+
     def __init__(self, telemetry: Telemetry) -> None:
         self.t = telemetry
 
     def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         by_name: dict[str, list[tuple[dict[str, str], float]]] = {}
         for (name, labels), value in self.t.counters.snapshot():
             by_name.setdefault(name, []).append((dict(labels), value))
@@ -123,9 +130,13 @@ class Telemetry:
         self.sinks: dict[str, SinkState] = {}
         self.pipeline_error: str | None = None
         self.started = time.time()
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_CountersCollector(self))
+        # http.server is imported by serve() (not at all with `telemetry: {enabled: false}`),
+        # prometheus_client by the first /metrics request
+        self.registry: CollectorRegistry | None = None
+        self._registry_lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._wake: tuple[socket.socket, socket.socket] | None = None
         self.port: int | None = None
 
     def health(self) -> tuple[bool, dict[str, Any]]:
@@ -190,13 +201,25 @@ class Telemetry:
 
     # -- HTTP ----------------------------------------------------------------------------------
 
+    def metrics(self) -> bytes:
+        """The Prometheus text exposition of the counters and sink states."""
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        with self._registry_lock:
+            if self.registry is None:
+                self.registry = CollectorRegistry(auto_describe=False)
+                self.registry.register(_CountersCollector(self))
+        return generate_latest(self.registry)
+
     def serve(self, host: str, port: int) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
         telemetry = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 if self.path.startswith("/metrics"):
-                    body, code = generate_latest(telemetry.registry), 200
+                    body, code = telemetry.metrics(), 200
                     ctype = "text/plain; version=0.0.4; charset=utf-8"
                 elif self.path.startswith("/health"):
                     ok, detail = telemetry.health()
@@ -224,13 +247,37 @@ class Telemetry:
             )
             return
         self.port = self._server.server_address[1]
-        threading.Thread(target=self._server.serve_forever, daemon=True, name="telemetry").start()
+        self._wake = socket.socketpair()
+        self._thread = threading.Thread(target=self._serve, daemon=True, name="telemetry")
+        self._thread.start()
         log.info("metrics on http://%s:%s/metrics, health on /health", host, self.port)
+
+    def _serve(self) -> None:
+        """``serve_forever`` without its half-second poll: the thread sleeps until a request
+        comes or close() wakes it, so close() returns at once instead of waiting up to 0.5 s for
+        the next poll (paid by every `collector run --once`), and an idle collector is not woken
+        twice a second."""
+        server, wake = self._server, self._wake
+        assert server is not None and wake is not None
+        with selectors.DefaultSelector() as selector:
+            selector.register(server, selectors.EVENT_READ)
+            selector.register(wake[0], selectors.EVENT_READ)
+            while True:
+                ready = selector.select()
+                if any(key.fileobj is wake[0] for key, _ in ready):
+                    return
+                if ready:
+                    server._handle_request_noblock()  # what serve_forever calls
 
     def close(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
+            assert self._wake is not None and self._thread is not None
+            self._wake[1].send(b"x")
+            self._thread.join()
             self._server.server_close()
+            for end in self._wake:
+                end.close()
+            self._server = self._thread = self._wake = None
 
 
 def read_status(data_dir: Path) -> dict[str, Any]:
