@@ -215,14 +215,15 @@ def gate_expr(sql: str, columns: Iterable[str] | None = None) -> exp.Expression:
     """
     if not isinstance(sql, str) or not sql.strip():
         raise SqlRejected("empty SQL expression")
-    m = _TABLE_FN_RE.search(sql)
+    code = _code_only(sql)
+    m = _TABLE_FN_RE.search(code)
     if m:
         raise SqlRejected(f"table function {m.group(1).lower()}() is not allowed")
-    m = _EXPR_WORDS_RE.search(sql)
+    m = _EXPR_WORDS_RE.search(code)
     if m:
         raise SqlRejected(
-            f"{m.group(1).upper()} is not allowed in an expression (not even inside a string or "
-            "a comment): an expression computes on the row's own columns only"
+            f"{m.group(1).upper()} is not allowed in an expression (not even inside a comment "
+            "or an escaped string): an expression computes on the row's own columns only"
         )
     _check_tokens(sql)
     tree = _parse_one(sql, "expression")
@@ -245,11 +246,12 @@ def gate_query(
     del columns  # accepted for symmetry with gate_expr; Polars resolves names in a query
     if not isinstance(query, str) or not query.strip():
         raise SqlRejected("empty SQL query")
-    m = _TABLE_FN_RE.search(query)
+    code = _code_only(query)
+    m = _TABLE_FN_RE.search(code)
     if m:
         raise SqlRejected(f"table function {m.group(1).lower()}() is not allowed")
     for word in ("table", "values", "copy"):
-        if re.search(rf"\b{word}\b", query, re.IGNORECASE):
+        if re.search(rf"\b{word}\b", code, re.IGNORECASE):
             raise SqlRejected(f"{word.upper()} is not allowed: a query reads the batch `self`")
     _check_tokens(query)
     tree = _parse_one(query, "query")
@@ -258,7 +260,7 @@ def gate_query(
     # The raw text may only say SELECT/WITH as often as the parser saw them: a SELECT hidden
     # from sqlglot in a string or comment could be code to Polars.
     for word, kind in (("select", exp.Select), ("with", exp.With)):
-        said = len(re.findall(rf"\b{word}\b", query, re.IGNORECASE))
+        said = len(re.findall(rf"\b{word}\b", code, re.IGNORECASE))
         seen = sum(1 for _ in tree.find_all(kind))
         if said != seen:
             raise SqlRejected(
@@ -362,6 +364,30 @@ def _name(node: exp.Expression) -> str:
         if isinstance(node, kind):
             return label
     return type(node).__name__
+
+
+def _code_only(sql: str) -> str:
+    """``sql`` with its plain string literals emptied, for the raw-text checks.
+
+    A literal in single quotes with no backslash reads the same to every SQL parser ('' is the
+    only escape), so a word inside it (`site = 'kitchen table'`) is data, not code. Anything
+    else (comments, E'…', $$…$$, a backslash, text that does not tokenize) stays in and is
+    checked word by word.
+    """
+    try:
+        tokens = sqlglot.tokenize(sql, read=DIALECT)
+    except SqlglotError:
+        return sql
+    out, pos = [], 0
+    for tok in tokens:
+        if tok.token_type != TokenType.STRING:
+            continue
+        raw = sql[tok.start : tok.end + 1]
+        if len(raw) >= 2 and raw[0] == raw[-1] == "'" and "\\" not in raw:
+            out.append(sql[pos : tok.start] + "''")
+            pos = tok.end + 1
+    out.append(sql[pos:])
+    return "".join(out)
 
 
 def _check_tokens(sql: str) -> None:

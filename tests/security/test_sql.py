@@ -73,6 +73,8 @@ def expression_attacks(s: dict[str, str]) -> dict[str, str]:
         "copy": f"COPY (SELECT 1) TO '{s['copy_to']}'",
         "stacked": f"value > 1; SELECT * FROM read_csv('{s['csv']}')",
         "comment_smuggle": f"value > 1 /* ) OR metric IN (SELECT * FROM read_csv('{s['csv']}' */",
+        # a parser that takes \' as an escape sees code after it: never read as plain data
+        "escape_smuggle": f"unit = 'x\\' OR metric IN (SELECT * FROM read_csv('{s['csv']}')) --'",
     }
 
 
@@ -316,6 +318,8 @@ LEGIT_EXPRESSIONS = [
     "CAST(value AS INT) > 1 AND value::float < 100 AND sqrt(abs(value)) >= 0",
     "unit = 'm/s' OR substr(metric, 1, 4) = 'temp'",
     "extract(hour FROM ts) >= 0 AND date_part('minute', ts) >= 0",
+    # words of SQL inside plain string literals are data (a tag value, a label)
+    "unit <> 'kitchen table' AND metric <> 'select values with care'",
 ]
 
 
