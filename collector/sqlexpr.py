@@ -215,10 +215,7 @@ def gate_expr(sql: str, columns: Iterable[str] | None = None) -> exp.Expression:
     """
     if not isinstance(sql, str) or not sql.strip():
         raise SqlRejected("empty SQL expression")
-    code = _code_only(sql)
-    m = _TABLE_FN_RE.search(code)
-    if m:
-        raise SqlRejected(f"table function {m.group(1).lower()}() is not allowed")
+    code = _code_without_table_functions(sql)
     m = _EXPR_WORDS_RE.search(code)
     if m:
         raise SqlRejected(
@@ -246,10 +243,7 @@ def gate_query(
     del columns  # accepted for symmetry with gate_expr; Polars resolves names in a query
     if not isinstance(query, str) or not query.strip():
         raise SqlRejected("empty SQL query")
-    code = _code_only(query)
-    m = _TABLE_FN_RE.search(code)
-    if m:
-        raise SqlRejected(f"table function {m.group(1).lower()}() is not allowed")
+    code = _code_without_table_functions(query)
     for word in ("table", "values", "copy"):
         if re.search(rf"\b{word}\b", code, re.IGNORECASE):
             raise SqlRejected(f"{word.upper()} is not allowed: a query reads the batch `self`")
@@ -364,6 +358,15 @@ def _name(node: exp.Expression) -> str:
         if isinstance(node, kind):
             return label
     return type(node).__name__
+
+
+def _code_without_table_functions(sql: str) -> str:
+    """The code of ``sql`` (see ``_code_only``); SqlRejected if it calls a table function."""
+    code = _code_only(sql)
+    m = _TABLE_FN_RE.search(code)
+    if m:
+        raise SqlRejected(f"table function {m.group(1).lower()}() is not allowed")
+    return code
 
 
 def _code_only(sql: str) -> str:
