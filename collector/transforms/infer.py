@@ -5,7 +5,11 @@ ordinary ``where:``: the confident results to the cloud, the doubtful ones (``co
 with their raw readings to an S3 ``retraining/`` prefix.
 
 The model is a built-in streaming anomaly detector (no training, no extra packages), a
-scikit-learn/joblib pickle, an ONNX file, or a Python ``module:function``. Files are hot-swapped:
+scikit-learn/joblib pickle, an ONNX file, an ONNX image classifier (``kind: image``: rows carry
+an image file path, see :mod:`collector.models.image`), or a Python ``module:function``. A
+model file may live in S3 (``path: s3://bucket/key``, see :mod:`collector.models.remote`): it is
+downloaded to ``data_dir/models/`` and its ETag/VersionId checked on the same schedule, so the
+local hot swap below covers both. Files are hot-swapped:
 every ``reload_every`` the file's mtime/size is compared, a changed file is loaded and
 smoke-tested, and a file that fails keeps the previous model running (logged and counted as
 ``model_reload_failures_total``).
@@ -19,13 +23,19 @@ Rules every model kind follows:
   it routes with the doubtful rows and never falls between two complementary ``where:``s.
 - A model that raises on a batch leaves that batch unscored (same rule) and counts
   ``model_errors_total``; the collector keeps running.
+- An image that cannot be read (missing, corrupt, not an image) leaves its row unscored (same
+  rule) and is kept in ``data_dir/dead-letter/<component>.ndjson`` with the reason; the rest of
+  the batch is scored.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
+import tempfile
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import polars as pl
@@ -40,9 +50,9 @@ from collector.models.features import (
     key_columns,
     pivot_frame,
 )
+from collector.models.image import ImageDecodeError, PreprocessConfig, decode
 from collector.models.loaders import (
     EXTRA_HINT,
-    LoadedModel,
     ModelLoadError,
     Outputs,
     Signature,
@@ -50,6 +60,7 @@ from collector.models.loaders import (
     signature,
     watched_path,
 )
+from collector.models.remote import FetchError, RemoteModel, S3Settings, is_remote, split_s3
 from collector.plugin import Context, Model, Transform, TransformConfig
 from collector.sources.python import FUNCTION_PATTERN
 from collector.units import Duration
@@ -57,7 +68,7 @@ from collector.units import Duration
 ROW = "__infer_row"
 _TMP = {"prediction": "__infer_prediction", "confidence": "__infer_confidence",
         "score": "__infer_score", "window": "__infer_window", "alarm": "__infer_alarm",
-        "event": "__infer_event"}
+        "event": "__infer_event", "top": "__infer_top"}
 _CANONICAL = {"ts", "device", "source", "metric", "value", "unit"}
 
 
@@ -173,7 +184,39 @@ def _needs(modules: tuple[str, ...], kind: str) -> None:
                              f"{EXTRA_HINT}")
 
 
-class SklearnModelConfig(Model):
+class FileModelConfig(Model):
+    """Where a model file comes from: a local path, or ``s3://bucket/key`` and how to reach S3.
+
+    The S3 fields are the AWS sinks' (same names, same default credential chain), so a device
+    that uploads with the ``s3`` sink downloads its model the same way.
+    """
+
+    region: str | None = Field(
+        default=None, description="s3:// models: AWS region; default: botocore's chain."
+    )
+    endpoint_url: str | None = Field(
+        default=None,
+        description="s3:// models: endpoint override (moto, MinIO, a VPC endpoint).",
+    )
+    profile: str | None = Field(
+        default=None, description="s3:// models: shared-config profile; default: the default "
+        "credential chain (env, profile, Greengrass token exchange, instance role).",
+    )
+
+    @model_validator(mode="after")
+    def _s3_url(self) -> FileModelConfig:
+        path = getattr(self, "path", "")
+        if is_remote(path):
+            split_s3(path)
+            _needs(("boto3",), "s3:// models (the `aws` extra)")
+        return self
+
+    def s3_settings(self) -> S3Settings:
+        return S3Settings(region=self.region, endpoint_url=self.endpoint_url,
+                          profile=self.profile)
+
+
+class SklearnModelConfig(FileModelConfig):
     """A scikit-learn estimator or pipeline saved with ``joblib.dump``."""
 
     kind: Literal["sklearn"] = Field(description="Model kind.")
@@ -187,15 +230,63 @@ class SklearnModelConfig(Model):
         return self
 
 
-class OnnxModelConfig(Model):
+class OnnxModelConfig(FileModelConfig):
     """An ONNX model with one float input of shape [rows, features]."""
 
     kind: Literal["onnx"] = Field(description="Model kind.")
-    path: str = Field(min_length=1, description="The .onnx file.")
+    path: str = Field(min_length=1, description="The .onnx file, or `s3://bucket/key.onnx`.")
 
     @model_validator(mode="after")
     def _installed(self) -> OnnxModelConfig:
         _needs(("onnxruntime",), "onnx")
+        return self
+
+
+class ImageModelConfig(FileModelConfig):
+    """An ONNX image classifier: each row names an image file, the model labels the image.
+
+    ``prediction`` is the class label (from ``labels``, else the model's own label output, else
+    the class index), ``confidence`` the top-1 probability, and with ``top_k`` a list column of
+    the k best ``{label, confidence}``.
+    """
+
+    kind: Literal["image"] = Field(description="Model kind.")
+    path: str = Field(min_length=1, description="The .onnx file, or `s3://bucket/key.onnx`.")
+    image_column: str = Field(
+        default="path",
+        description="Column holding the image file's absolute path (the `files` source's "
+        "`path`: its copy in the blob store).",
+    )
+    labels: list[str] | None = Field(
+        default=None, min_length=2,
+        description="Class names in the model's output order (default: the model's own label "
+        "output, else the class index).",
+    )
+    top_k: int = Field(
+        default=0, ge=0, le=100,
+        description="Also write the k most likely classes to `top_k_column` (0: off).",
+    )
+    softmax: bool | None = Field(
+        default=None,
+        description="Softmax the class scores (true for logits); default: when they are not "
+        "already probabilities (a negative value, or rows not summing to 1).",
+    )
+    preprocess: PreprocessConfig = Field(
+        default_factory=PreprocessConfig,
+        description="resize, colour, scale, mean/std, layout and dtype of the input tensor.",
+    )
+    image_roots: list[str] | None = Field(
+        default=None, min_length=1,
+        description="Folders images may be read from (image paths come from data, so they "
+        "are confined); default: the collector's data dir, where the blob store lives.",
+    )
+    max_pixels: int = Field(
+        default=50_000_000, gt=0, description="Larger images are refused (decompression bombs)."
+    )
+
+    @model_validator(mode="after")
+    def _installed(self) -> ImageModelConfig:
+        _needs(("onnxruntime", "PIL", "numpy"), "image")
         return self
 
 
@@ -222,11 +313,12 @@ ModelConfig = Annotated[
     Annotated[BuiltinModelConfig, Tag("builtin")]
     | Annotated[SklearnModelConfig, Tag("sklearn")]
     | Annotated[OnnxModelConfig, Tag("onnx")]
+    | Annotated[ImageModelConfig, Tag("image")]
     | Annotated[PythonModelConfig, Tag("python")],
     Discriminator(
         _kind_of,
         custom_error_type="model_kind",
-        custom_error_message="model kind must be one of builtin, sklearn, onnx, python",
+        custom_error_message="model kind must be one of builtin, sklearn, onnx, image, python",
     ),
 ]
 
@@ -269,7 +361,8 @@ class InferConfig(TransformConfig):
     type: Literal["infer"] = Field(default="infer", description="Plugin name.")
     model: ModelConfig = Field(
         default_factory=BuiltinModelConfig,
-        description="`kind: builtin` (default), `sklearn`, `onnx` or `python`, and its options.",
+        description="`kind: builtin` (default), `sklearn`, `onnx`, `image` or `python`, and "
+        "its options.",
     )
     features: FeaturesConfig = Field(
         default_factory=FeaturesConfig, description="How the model input is built."
@@ -303,10 +396,17 @@ class InferConfig(TransformConfig):
         description="builtin: output column naming the event a reading belongs to "
         "(`device/source/metric@<first ts>`), null outside events.",
     )
+    top_k_column: str = Field(
+        default="top_k",
+        description="image with `top_k`: output list column of the k best "
+        "`{label, confidence}`, most likely first.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> InferConfig:
         f = self.features
+        if isinstance(self.model, ImageModelConfig):
+            self._image_defaults()
         if self.model.kind == "builtin" and (f.pivot or f.lags or f.rolling):
             raise ValueError("the builtin detector keeps its own window per series: `features` "
                              "takes only `metrics` and `value_column` with it")
@@ -315,12 +415,30 @@ class InferConfig(TransformConfig):
             outputs += [self.alarm_column, self.event_column]
         if self.window_column:
             outputs.append(self.window_column)
+        if isinstance(self.model, ImageModelConfig) and self.model.top_k:
+            outputs.append(self.top_k_column)
         if len(set(outputs)) != len(outputs):
             raise ValueError(f"output column names must differ: {outputs}")
-        clash = sorted(set(outputs) & (_CANONICAL | {f.value_column}))
+        inputs = {f.value_column}
+        if isinstance(self.model, ImageModelConfig):
+            inputs.add(self.model.image_column)
+        clash = sorted(set(outputs) & (_CANONICAL | inputs))
         if clash:
             raise ValueError(f"output columns {clash} would overwrite the readings")
         return self
+
+    def _image_defaults(self) -> None:
+        """Image rows: the `image` metric by default, string labels, no numeric features."""
+        f = self.features
+        if f.pivot or f.lags or f.rolling or self.window_column:
+            raise ValueError("an image model reads the image file: `features` takes only "
+                             "`metrics` with it, and `window_column` does not apply")
+        if f.metrics is None:
+            f.metrics = ["image"]
+        if "prediction_type" in self.model_fields_set and self.prediction_type != "string":
+            raise ValueError("an image model predicts class labels: `prediction_type` is "
+                             "`string`")
+        self.prediction_type = "string"
 
 
 class InferTransform(Transform):
@@ -345,11 +463,13 @@ class InferTransform(Transform):
             self._detector = StreamingDetector(config.model.settings())
         elif history_length(config.features):
             self._history = FeatureHistory(config.features)
-        self._model: LoadedModel | None = None
+        self._model: Any = None  # LoadedModel, or ImageModel for `kind: image`
         self._loaded_sig: Signature | None = None
         self._failed_sig: Signature | None = None
         self._next_check: datetime | None = None
         self._last_error: str | None = None
+        self._remote: RemoteModel | None = None
+        self._last_fetch_error: str | None = None
 
     # -- model lifecycle ---------------------------------------------------------------------
 
@@ -369,17 +489,70 @@ class InferTransform(Transform):
         """Why the configured model cannot be used, or None (loads it: for `check --deep`)."""
         return validate_model_file(config)
 
+    def _remote_model(self) -> RemoteModel | None:
+        """The S3 object behind ``model.path: s3://…`` (created on first use: no I/O)."""
+        spec = self.config.model
+        if not isinstance(spec, FileModelConfig) or not is_remote(spec.path):
+            return None
+        if self._remote is None:
+            self._remote = RemoteModel(spec.path, self.ctx.data_dir, self.ctx.component,
+                                       spec.s3_settings())
+        return self._remote
+
+    def _local_path(self) -> Path | None:
+        remote = self._remote_model()
+        return remote.local if remote is not None else watched_path(self.config.model)
+
+    def _fetch(self, starting: bool) -> None:
+        """Bring the local copy of an S3 model up to date; S3 trouble never stops the device.
+
+        At start-up with no local copy yet, there is nothing to run on: that is the one case
+        that raises (ModelLoadError). Otherwise a failure is counted and logged (once per
+        distinct reason) and the last good copy keeps serving.
+        """
+        remote = self._remote_model()
+        if remote is None:
+            return
+        try:
+            version = remote.refresh(lambda p: _load(self.config, p, self.ctx.data_dir))
+        except FetchError as exc:
+            self.ctx.counters.inc("model_fetch_failures_total", component=self.ctx.component)
+            message = str(exc)
+            if starting and not remote.local.is_file():
+                raise ModelLoadError(f"cannot download {remote.url} and no earlier copy in "
+                                     f"{remote.local.parent}: {message}") from None
+            if message != self._last_fetch_error:
+                self._log(logging.WARNING, "cannot check %s, running on the last downloaded "
+                          "model %s: %s", remote.url, remote.local, message)
+            self._last_fetch_error = message
+            return
+        except ValueError as exc:
+            self.ctx.counters.inc("model_reload_failures_total", component=self.ctx.component)
+            if starting and not remote.local.is_file():
+                raise ModelLoadError(str(exc)) from None
+            self._log(logging.WARNING, "new model not used, keeping the previous one: %s", exc)
+            return
+        if self._last_fetch_error is not None:
+            self._log(logging.INFO, "%s reachable again", remote.url)
+        self._last_fetch_error = None
+        if version is not None:
+            self.ctx.counters.inc("model_downloads_total", component=self.ctx.component)
+            self._log(logging.INFO, "downloaded %s (%s) to %s", remote.url, version.describe(),
+                      remote.local)
+
     def _load_now(self) -> None:
-        path = watched_path(self.config.model)
+        self._fetch(starting=True)
+        path = self._local_path()
         sig = signature(path) if path else None
-        self._model = _load(self.config)
+        self._model = _load(self.config, self._remote.local if self._remote else None,
+                            self.ctx.data_dir)
         self._loaded_sig = sig
         self._next_check = self._now() + timedelta(seconds=self.config.reload_every or 0)
 
     def _now(self) -> datetime:
         return self.ctx.clock()
 
-    def _model_for_batch(self) -> LoadedModel:
+    def _model_for_batch(self) -> Any:
         if self._model is None:
             try:
                 self._load_now()
@@ -395,14 +568,16 @@ class InferTransform(Transform):
         return self._model
 
     def _maybe_swap(self) -> None:
-        path = watched_path(self.config.model)
+        self._fetch(starting=False)
+        path = self._local_path()
         if path is None:
             return
         sig = signature(path)
         if sig is None or sig in (self._loaded_sig, self._failed_sig):
             return
         try:
-            model = _load(self.config)
+            model = _load(self.config, self._remote.local if self._remote else None,
+                          self.ctx.data_dir)
         except ModelLoadError as exc:
             self._failed_sig = sig
             self.ctx.counters.inc("model_reload_failures_total", component=self.ctx.component)
@@ -419,7 +594,8 @@ class InferTransform(Transform):
     def __getstate__(self) -> dict[str, Any]:
         # A loaded model is not state: it is reloaded from its path after a restart.
         state = super().__getstate__()
-        for name in ("_model", "_loaded_sig", "_failed_sig", "_next_check"):
+        for name in ("_model", "_loaded_sig", "_failed_sig", "_next_check", "_remote",
+                     "_last_fetch_error"):
             state[name] = None
         return state
 
@@ -433,6 +609,8 @@ class InferTransform(Transform):
             results = self._empty_results(frame)
         elif self._detector is not None:
             results = self._score_builtin(candidates)
+        elif isinstance(self.config.model, ImageModelConfig):
+            results = self._score_images(candidates)
         elif self.config.features.pivot:
             results = self._score_pivot(candidates)
         else:
@@ -442,6 +620,8 @@ class InferTransform(Transform):
     def _require_columns(self, df: pl.DataFrame) -> None:
         f = self.config.features
         needed = {"ts", f.value_column}
+        if isinstance(self.config.model, ImageModelConfig):
+            needed = {"ts", self.config.model.image_column}
         if f.metrics or f.pivot:
             needed.add("metric")
         if f.pivot:
@@ -476,6 +656,52 @@ class InferTransform(Transform):
             pl.Series(_TMP["event"], [vd.event_id for vd in verdicts], dtype=pl.String),
         )
         return self._results(candidates, scored[ROW], preds, windows)
+
+    def _score_images(self, candidates: pl.DataFrame) -> pl.DataFrame:
+        """Decode each row's image; unreadable ones are dead-lettered, the rest classified."""
+        spec = self.config.model
+        assert isinstance(spec, ImageModelConfig)
+        model = self._model_for_batch()
+        images: list[Any] = []
+        rows: list[int] = []
+        for row in candidates.iter_rows(named=True):
+            try:
+                images.append(decode(row[spec.image_column], model.plan))
+            except ImageDecodeError as exc:
+                self._reject_image(row, str(exc))
+                continue
+            rows.append(row[ROW])
+        n = len(images)
+        top: list[Any] = []
+        try:
+            result = model.classify(images)
+            outputs = Outputs(prediction=list(result.prediction),
+                              confidence=list(result.confidence))
+            top = [[{"label": lbl, "confidence": p} for lbl, p in pairs]
+                   for pairs in result.top]
+        except Exception as exc:
+            self._model_failed(exc, n)
+            outputs = Outputs(prediction=[None] * n)
+        preds = self._frame_of(outputs, n)
+        if spec.top_k:
+            preds = preds.with_columns(pl.Series(_TMP["top"], top or [None] * n,
+                                                 dtype=_TOP_DTYPE))
+        row_ids = pl.Series(ROW, rows, dtype=candidates.schema[ROW])
+        return self._results(candidates, row_ids, preds, None)
+
+    def _reject_image(self, row: dict[str, Any], reason: str) -> None:
+        """Keep the row of an unreadable image in the dead letter, with the reason."""
+        self.ctx.counters.inc("image_errors_total", component=self.ctx.component)
+        record = {k: v for k, v in row.items() if k != ROW}
+        self.ctx.reject(json.dumps(record, default=str), reason)
+        self._log(logging.WARNING, "image left unscored (dead-lettered): %s", reason)
+
+    def _model_failed(self, exc: Exception, n: int) -> None:
+        self.ctx.counters.inc("model_errors_total", component=self.ctx.component)
+        message = f"{type(exc).__name__}: {exc}"
+        if message != self._last_error:
+            self._log(logging.WARNING, "model failed on %d rows, left unscored: %s", n, message)
+        self._last_error = message
 
     def _score_rows(self, candidates: pl.DataFrame) -> pl.DataFrame:
         spec = self.config.features
@@ -580,7 +806,13 @@ class InferTransform(Transform):
             schema[_TMP["event"]] = pl.String()
         if self.config.window_column:
             schema[_TMP["window"]] = pl.List(pl.Float64())
+        if self._top_k():
+            schema[_TMP["top"]] = _TOP_DTYPE
         return pl.DataFrame(schema=schema)
+
+    def _top_k(self) -> int:
+        spec = self.config.model
+        return spec.top_k if isinstance(spec, ImageModelConfig) else 0
 
     def _merge(self, frame: pl.DataFrame, results: pl.DataFrame) -> pl.DataFrame:
         """Input rows in input order, with the output columns; non-candidates keep old values."""
@@ -603,6 +835,8 @@ class InferTransform(Transform):
             targets[cfg.event_column] = _TMP["event"]
         if cfg.window_column:
             targets[cfg.window_column] = _TMP["window"]
+        if self._top_k():
+            targets[cfg.top_k_column] = _TMP["top"]
         is_candidate = pl.col("__infer_candidate").fill_null(False)
         exprs = []
         for name, tmp in targets.items():
@@ -645,26 +879,66 @@ def _series(values: list[Any] | None, dtype: pl.DataType, n: int | None = None) 
         ) from None
 
 
-def _load(config: InferConfig) -> LoadedModel:
-    """Load and smoke-test the configured model, including the output type conversion."""
+_TOP_DTYPE = pl.List(pl.Struct({"label": pl.String(), "confidence": pl.Float64()}))
+
+
+def _load(config: InferConfig, path: Path | None = None, data_dir: Path | None = None) -> Any:
+    """Load and smoke-test the configured model, including the output type conversion.
+
+    ``path`` replaces ``model.path`` (the local copy of an s3:// model); ``data_dir`` is the
+    default folder image paths are confined to.
+    """
+    spec = config.model
+    if path is not None:
+        spec = spec.model_copy(update={"path": str(path)})
+    if isinstance(spec, ImageModelConfig):
+        return _load_image(spec, data_dir)
+    if isinstance(spec, FileModelConfig) and is_remote(getattr(spec, "path", "")):
+        raise ModelLoadError(f"{spec.path!r} is not downloaded yet")  # type: ignore[attr-defined]
     names = feature_names(config.features)
-    model = load_model(config.model, names)
+    model = load_model(spec, names)
     probe = model.predict(pl.DataFrame({n: [0.0] for n in names}))
     dtype = pl.String() if config.prediction_type == "string" else pl.Float64()
     _series(probe.prediction, dtype)
     return model
 
 
+def _load_image(spec: ImageModelConfig, data_dir: Path | None) -> Any:
+    from collector.models.image import load_image_model
+
+    if is_remote(spec.path):
+        raise ModelLoadError(f"{spec.path!r} is not downloaded yet")
+    roots = [Path(r).expanduser() for r in spec.image_roots] if spec.image_roots else (
+        [data_dir] if data_dir is not None else [])
+    try:
+        return load_image_model(Path(spec.path), spec.preprocess, spec.labels, spec.top_k,
+                                spec.softmax, roots, spec.max_pixels)
+    except ImportError as exc:
+        raise ModelLoadError(f"needs the Python package {exc.name!r}: {EXTRA_HINT}") from None
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
+
+
 def validate_model_file(config: InferConfig) -> str | None:
     """Why the model of an ``infer`` config cannot be loaded, or None when it can.
 
-    This is I/O (it reads and runs the model once), so it is for ``collector check --deep`` and
-    start-up, never for the plain, I/O-free ``collector check``.
+    This is I/O (it reads and runs the model once; an s3:// model is downloaded to a temp
+    folder), so it is for ``collector check --deep`` and start-up, never for the plain, I/O-free
+    ``collector check``.
     """
     if isinstance(config.model, BuiltinModelConfig):
         return None
+    spec = config.model
     try:
-        _load(config)
+        if isinstance(spec, FileModelConfig) and is_remote(getattr(spec, "path", "")):
+            with tempfile.TemporaryDirectory() as tmp:
+                remote = RemoteModel(spec.path, Path(tmp), "check",  # type: ignore[attr-defined]
+                                     spec.s3_settings())
+                remote.refresh(lambda p: _load(config, p, Path(tmp)))
+        else:
+            _load(config)
+    except (FetchError, ValueError) as exc:
+        return str(exc)
     except ModelLoadError as exc:
         return str(exc)
     return None
