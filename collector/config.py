@@ -43,6 +43,7 @@ from collector.plugin import (
     Transform,
     TransformConfig,
 )
+from collector.runtime.blobs import BlobsConfig
 from collector.schema import empty_readings
 from collector.units import MIN_INTERVAL, Duration, Size, format_duration
 
@@ -142,6 +143,10 @@ class CollectorConfig(Model):
     )
     shutdown_timeout: Duration = Field(
         default="5s", description="On SIGTERM, how long sinks may keep draining their spools."
+    )
+    blobs: BlobsConfig = Field(
+        default_factory=BlobsConfig,
+        description="Blob store for files sources take (images): bound and clean-up.",
     )
     sources: list[Any] = Field(min_length=1, description="Where readings come from.")
     transforms: list[Any] = Field(
@@ -708,6 +713,9 @@ def _check_dataflow(
         else:
             tags.update(str(k) for k in raw_tags)
     frame: pl.DataFrame | None = empty_readings(sorted(tags)) if known_columns else None
+    typed = {k: t for c in comps["sources"] for k, t in getattr(c.cls, "extra_schema", {}).items()}
+    if frame is not None and typed:  # a source's own columns with their types (files: bytes)
+        frame = frame.with_columns(pl.lit(None, t).alias(k) for k, t in typed.items())
     ctx = Context(device=device, component="check", data_dir=data_dir)
     by_index = {c.index: c for c in comps["transforms"]}
     raw_transforms = data.get("transforms") if isinstance(data.get("transforms"), list) else []

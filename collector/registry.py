@@ -33,6 +33,7 @@ BUILTIN: dict[str, dict[str, str]] = {
         "modbus": "collector.sources.modbus:ModbusSource",
         "system": "collector.sources.system:SystemSource",
         "mqtt": "collector.sources.mqtt:MqttSource",
+        "files": "collector.sources.files:FilesSource",
     },
     "transforms": {
         "filter": "collector.transforms.filter:FilterTransform",

@@ -28,7 +28,7 @@ from collector import redact
 from collector.config import Component, LoadedConfig
 from collector.errors import TransformError
 from collector.plugin import Context, Counters, Source, Transform
-from collector.runtime import identity, statecodec
+from collector.runtime import blobs, identity, statecodec
 from collector.runtime.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from collector.runtime.delivery import RepeatedLog, SinkWorker
 from collector.runtime.fsutil import atomic_write
@@ -76,6 +76,7 @@ class Runtime:
         self.telemetry = Telemetry(
             self.counters, self.data_dir, s.telemetry.unhealthy_after, log_bytes=self.log.size_bytes
         )
+        self.blobs = blobs.attach(self.data_dir, s.blobs, self.counters)  # before the sources
         self.sources = [(c, c.cls(c.config, self._ctx(c.name))) for c in cfg.sources]
         self.transform_ctx = [self._ctx(c.name) for c in cfg.transforms]
         transforms: list[Transform] = [
@@ -233,15 +234,18 @@ class Runtime:
         """Log what a source returned, with its position; bad rows go to its dead letter."""
         cfg = source.config
         position = src.position() if src is not None else None
+        extra = getattr(src, "extra_schema", None) or {}  # typed columns of its own (files)
         df = normalize(
             data,
             device=self.cfg.settings.device,
             source=source.name,
             now=datetime.now(UTC),
             units=cfg.units,
-            tags=cfg.tags,
+            tags={**cfg.tags, **dict.fromkeys(extra, "")} if extra else cfg.tags,
             reject=src.ctx.reject if src is not None else None,
         )
+        if extra:  # normalize keeps them as text, like tags: give them back their types
+            df = df.with_columns(df.get_column(k).cast(t, strict=False) for k, t in extra.items())
         meta = None
         if position is not None and position != self._logged_positions.get(source.name):
             meta = {"s": source.name, "p": position}
@@ -331,6 +335,7 @@ class Runtime:
         every = self.cfg.settings.log.checkpoint_every
         while True:
             self._new_data.clear()
+            self.blobs.sweep_due(self)  # this thread alone moves rows: a consistent view
             start, end = self.pipeline.offset + 1, self.log.next_offset
             if start < end:
                 try:
