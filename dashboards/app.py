@@ -51,6 +51,8 @@ RESOLUTIONS: dict[str, str | timedelta] = {
     "1 day": timedelta(days=1),
 }
 MAX_TILES = 6
+IMAGE_TILES = 48
+IMAGE_COLUMNS = 8
 
 # ---------------------------------------------------------------------------------------------
 # cached queries (keys: the query, the listing)
@@ -364,6 +366,66 @@ def _metric_section(metric: str, view: dict[str, Any], start: datetime, end: dat
             st.dataframe(exc.drop("metric"), hide_index=True, height=200, key=f"exceed_{metric}")
 
 
+@st.cache_data(show_spinner=False, max_entries=32)
+def _doubtful(
+    query: LakeQuery, key: tuple[Any, ...], files: tuple[LakeFile, ...], threshold: float
+) -> pl.DataFrame | None:
+    lf = data.lake_frame(query, files)
+    if not data.has_images(lf):
+        return None
+    return data.doubtful_images(lf, threshold=threshold, limit=IMAGE_TILES)
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def _thumbnail(path: str | None, stamp: tuple[int, int] | None) -> bytes | None:
+    """Keyed on the file's (mtime, size) too, so a replaced blob is re-read."""
+    return data.image_thumbnail(path)
+
+
+def _stamp(path: str | None) -> tuple[int, int] | None:
+    try:
+        stat = Path(path).stat() if path else None
+    except OSError:
+        return None
+    return (stat.st_mtime_ns, stat.st_size) if stat else None
+
+
+def _doubtful_images(query: LakeQuery, key: tuple[Any, ...], files: tuple[LakeFile, ...]) -> None:
+    """Thumbnails of the images an `infer` image model was least sure about, for review.
+
+    Shown only when the rows carry image verdicts (`confidence` and `path`). The picture comes
+    from the row's `path` when that file is on this machine (the device's blob store); rows
+    from elsewhere, or whose blob was deleted after its upload, show their verdict only.
+    """
+    threshold = float(st.session_state.get("doubt_threshold", 0.6))
+    try:
+        rows = _doubtful(query, key, files, threshold)
+    except (pl.exceptions.PolarsError, ValueError):
+        return
+    if rows is None:
+        return
+    st.subheader("Doubtful images")
+    st.slider("Confidence below", min_value=0.05, max_value=1.0, value=0.6, step=0.05,
+              key="doubt_threshold")
+    if rows.is_empty():
+        st.info(f"No image in this range was classified with confidence below {threshold:.2f}.")
+        return
+    st.caption(f"{rows.height} least confident image(s) below {threshold:.2f}, least sure first.")
+    grid = st.columns(IMAGE_COLUMNS)
+    for i, row in enumerate(rows.iter_rows(named=True)):
+        label = row["prediction"] if row["prediction"] is not None else "unreadable"
+        caption = f"{label} · {row['confidence'] or 0:.2f}"
+        with grid[i % IMAGE_COLUMNS]:
+            stamp = _stamp(row["path"])
+            thumb = _thumbnail(row["path"], stamp) if stamp is not None else None
+            if thumb is not None:
+                st.image(thumb, caption=caption)
+            else:
+                why = "not on this machine" if stamp is None else "cannot be shown"
+                st.markdown(f"**{caption}**")
+                st.caption(f"{row['file'] or row['path']}: image {why}")
+
+
 def _freshness(view: dict[str, Any], now: datetime) -> None:
     st.subheader("Data freshness")
     fresh = (
@@ -540,6 +602,7 @@ def main() -> None:
         f"{view['rows']:,} rows from {len(files)} files"
         f" · resolution {data.format_bucket(view['bucket'])}"
     )
+    _doubtful_images(query, key, tuple(files))
     for metric in chosen["metric"]:
         _metric_section(metric, view, start, end)
     _freshness(view, datetime.now(UTC))

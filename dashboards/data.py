@@ -754,3 +754,105 @@ def load_thresholds(path: Path | None) -> dict[str, Threshold]:
                 high=None if high is None else float(high),
             )
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# doubtful images (rows of an image model in `infer`)
+
+IMAGE_ROWS_SCHEMA: dict[str, pl.DataType] = {
+    "ts": pl.Datetime("us", "UTC"),
+    "device": pl.String(),
+    "prediction": pl.String(),
+    "confidence": pl.Float64(),
+    "path": pl.String(),
+    "file": pl.String(),
+}
+THUMBNAIL = 96
+"""Thumbnail edge in pixels: small pictures (an 8x8 digit) are enlarged to it, crisp."""
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+
+
+def has_images(lf: pl.LazyFrame, image_column: str = "path") -> bool:
+    """True when the rows carry an image model's verdicts: a confidence and an image path."""
+    names = set(lf.collect_schema().names())
+    return {"confidence", image_column} <= names
+
+
+def doubtful_images(
+    lf: pl.LazyFrame, *, threshold: float = 0.6, image_column: str = "path", limit: int = 48
+) -> pl.DataFrame:
+    """Image rows whose confidence is below ``threshold``, least sure first (then newest).
+
+    An unreadable image has confidence 0 and no prediction: it comes first, which is what a
+    reviewer wants. Returns ``IMAGE_ROWS_SCHEMA`` columns (``path`` renamed from
+    ``image_column``), empty when the rows carry no image verdicts.
+    """
+    if not has_images(lf, image_column):
+        return pl.DataFrame(schema=IMAGE_ROWS_SCHEMA)
+    names = set(lf.collect_schema().names())
+
+    def col(name: str, dtype: pl.DataType, source: str | None = None) -> pl.Expr:
+        src = source or name
+        return (pl.col(src).cast(dtype) if src in names else pl.lit(None, dtype)).alias(name)
+
+    return (
+        lf.select(
+            col("ts", pl.Datetime("us", "UTC")),
+            col("device", pl.String()),
+            col("prediction", pl.String()),
+            col("confidence", pl.Float64()),
+            col("path", pl.String(), image_column),
+            col("file", pl.String()),
+        )
+        .filter(pl.col("path").is_not_null()
+                & (pl.col("confidence").fill_null(0.0) < threshold))
+        .sort([pl.col("confidence").fill_null(0.0), "ts"], descending=[False, True],
+              nulls_last=True)
+        .head(limit)
+        .collect()
+    )
+
+
+def image_thumbnail(
+    path: str | None, roots: Sequence[Path] | None = None, *, size: int = THUMBNAIL
+) -> bytes | None:
+    """A PNG thumbnail of the image at ``path`` when it is on this machine, else None.
+
+    The path comes from the data (the blob store of the device that classified it), so it is
+    read only under the dashboard's roots (:func:`allowed_roots`: the lake and the data dir,
+    where the blob store lives), only up to ``MAX_IMAGE_BYTES``, and re-encoded through Pillow:
+    the browser gets a known-good small PNG, never the stored bytes. A blob already deleted
+    after its upload, or a row from another device, simply has no thumbnail.
+    """
+    if not path:
+        return None
+    try:
+        confine(path, roots)
+    except PathRefused:
+        return None
+    file = Path(path)
+    try:
+        if not file.is_absolute() or not file.is_file() or file.stat().st_size > MAX_IMAGE_BYTES:
+            return None
+    except OSError:
+        return None
+    import io
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(file) as img:
+                img.load()
+                thumb = img.convert("RGB")
+        small = max(thumb.width, thumb.height) < size
+        scale = size / max(thumb.width, thumb.height)
+        new = (max(1, round(thumb.width * scale)), max(1, round(thumb.height * scale)))
+        thumb = thumb.resize(new, Image.Resampling.NEAREST if small else Image.Resampling.LANCZOS)
+        out = io.BytesIO()
+        thumb.save(out, format="PNG")
+    except Exception:  # whatever a damaged or hostile file makes Pillow raise: no thumbnail
+        return None
+    return out.getvalue()
