@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    import pyarrow as pa
+    import polars as pl
 
 
 class CollectorError(Exception):
@@ -98,8 +98,8 @@ class PartialWriteError(SinkError):
     dead-letter file with ``reasons`` (one string per rejected row, same order).
     """
 
-    retry_rows: pa.Table | None
-    rejected_rows: pa.Table | None = None
+    retry_rows: pl.DataFrame | None
+    rejected_rows: pl.DataFrame | None = None
     reasons: list[str] = field(default_factory=list)
     message: str = "partial write"
 

@@ -42,9 +42,9 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
+from collector.runtime import spool
 from collector.schema import POLARS_SCHEMA
 from collector.sqlexpr import compile_expr
 from sinks._partition import sanitize
@@ -291,12 +291,10 @@ def scan_files(files: Sequence[LakeFile], query: LakeQuery) -> pl.LazyFrame:
     files = [f for f in files if not f.path.endswith(SPOOL_SUFFIX)]
     frames: list[pl.LazyFrame] = []
     if spooled:
-        table = read_spool([Path(f.path) for f in spooled])
-        if table is not None:
-            frame = pl.from_arrow(table)
-            assert isinstance(frame, pl.DataFrame)
+        frame = read_spool([Path(f.path) for f in spooled])
+        if frame is not None:
             lf = frame.lazy()
-            pred = row_filter(query, table.schema.names)
+            pred = row_filter(query, frame.columns)
             frames.append(lf if pred is None else lf.filter(pred))
     fs, _ = _filesystem(query.root, query.endpoint_url) if files else (None, "")
     groups: dict[pa.Schema, list[str]] = {}
@@ -464,7 +462,7 @@ def spool_files(folder: Path, *, inflight: bool = True) -> list[LakeFile]:
     return list(out.values())
 
 
-def _spool_table(path: Path) -> pa.Table | None:
+def _spool_frame(path: Path) -> pl.DataFrame | None:
     """One spool file, or None when it is gone or cut short (being written, sent, deleted)."""
     others = [path]
     if path.parent.name == INFLIGHT:
@@ -473,20 +471,18 @@ def _spool_table(path: Path) -> pa.Table | None:
         others.append(path.parent / INFLIGHT / path.name)
     for candidate in others:
         try:
-            with pa.OSFile(str(candidate)) as f, ipc.open_stream(f) as reader:
-                return reader.read_all()
+            return spool.read_file(candidate)
         except FileNotFoundError:
             continue
-        except (OSError, pa.ArrowInvalid):
+        except spool.DAMAGED:
             return None
     return None
 
 
-def read_spool(paths: Sequence[Path]) -> pa.Table | None:
-    """The rows of spooled Arrow IPC stream files as one table (schemas unified, missing
-    columns null), None when no file could be read."""
-    tables = [t for t in (_spool_table(Path(p)) for p in paths) if t is not None]
-    if not tables:
+def read_spool(paths: Sequence[Path]) -> pl.DataFrame | None:
+    """The rows of spool files as one frame (schemas unified, missing columns null), None
+    when no file could be read."""
+    frames = [f for f in (_spool_frame(Path(p)) for p in paths) if f is not None]
+    if not frames:
         return None
-    tables = [t.replace_schema_metadata(None) for t in tables]
-    return pa.concat_tables(tables, promote_options="permissive")
+    return pl.concat(frames, how="diagonal_relaxed")

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import polars as pl
-import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from collector.units import Duration, Size
@@ -313,10 +312,19 @@ class Transform(Plugin):
 
 
 class Sink(Plugin):
-    """Delivers Arrow tables; raises the ``SinkError`` kinds, never hides a failure."""
+    """Delivers Polars frames; raises the ``SinkError`` kinds, never hides a failure.
+
+    A batch arrives as a ``pl.DataFrame`` (canonical columns + ``record_id``). A sink whose
+    library wants Arrow converts with ``frame.to_arrow()`` itself, so pyarrow is imported only
+    by the sinks that need it, at their first batch, and never on a device that only keeps a
+    local lake.
+    """
 
     Config: ClassVar[type[SinkConfig]] = SinkConfig
     limits: ClassVar[SinkLimits] = SinkLimits()
+    arrow_batches: ClassVar[bool] = False
+    """True: ``write`` receives a ``pyarrow.Table`` instead, as every sink did before the
+    runtime went Polars end to end; lets a sink plugin written for that contract run unchanged."""
 
     def __init__(self, config: Any, ctx: Context) -> None:
         self.config = config
@@ -325,7 +333,7 @@ class Sink(Plugin):
     async def open(self) -> None:
         """Connect; called once before the first write (errors here are retried)."""
 
-    async def write(self, table: pa.Table, batch_id: str) -> None:
+    async def write(self, frame: pl.DataFrame, batch_id: str) -> None:
         raise NotImplementedError
 
     async def close(self) -> None:

@@ -10,22 +10,13 @@ import json
 import math
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
-import pyarrow as pa
 
-TS_TYPE = pa.timestamp("us", tz="UTC")
-READING_SCHEMA = pa.schema(
-    [
-        pa.field("ts", TS_TYPE, nullable=False),
-        pa.field("device", pa.string(), nullable=False),
-        pa.field("source", pa.string(), nullable=False),
-        pa.field("metric", pa.string(), nullable=False),
-        pa.field("value", pa.float64()),
-        pa.field("unit", pa.string()),
-    ]
-)
+if TYPE_CHECKING:
+    import pyarrow as pa
+
 KEY_COLUMNS = ("device", "source", "metric")
 RECORD_ID = "record_id"
 """Column the runtime adds when it cuts a batch: ``<batch id>:<row>``, stable across retries."""
@@ -233,8 +224,8 @@ def normalize(
     }
     if data is None:
         return rows_to_frame([], **kw)
-    if isinstance(data, pa.Table | pa.RecordBatch):
-        data = pl.from_arrow(data)
+    if hasattr(data, "__arrow_c_stream__") and not isinstance(data, pl.DataFrame):
+        data = pl.DataFrame(data)  # an Arrow table or batch (any library), without pyarrow
     if isinstance(data, pl.DataFrame):
         if "metric" not in data.columns:
             return rows_to_frame(data.to_dicts(), **kw)
@@ -405,3 +396,23 @@ def conform(
             report(_raw(row), _frame_reason(row, mark))
         out = out.filter(~bad)
     return out.drop(flags)
+
+
+def __getattr__(name: str) -> pa.Schema:
+    """``READING_SCHEMA``, the canonical schema as Arrow, built on first use: the runtime works
+    in Polars and must not import pyarrow for it (sinks and tests that speak Arrow use it)."""
+    if name != "READING_SCHEMA":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import pyarrow as pa
+
+    ts = pa.timestamp("us", tz="UTC")
+    return pa.schema(
+        [
+            pa.field("ts", ts, nullable=False),
+            pa.field("device", pa.string(), nullable=False),
+            pa.field("source", pa.string(), nullable=False),
+            pa.field("metric", pa.string(), nullable=False),
+            pa.field("value", pa.float64()),
+            pa.field("unit", pa.string()),
+        ]
+    )

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import polars as pl
-import pyarrow as pa
 import yaml
 
 from collector.config import LoadedConfig, load_text
@@ -48,17 +47,17 @@ class ListSink(Sink):
 
     Config = SinkConfig
     description = "Test sink: keeps batches in memory (collector.testing:ListSink)."
-    received: ClassVar[dict[str, list[tuple[str, pa.Table]]]] = defaultdict(list)
+    received: ClassVar[dict[str, list[tuple[str, pl.DataFrame]]]] = defaultdict(list)
 
-    async def write(self, table: pa.Table, batch_id: str) -> None:
-        self.received[self.ctx.component].append((batch_id, table))
+    async def write(self, frame: pl.DataFrame, batch_id: str) -> None:
+        self.received[self.ctx.component].append((batch_id, frame))
 
     @classmethod
     def rows(cls, name: str) -> pl.DataFrame:
         tables = [t for _, t in cls.received.get(name, [])]
         if not tables:
             return pl.DataFrame()
-        return pl.concat([pl.from_arrow(t) for t in tables], how="diagonal_relaxed")  # type: ignore[misc]
+        return pl.concat(tables, how="diagonal_relaxed")
 
     @classmethod
     def reset(cls) -> None:
@@ -126,7 +125,7 @@ def run_pipeline(
 
     def feed(entry: Entry) -> None:
         for batch in pipeline.process(entry):
-            frame = pl.from_arrow(batch.table)
+            frame = batch.frame
             assert isinstance(frame, pl.DataFrame)
             out[batch.sink].append(frame.with_columns(pl.lit(batch.batch_id).alias("batch_id")))
 
@@ -134,7 +133,7 @@ def run_pipeline(
         clock.t = when
         frame = normalize(data, device=cfg.settings.device, source=source, now=when)
         wall = int(when.timestamp() * 1e6)
-        feed(Entry(offset, Kind.DATA, wall, frame.to_arrow()))
+        feed(Entry(offset, Kind.DATA, wall, frame))
         offset += 1
     feed(Entry(offset, Kind.FLUSH, int(clock.t.timestamp() * 1e6), None))
     return {

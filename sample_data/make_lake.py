@@ -16,8 +16,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from sinks._partition import DEFAULT_PARTITIONS, split
 
@@ -122,10 +122,10 @@ def write_lake(
         batch_id = f"{prefix}-{first:%Y%m%dT%H%M%S}"
         ids = pa.array([f"{batch_id}:{i}" for i in range(rows.num_rows)], pa.string())
         rows = rows.append_column("record_id", ids)
-        for folder, part in split(rows, DEFAULT_PARTITIONS):
+        for folder, part in split(pl.from_arrow(rows), DEFAULT_PARTITIONS):  # type: ignore[arg-type]
             target = root / folder
             target.mkdir(parents=True, exist_ok=True)
-            pq.write_table(part, target / f"part-{batch_id}.parquet", compression="zstd")
+            part.write_parquet(target / f"part-{batch_id}.parquet", compression="zstd")
             files += 1
     return files
 

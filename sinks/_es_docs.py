@@ -12,7 +12,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import polars as pl
-import pyarrow as pa
 
 from collector.schema import RECORD_ID
 from sinks._partition import bound_id
@@ -118,7 +117,7 @@ def index_template(pattern: str, *, data_stream: bool) -> dict[str, Any]:
 @dataclass
 class Actions:
     """The bulk actions of one batch, and rows refused before sending (``rejected``: row ->
-    reason). ``rows[i]`` is the table row of ``actions[i]``; results come back in that order."""
+    reason). ``rows[i]`` is the batch row of ``actions[i]``; results come back in that order."""
 
     actions: list[dict[str, Any]] = field(default_factory=list)
     rows: list[int] = field(default_factory=list)
@@ -163,7 +162,7 @@ def _jsonable(df: pl.DataFrame) -> pl.DataFrame:
 
 
 def build_actions(
-    table: pa.Table,
+    frame: pl.DataFrame,
     *,
     index: str,
     data_stream: str | None,
@@ -174,7 +173,7 @@ def build_actions(
     ``_id`` is the row's ``record_id``, stable across retries, so a replayed batch overwrites
     (index) or is refused as a duplicate (create -> 409, which the sink counts as done).
     """
-    df = pl.from_arrow(table)
+    df = frame
     assert isinstance(df, pl.DataFrame)
     rejected = _non_finite_reasons(df)
     ids = df.get_column(RECORD_ID).to_list() if RECORD_ID in df.columns else None

@@ -14,8 +14,7 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass, field
 
-import pyarrow as pa
-import pyarrow.compute as pc
+import polars as pl
 
 from collector.errors import PartialWriteError, PermanentSinkError, TransientSinkError
 
@@ -46,21 +45,22 @@ class Outcome:
     what: str
     """Who speaks in messages, e.g. ``lake /data/lake`` or ``s3 my-bucket``."""
     written_rows: int = 0
-    retry: list[pa.Array] = field(default_factory=list)
+    retry: list[pl.Series] = field(default_factory=list)
     retry_reasons: list[str] = field(default_factory=list)
-    rejected: list[tuple[pa.Array, str]] = field(default_factory=list)
+    rejected: list[tuple[pl.Series, str]] = field(default_factory=list)
+    """Row numbers in the batch (``sinks._partition.split_indexed`` hands them out)."""
 
-    def written(self, rows: pa.Array) -> None:
+    def written(self, rows: pl.Series) -> None:
         self.written_rows += len(rows)
 
-    def to_retry(self, rows: pa.Array, reason: str) -> None:
+    def to_retry(self, rows: pl.Series, reason: str) -> None:
         self.retry.append(rows)
         self.retry_reasons.append(reason)
 
-    def reject(self, rows: pa.Array, reason: str) -> None:
+    def reject(self, rows: pl.Series, reason: str) -> None:
         self.rejected.append((rows, reason))
 
-    def settle(self, table: pa.Table, batch_id: str) -> None:
+    def settle(self, frame: pl.DataFrame, batch_id: str) -> None:
         """Return if every part landed; else raise what the runtime must do with the rest."""
         if not self.retry and not self.rejected:
             return
@@ -70,11 +70,17 @@ class Outcome:
         reasons_seen = {reason for _, reason in self.rejected}
         if not self.retry and not self.written_rows and len(reasons_seen) == 1:
             raise PermanentSinkError(reasons_seen.pop())  # the whole batch, for one reason
-        retry_rows = _take(table, self.retry)
-        rejected_rows = _take(table, [rows for rows, _ in self.rejected])
-        reasons = [reason for rows, reason in self.rejected for _ in range(len(rows))]
-        n_retry = retry_rows.num_rows if retry_rows is not None else 0
-        n_rejected = rejected_rows.num_rows if rejected_rows is not None else 0
+        retry_rows = _take(frame, self.retry)
+        rejected_rows = _take(frame, [rows for rows, _ in self.rejected])
+        # one reason per rejected row, in the rows' (batch) order
+        reasons = [
+            reason
+            for _, reason in sorted(
+                (int(i), reason) for rows, reason in self.rejected for i in rows
+            )
+        ]
+        n_retry = retry_rows.height if retry_rows is not None else 0
+        n_rejected = rejected_rows.height if rejected_rows is not None else 0
         first = (self.rejected[0][1] if self.rejected else self.retry_reasons[0])[:300]
         raise PartialWriteError(
             retry_rows=retry_rows,
@@ -85,8 +91,8 @@ class Outcome:
         )
 
 
-def _take(table: pa.Table, parts: list[pa.Array]) -> pa.Table | None:
+def _take(frame: pl.DataFrame, parts: list[pl.Series]) -> pl.DataFrame | None:
     if not parts:
         return None
-    rows = pa.concat_arrays([p.cast(pa.int64()) for p in parts])
-    return table.take(pc.take(rows, pc.sort_indices(rows)))  # batch order, for readers
+    rows = pl.concat([p.cast(pl.Int64) for p in parts]).sort()  # batch order, for readers
+    return frame[rows]

@@ -23,7 +23,6 @@ import re
 from collections.abc import Iterator, Sequence
 
 import polars as pl
-import pyarrow as pa
 
 TIME_PARTS = {
     "date": "%Y-%m-%d",
@@ -106,25 +105,24 @@ def validate_partitions(parts: Sequence[str], columns: Sequence[str] | None = No
             )
 
 
-def split(table: pa.Table, parts: Sequence[str]) -> Iterator[tuple[str, pa.Table]]:
+def split(frame: pl.DataFrame, parts: Sequence[str]) -> Iterator[tuple[str, pl.DataFrame]]:
     """(relative folder like ``metric=temperature/date=2024-01-01``, rows) for each partition.
 
     Partition columns stay in the file as well as in the path, so a file read alone is complete.
     """
-    for folder, rows, _ in split_indexed(table, parts):
+    for folder, rows, _ in split_indexed(frame, parts):
         yield folder, rows
 
 
 def split_indexed(
-    table: pa.Table, parts: Sequence[str]
-) -> Iterator[tuple[str, pa.Table, pa.Array]]:
-    """Like :func:`split`, plus the partition's row numbers in ``table``.
+    frame: pl.DataFrame, parts: Sequence[str]
+) -> Iterator[tuple[str, pl.DataFrame, pl.Series]]:
+    """Like :func:`split`, plus the partition's row numbers in ``frame``.
 
-    Sinks hand ``table.take(rows)`` back to the runtime when one partition fails, so the rows
-    that are re-spooled or dead-lettered keep the batch's own schema, not Polars' types.
+    Sinks hand those rows back to the runtime (``sinks._isolate.Outcome``) when one partition
+    fails, so only that partition is re-spooled or dead-lettered. A batch of one partition (the
+    common case: one metric, one day) is handed on whole, without a group-by.
     """
-    df = pl.from_arrow(table)
-    assert isinstance(df, pl.DataFrame)
     keys: list[str] = []
     exprs: list[pl.Expr] = []
     for p in parts:
@@ -134,11 +132,20 @@ def split_indexed(
             exprs.append(pl.col("ts").dt.strftime(TIME_PARTS[p]).alias(key))
         else:
             exprs.append(pl.col(p).cast(pl.String).alias(key))
+    values = frame.select(exprs)
+    if all(values.get_column(k).n_unique() == 1 for k in keys):
+        first = values.row(0)
+        yield _folder(parts, first), frame, pl.int_range(frame.height, eager=True)
+        return
     index = "__part_row"
-    df = df.with_columns(exprs).with_row_index(index)
+    df = pl.concat([frame, values], how="horizontal").with_row_index(index)
     for group_key, group in df.group_by(keys, maintain_order=True):
-        folder = "/".join(
-            f"{p}={sanitize(v)}" for p, v in zip(parts, group_key, strict=True)
+        yield (
+            _folder(parts, group_key),
+            group.drop([*keys, index]),
+            group.get_column(index).cast(pl.Int64),
         )
-        rows = group.get_column(index).cast(pl.Int64).to_arrow()
-        yield folder, group.drop([*keys, index]).to_arrow(), rows
+
+
+def _folder(parts: Sequence[str], values: Sequence[object]) -> str:
+    return "/".join(f"{p}={sanitize(v)}" for p, v in zip(parts, values, strict=True))

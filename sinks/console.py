@@ -7,7 +7,6 @@ import sys
 from typing import Literal
 
 import polars as pl
-import pyarrow as pa
 from pydantic import Field
 
 from collector.plugin import Sink, SinkConfig
@@ -42,9 +41,8 @@ class ConsoleSink(Sink):
 """
     requires = {}
 
-    async def write(self, table: pa.Table, batch_id: str) -> None:
-        df = pl.from_arrow(table)
-        assert isinstance(df, pl.DataFrame)
+    async def write(self, frame: pl.DataFrame, batch_id: str) -> None:
+        df = frame
         if not self.config.record_id and RECORD_ID in df.columns:
             df = df.drop(RECORD_ID)
         if df.is_empty():

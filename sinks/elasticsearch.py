@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-import pyarrow as pa
+import polars as pl
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from collector.errors import PartialWriteError, TransientSinkError
@@ -239,15 +239,15 @@ class ElasticsearchSink(Sink):
             backend, self.backend = self.backend, None
             await backend.close()
 
-    async def write(self, table: pa.Table, batch_id: str) -> None:
-        if table.num_rows == 0:
+    async def write(self, frame: pl.DataFrame, batch_id: str) -> None:
+        if frame.height == 0:
             return
         if self.backend is None:
             await self.open()
         assert self.backend is not None
         cfg = self.config
         built = docs.build_actions(
-            table, index=cfg.index, data_stream=cfg.data_stream, use_record_id=cfg.use_record_id
+            frame, index=cfg.index, data_stream=cfg.data_stream, use_record_id=cfg.use_record_id
         )
         results = await self._bulk(built.actions, batch_id)
         refused = [i for i, result in enumerate(results) if self._refused_whole(*result)]
@@ -257,7 +257,7 @@ class ElasticsearchSink(Sink):
             # so only a document that cannot be indexed even alone is dead-lettered.
             for i in refused:
                 (results[i],) = await self._bulk([built.actions[i]], batch_id, max_docs=1)
-        self._settle(table, batch_id, built, results)
+        self._settle(frame, batch_id, built, results)
 
     async def _bulk(
         self, actions: list[dict[str, Any]], batch_id: str, max_docs: int | None = None
@@ -300,7 +300,7 @@ class ElasticsearchSink(Sink):
 
     def _settle(
         self,
-        table: pa.Table,
+        frame: pl.DataFrame,
         batch_id: str,
         built: docs.Actions,
         results: list[tuple[bool, dict[str, Any]]],
@@ -333,8 +333,8 @@ class ElasticsearchSink(Sink):
             )
         order = sorted(rejected)
         raise PartialWriteError(
-            retry_rows=table.take(retry) if retry else None,
-            rejected_rows=table.take(order) if order else None,
+            retry_rows=frame[retry] if retry else None,
+            rejected_rows=frame[order] if order else None,
             reasons=[rejected[r] for r in order],
             message=f"{self.ctx.component}: batch {batch_id}: {done} indexed, {len(retry)} to "
             f"retry, {len(order)} rejected",

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import polars as pl
-import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
 from collector.errors import PartialWriteError, PermanentSinkError, TransientSinkError
@@ -115,9 +114,9 @@ class FirehoseConfig(_aws.AwsSinkConfig):
         return self
 
 
-def ndjson_lines(table: pa.Table) -> list[bytes]:
+def ndjson_lines(frame: pl.DataFrame) -> list[bytes]:
     """One JSON line per row (``\\n`` included), timestamps as ISO 8601 UTC with ``Z``."""
-    df = pl.from_arrow(table)
+    df = frame
     assert isinstance(df, pl.DataFrame)
     df = df.with_columns(
         pl.col(name)
@@ -133,14 +132,14 @@ def ndjson_lines(table: pa.Table) -> list[bytes]:
     )
     text = df.write_ndjson()
     lines = text.encode().splitlines(keepends=True)
-    if len(lines) != table.num_rows:  # a JSON string never holds a raw newline; be sure
-        raise AssertionError(f"{len(lines)} NDJSON lines for {table.num_rows} rows")
+    if len(lines) != frame.height:  # a JSON string never holds a raw newline; be sure
+        raise AssertionError(f"{len(lines)} NDJSON lines for {frame.height} rows")
     return lines
 
 
 @dataclass(frozen=True)
 class Packed:
-    """A Firehose record: its bytes and the table rows it holds."""
+    """A Firehose record: its bytes and the batch rows it holds."""
 
     data: bytes
     rows: list[int]
@@ -246,12 +245,12 @@ class FirehoseSink(Sink):
             self._stack = None
             self.client = None
 
-    async def write(self, table: pa.Table, batch_id: str) -> None:
-        if table.num_rows == 0:
+    async def write(self, frame: pl.DataFrame, batch_id: str) -> None:
+        if frame.height == 0:
             return
         if self.client is None:
             await self.open()
-        lines = ndjson_lines(table)
+        lines = ndjson_lines(frame)
         too_big = [i for i, line in enumerate(lines) if len(line) > MAX_RECORD_BYTES]
         rejected = list(too_big)
         why = [f"NDJSON line larger than {MAX_RECORD_BYTES} bytes"] * len(too_big)
@@ -291,8 +290,8 @@ class FirehoseSink(Sink):
         if not retry and not rejected:
             return
         raise PartialWriteError(
-            retry_rows=table.take(sorted(retry)) if retry else None,
-            rejected_rows=table.take(rejected) if rejected else None,
+            retry_rows=frame[sorted(retry)] if retry else None,
+            rejected_rows=frame[rejected] if rejected else None,
             reasons=why,
             message=f"firehose {self.config.stream}: {len(retry)} rows to retry, "
             f"{len(rejected)} rejected" + (f" ({'; '.join(sorted(set(reasons))[:3])})"

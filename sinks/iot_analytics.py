@@ -13,7 +13,7 @@ import base64
 import json
 from typing import Any, ClassVar
 
-import pyarrow as pa
+import polars as pl
 from pydantic import Field
 
 from collector.errors import PartialWriteError, PermanentSinkError, TransientSinkError
@@ -115,18 +115,18 @@ class IotAnalyticsSink(Sink):
         SigV4Auth(frozen, SIGNING_NAME, self.region).add_auth(request)
         return dict(request.headers.items())
 
-    async def write(self, table: pa.Table, batch_id: str) -> None:
-        if table.num_rows == 0:
+    async def write(self, frame: pl.DataFrame, batch_id: str) -> None:
+        if frame.height == 0:
             return
         if self._http is None:
             await self.open()
-        lines = ndjson_lines(table)
+        lines = ndjson_lines(frame)
         ids = [
             bound_id(str(raw), MAX_MESSAGE_ID)
             for raw in (
-                table.column("record_id").to_pylist()
-                if "record_id" in table.column_names
-                else [f"{batch_id}:{i}" for i in range(table.num_rows)]
+                frame.get_column("record_id").to_list()
+                if "record_id" in frame.columns
+                else [f"{batch_id}:{i}" for i in range(frame.height)]
             )
         ]
         too_big = [i for i, line in enumerate(lines) if len(line) > MAX_PAYLOAD_BYTES]
@@ -158,8 +158,8 @@ class IotAnalyticsSink(Sink):
         if not retry and not rejected:
             return
         raise PartialWriteError(
-            retry_rows=table.take(sorted(retry)) if retry else None,
-            rejected_rows=table.take(rejected) if rejected else None,
+            retry_rows=frame[sorted(retry)] if retry else None,
+            rejected_rows=frame[rejected] if rejected else None,
             reasons=reasons,
             message=f"iot_analytics {self.config.channel}: {len(retry)} rows to retry, "
             f"{len(rejected)} rejected",

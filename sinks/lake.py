@@ -17,8 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+import polars as pl
 from pydantic import Field, field_validator
 
 from collector.errors import PermanentSinkError, TransientSinkError
@@ -104,29 +103,29 @@ class LakeSink(Sink):
             for folder in missing:
                 os.chmod(folder, modes[1])
 
-    async def write(self, table: pa.Table, batch_id: str) -> None:
-        if table.num_rows == 0:
+    async def write(self, frame: pl.DataFrame, batch_id: str) -> None:
+        if frame.height == 0:
             return
         try:
-            validate_partitions(self.config.partition_by, table.column_names)
+            validate_partitions(self.config.partition_by, frame.columns)
         except ValueError as exc:
             raise PermanentSinkError(f"lake: {exc}") from None
-        if "ts" not in table.column_names and any(
-            p not in table.column_names for p in self.config.partition_by
+        if "ts" not in frame.columns and any(
+            p not in frame.columns for p in self.config.partition_by
         ):
             raise PermanentSinkError("lake: time partitions need a `ts` column")
         try:
-            outcome = await asyncio.to_thread(self._write, table, batch_id)
+            outcome = await asyncio.to_thread(self._write, frame, batch_id)
         except OSError as exc:  # the root itself: nothing was written
             raise TransientSinkError(f"lake: cannot write under {self.root}: {exc}") from exc
-        outcome.settle(table, batch_id)
+        outcome.settle(frame, batch_id)
 
-    def _write(self, table: pa.Table, batch_id: str) -> Outcome:
+    def _write(self, frame: pl.DataFrame, batch_id: str) -> Outcome:
         """Write every partition it can; what happened to each is in the returned Outcome."""
         self.root.mkdir(parents=True, exist_ok=True)
         name = part_name(batch_id)
         outcome = Outcome(f"lake {self.root}")
-        for folder, rows, index in split_indexed(table, self.config.partition_by):
+        for folder, rows, index in split_indexed(frame, self.config.partition_by):
             target = (self.root / folder).resolve()
             if not target.is_relative_to(self.root):  # sanitize() makes this unreachable
                 outcome.reject(index, f"lake: partition {folder!r} escapes {self.root}")
@@ -139,7 +138,7 @@ class LakeSink(Sink):
                     outcome.reject(index, reason + " (retrying cannot fix this)")
                 else:
                     outcome.to_retry(index, reason)
-            except (pa.ArrowException, ValueError, TypeError) as exc:  # data Parquet refuses
+            except (pl.exceptions.PolarsError, ValueError, TypeError) as exc:  # Parquet refuses
                 outcome.reject(index, f"lake: cannot encode {folder}: {type(exc).__name__}: {exc}")
             else:
                 outcome.written(index)
@@ -152,7 +151,7 @@ class LakeSink(Sink):
             return None
         return 0o666 & ~umask, 0o777 & ~umask
 
-    def _write_file(self, target: Path, name: str, rows: pa.Table) -> None:
+    def _write_file(self, target: Path, name: str, rows: pl.DataFrame) -> None:
         created = not target.exists()
         modes = self._modes()
         if created:
@@ -162,7 +161,7 @@ class LakeSink(Sink):
             options["compression_level"] = self.config.compression_level
 
         def write(tmp: Path) -> None:
-            pq.write_table(rows, str(tmp), **options)
+            rows.write_parquet(tmp, **options)
             if modes is not None:
                 os.chmod(tmp, modes[0])
 

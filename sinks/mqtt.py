@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-import pyarrow as pa
+import polars as pl
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 from collector.errors import PartialWriteError, TransientSinkError
@@ -293,26 +293,26 @@ def metered_units(payload_bytes: int, increment: int = METERING_INCREMENT) -> in
     return max(1, -(-payload_bytes // increment))
 
 
-def topics(table: pa.Table, template: str) -> tuple[list[str | None], str | None]:
+def topics(frame: pl.DataFrame, template: str) -> tuple[list[str | None], str | None]:
     """Each row's topic (values with `/`, `+`, `#`, NUL made `_`, null or empty as `_`), or
-    all None and the reason when the template names a column the table lacks."""
+    all None and the reason when the template names a column the batch lacks."""
     fields = template_fields(template)
-    missing = sorted(set(fields) - set(table.column_names))
+    missing = sorted(set(fields) - set(frame.columns))
     if missing:
-        return [None] * table.num_rows, (
+        return [None] * frame.height, (
             f"topic {template!r} names column(s) {', '.join(missing)} the rows do not have"
         )
     if not fields:
-        return [template.replace("{{", "{").replace("}}", "}")] * table.num_rows, None
+        return [template.replace("{{", "{").replace("}}", "}")] * frame.height, None
     cols = {
         name: [
             _UNSAFE.sub("_", str(v)) if v is not None and str(v) != "" else "_"
-            for v in table.column(name).to_pylist()
+            for v in frame.get_column(name).to_list()
         ]
         for name in set(fields)
     }
     return [
-        template.format_map({name: cols[name][i] for name in cols}) for i in range(table.num_rows)
+        template.format_map({name: cols[name][i] for name in cols}) for i in range(frame.height)
     ], None
 
 
@@ -323,12 +323,12 @@ def encode(lines: Sequence[bytes], fmt: str) -> bytes:
     return b"".join(lines)
 
 
-def plan(table: pa.Table, config: MqttSinkConfig) -> Plan:
-    """Pack ``table`` into messages: per topic (first appearance order), rows in order,
+def plan(frame: pl.DataFrame, config: MqttSinkConfig) -> Plan:
+    """Pack ``frame`` into messages: per topic (first appearance order), rows in order,
     greedily up to ``payload_target_bytes``. Rows without a valid topic, or whose reading alone
     is over ``max_payload_bytes``, are rejected."""
-    lines = ndjson_lines(table)
-    row_topics, why = topics(table, config.topic)
+    lines = ndjson_lines(frame)
+    row_topics, why = topics(frame, config.topic)
     limit = IOT_MAX_TOPIC_BYTES if config.iot_core else MQTT_MAX_TOPIC_BYTES
     extra = 1 if config.format == "json" else 0  # "[…]" replaces the newlines with commas
     rejected: list[int] = []
@@ -554,11 +554,11 @@ class MqttSink(Sink):
 
     # -- writing ---------------------------------------------------------------------------
 
-    async def write(self, table: pa.Table, batch_id: str) -> None:
-        if table.num_rows == 0:
+    async def write(self, frame: pl.DataFrame, batch_id: str) -> None:
+        if frame.height == 0:
             return
         cfg = self.config
-        p = plan(table, cfg)
+        p = plan(frame, cfg)
         if p.messages:
             await self._connect()
         outcomes = await self._publish(p.messages) if p.messages else []
@@ -589,8 +589,8 @@ class MqttSink(Sink):
             raise TransientSinkError(retry_why[0])  # nothing landed: the batch stays as is
         order = sorted(range(len(rejected)), key=rejected.__getitem__)
         raise PartialWriteError(
-            retry_rows=table.take(sorted(retry)) if retry else None,
-            rejected_rows=table.take([rejected[i] for i in order]) if rejected else None,
+            retry_rows=frame[sorted(retry)] if retry else None,
+            rejected_rows=frame[[rejected[i] for i in order]] if rejected else None,
             reasons=[why[i] for i in order],
             message=f"{self.where}: {len(retry)} rows to retry, {len(rejected)} rejected"
             + (f" ({'; '.join(sorted(set(retry_why + why))[:3])})" if retry_why or why else ""),

@@ -17,6 +17,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import polars as pl
+
 MAX_RECORDS_PER_CALL = 500
 MAX_REQUEST_BYTES = 4 * 1024**2
 BILLING_INCREMENT = 5 * 1024
@@ -141,18 +143,16 @@ def _sample_batch(
     metrics: Sequence[str],
     unit: str | None,
     seed: int,
-) -> tuple[Any, float]:
+) -> tuple[pl.DataFrame, float]:
     """One batch of canonical readings as the runtime would cut it for this sink
     (``min(batch.max_rows, rate x batch.max_age)`` rows, random values, record ids of the
     real format), and the readings per day."""
     import random
     from datetime import UTC, datetime, timedelta
 
-    import pyarrow as pa
-
     from collector.runtime.identity import batch_id as make_batch_id
     from collector.runtime.identity import batch_prefix
-    from collector.schema import READING_SCHEMA, RECORD_ID
+    from collector.schema import POLARS_SCHEMA, RECORD_ID
 
     per_day = readings_per_second * SECONDS_PER_DAY
     batch = sink_config.batch
@@ -161,7 +161,7 @@ def _sample_batch(
     rnd = random.Random(seed)
     start = datetime(2024, 1, 1, tzinfo=UTC)
     batch_id = make_batch_id(batch_prefix(device, "00000000"), 0, rows - 1)
-    table = pa.table(
+    table = pl.DataFrame(
         {
             "ts": [
                 start + timedelta(seconds=i / max(readings_per_second, 1e-9)) for i in range(rows)
@@ -173,7 +173,7 @@ def _sample_batch(
             "unit": [unit] * rows,
             RECORD_ID: [f"{batch_id}:{i}" for i in range(rows)],
         },
-        schema=READING_SCHEMA.append(pa.field(RECORD_ID, pa.string())),
+        schema={**POLARS_SCHEMA, RECORD_ID: pl.String},
     )
     return table, per_day
 
@@ -200,7 +200,7 @@ def estimate_sink(
     table, per_day = _sample_batch(
         sink_config, readings_per_second, device, source, metrics, unit, seed
     )
-    rows = table.num_rows
+    rows = table.height
     lines = ndjson_lines(table)
     packer = pack_gzip if getattr(sink_config, "compression", "none") == "gzip" else pack
     packed = packer(lines, sink_config.record_target_bytes)
@@ -254,7 +254,7 @@ def estimate_mqtt_sink(
     table, per_day = _sample_batch(
         sink_config, readings_per_second, device, source, metrics, unit, seed
     )
-    rows = table.num_rows
+    rows = table.height
     packed = plan(table, sink_config)
     single = [line.rstrip(b"\n") for line in ndjson_lines(table)]  # one JSON object each
     batches = per_day / rows

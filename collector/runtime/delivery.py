@@ -26,7 +26,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-import pyarrow as pa
+import polars as pl
 
 from collector import redact
 from collector.config import Component
@@ -280,18 +280,20 @@ class SinkWorker:
                 opened = await self._reopen()
 
     async def _send(self, item: SpoolItem) -> None:
-        table = self.spool.read(item)
+        frame = self.spool.read(item)
         t0 = time.monotonic()
         try:
             await self._call(
                 f"write {item.batch_id}",
-                self.sink.write(table, item.batch_id),
+                self.sink.write(
+                    frame.to_arrow() if self.sink.arrow_batches else frame, item.batch_id
+                ),
                 call_deadline(self.sink, item.nbytes),
             )
         except PartialWriteError as exc:
-            self._partial(item, table, exc, t0)
+            self._partial(item, frame, exc, t0)
         except PermanentSinkError as exc:
-            self.spool.dead_letter(table, str(exc), item.batch_id)
+            self.spool.dead_letter(frame, str(exc), item.batch_id)
             self.spool.done(item, delivered_rows=0)
             self.errors(
                 logging.ERROR, f"sink {self.name} rejected batch {item.batch_id} for good: {exc}"
@@ -300,7 +302,7 @@ class SinkWorker:
             raise
         except Exception as exc:  # transient, or a sink bug: the batch waits, never lost
             self._failed(exc)
-            if self._give_up(item, table):
+            if self._give_up(item, frame):
                 return
             self.spool.release(item)
             hint = exc.retry_after if isinstance(exc, TransientSinkError) else None
@@ -319,16 +321,13 @@ class SinkWorker:
             self._succeeded(time.monotonic() - t0)
 
     def _partial(
-        self, item: SpoolItem, table: pa.Table, exc: PartialWriteError, t0: float
+        self, item: SpoolItem, frame: pl.DataFrame, exc: PartialWriteError, t0: float
     ) -> None:
-        retry = exc.retry_rows if exc.retry_rows is not None and exc.retry_rows.num_rows else None
-        rejected = exc.rejected_rows
-        if rejected is not None and not rejected.num_rows:
-            rejected = None
+        retry, rejected = _frame(exc.retry_rows), _frame(exc.rejected_rows)
         delivered = (
-            table.num_rows
-            - (retry.num_rows if retry else 0)
-            - (rejected.num_rows if rejected else 0)
+            frame.height
+            - (retry.height if retry is not None else 0)
+            - (rejected.height if rejected is not None else 0)
         )
         self.counters.inc("delivered_rows_total", delivered, sink=self.name)
         if rejected is not None:
@@ -336,7 +335,7 @@ class SinkWorker:
         if rejected is not None:
             self.errors(
                 logging.ERROR,
-                f"sink {self.name}: {rejected.num_rows} rows of batch {item.batch_id} to the "
+                f"sink {self.name}: {rejected.height} rows of batch {item.batch_id} to the "
                 f"dead letter: {exc}",
             )
         if retry is not None:
@@ -348,13 +347,13 @@ class SinkWorker:
             self.spool.done(item, delivered_rows=0)
             self._succeeded(time.monotonic() - t0)
 
-    def _give_up(self, item: SpoolItem, table: pa.Table) -> bool:
+    def _give_up(self, item: SpoolItem, frame: pl.DataFrame) -> bool:
         """`spool.max_retries`: after that many failures in a row, dead-letter this batch."""
         limit = self.settings.max_retries
         if limit is None or self.state.consecutive_failures <= limit:
             return False
         reason = f"gave up after {limit} retries: {self.state.last_error}"
-        self.spool.dead_letter(table, reason, item.batch_id)
+        self.spool.dead_letter(frame, reason, item.batch_id)
         self.spool.done(item, delivered_rows=0)
         self.state.consecutive_failures = 0
         self.backoff_until = 0
@@ -381,3 +380,12 @@ class SinkWorker:
             await asyncio.wait_for(self.sink.close(), timeout=10)
         except Exception as exc:
             log.warning("sink %s close: %s", self.name, exc)
+
+
+def _frame(rows: Any) -> pl.DataFrame | None:
+    """Rows a sink handed back, as a frame (an ``arrow_batches`` sink's are Arrow); None if
+    there are none."""
+    if rows is None:
+        return None
+    frame = rows if isinstance(rows, pl.DataFrame) else pl.DataFrame(rows)
+    return frame if frame.height else None

@@ -19,14 +19,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import polars as pl
-import pyarrow as pa
 
 from collector.errors import TransformError
 from collector.plugin import BatchConfig, Transform
 from collector.runtime import statecodec
 from collector.runtime.checkpoint import Checkpoint, CheckpointStore, PendingRef
 from collector.runtime.identity import batch_id as make_batch_id
-from collector.runtime.log import Entry, Kind, encode_table
+from collector.runtime.log import Entry, Kind, encode_frame
 from collector.schema import RECORD_ID
 
 log = logging.getLogger("collector")
@@ -38,7 +37,7 @@ class Batch:
 
     sink: str
     batch_id: str
-    table: pa.Table
+    frame: pl.DataFrame
     wall_us: int
 
 
@@ -117,7 +116,7 @@ class Route:
             part = part.with_columns(
                 (pl.lit(f"{batch_id}:") + pl.int_range(pl.len()).cast(pl.String)).alias(RECORD_ID)
             )
-            out.append(Batch(self.sink, batch_id, part.to_arrow(), wall_us))
+            out.append(Batch(self.sink, batch_id, part, wall_us))
         return out
 
 
@@ -168,10 +167,8 @@ class Pipeline:
         if entry.meta and "s" in entry.meta:
             self.positions[str(entry.meta["s"])] = entry.meta.get("p")
         flush = entry.kind == Kind.FLUSH
-        if entry.kind == Kind.DATA and entry.table is not None and entry.table.num_rows:
-            frame = pl.from_arrow(entry.table)
-            assert isinstance(frame, pl.DataFrame)
-            result = self._run_chain(frame, flush=False)
+        if entry.kind == Kind.DATA and entry.frame is not None and entry.frame.height:
+            result = self._run_chain(entry.frame, flush=False)
         elif flush:
             result = self._run_chain(None, flush=True)
         else:
@@ -221,7 +218,7 @@ class Pipeline:
             name = f"{r.sink}-{p.first_offset:012d}.arrows"
             if p.file != name:
                 p.file, p.file_bytes, p.written = name, 0, 0
-            new = [encode_table(f) for f in p.frames[p.written :]]
+            new = [encode_frame(f) for f in p.frames[p.written :]]
             if new or p.file_bytes == 0:
                 p.file_bytes = store.append_pending(name, p.file_bytes, new)
                 p.written = len(p.frames)

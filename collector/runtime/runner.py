@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
+import polars as pl
 
 from collector import redact
 from collector.config import Component, LoadedConfig
@@ -368,23 +368,20 @@ class Runtime:
         log.error(
             "%s; %d readings kept in dead-letter/",
             exc,
-            entry.table.num_rows if entry.table is not None else 0,
+            entry.frame.height if entry.frame is not None else 0,
         )
-        if entry.table is None:
+        if entry.frame is None:
             return
-        table = entry.table.append_column(
-            "dead_letter_reason",
-            pa.array([redact.text(str(exc))] * entry.table.num_rows, pa.string()),
+        frame = entry.frame.with_columns(
+            pl.lit(redact.text(str(exc)), pl.String).alias("dead_letter_reason")
         )
-        import pyarrow.parquet as pq  # only here: most runs never dead-letter
-
         folder = self.data_dir / "dead-letter"
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write(
             folder / f"pipeline-{entry.offset:012d}.parquet",
-            lambda tmp: pq.write_table(table, str(tmp), compression="zstd"),
+            lambda tmp: frame.write_parquet(tmp, compression="zstd"),
         )
-        self.counters.inc("pipeline_dead_letter_rows_total", table.num_rows)
+        self.counters.inc("pipeline_dead_letter_rows_total", frame.height)
 
     def _spool(self, batch: Batch) -> None:
         """Hand a batch to its spool; with `when_full: block` wait here (the log holds data)."""
@@ -393,7 +390,7 @@ class Runtime:
         while True:
             try:
                 result = run.spool.put(
-                    batch.table, batch.batch_id, created_ms=batch.wall_us // 1000, wait_if_full=True
+                    batch.frame, batch.batch_id, created_ms=batch.wall_us // 1000, wait_if_full=True
                 )
             except OSError as exc:
                 log.error(

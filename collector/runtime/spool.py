@@ -10,33 +10,70 @@ A spool file that cannot be read (truncated, garbage) is moved to ``<data_dir>/q
 counted (``corrupt_records_total``, and its rows, when its header still tells them, as
 ``dropped_rows_total{reason="corrupt"}``) and logged; the worker goes on with the next batch.
 
-Files are written to a temp name, fsynced, renamed. Each file's schema metadata carries its row
-count and creation time, so the index is rebuilt on start without reading the data. Batch ids
-are deterministic, so a batch replayed after a crash replaces its own file instead of adding one.
+Files are written to a temp name, fsynced, renamed. A file is a short header (magic, then the
+row count and creation time as JSON) and the batch as a zstd Arrow IPC stream, so the index is
+rebuilt on start without reading the data (files of older versions, a bare IPC stream, are still
+read). Batch ids are deterministic, so a batch replayed after a crash replaces its own file
+instead of adding one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import os
+import struct
 import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.ipc as ipc
+import polars as pl
 
 from collector import redact
 from collector.plugin import Counters, SpoolConfig
 from collector.runtime.fsutil import atomic_write
 from collector.runtime.identity import order_key
-from collector.runtime.log import encode_table
+from collector.runtime.log import encode_frame
 from collector.runtime.quarantine import quarantine_file
 
-_META_ROWS = b"edge_collector.rows"
-_META_CREATED = b"edge_collector.created_ms"
+SPOOL_MAGIC = b"ECSPOOL\x01"
+_META_LEN = struct.Struct("<I")
+DAMAGED = (OSError, ValueError, pl.exceptions.PolarsError)
+"""What reading a damaged spool file raises (Polars' ComputeError for a bad IPC stream)."""
+
+
+def encode_file(frame: pl.DataFrame, created_ms: int) -> bytes:
+    """A spool file's bytes: header (row count, creation time) and the batch."""
+    meta = json.dumps({"rows": frame.height, "created_ms": created_ms}).encode()
+    return SPOOL_MAGIC + _META_LEN.pack(len(meta)) + meta + encode_frame(frame)
+
+
+def read_header(path: Path) -> tuple[int, int]:
+    """(rows, created_ms) of a spool file, reading only its header.
+
+    A file of an older version (a bare Arrow IPC stream) is read whole; its mtime stands in
+    for the creation time.
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(len(SPOOL_MAGIC) + _META_LEN.size)
+        if head[: len(SPOOL_MAGIC)] != SPOOL_MAGIC:
+            return read_file(path).height, int(path.stat().st_mtime * 1000)
+        (n,) = _META_LEN.unpack(head[len(SPOOL_MAGIC) :])
+        meta = json.loads(fh.read(n))
+    return int(meta["rows"]), int(meta["created_ms"])
+
+
+def read_file(path: Path) -> pl.DataFrame:
+    """The batch of a spool file; raises one of ``DAMAGED`` when it is cut short or garbage."""
+    data = path.read_bytes()
+    start = 0
+    if data.startswith(SPOOL_MAGIC):
+        (n,) = _META_LEN.unpack_from(data, len(SPOOL_MAGIC))
+        start = len(SPOOL_MAGIC) + _META_LEN.size + n
+    return pl.read_ipc_stream(io.BytesIO(memoryview(data)[start:]))
 
 
 @dataclass
@@ -48,7 +85,7 @@ class SpoolItem:
     nbytes: int
     created_ms: int
     path: Path
-    table: pa.Table | None = None
+    frame: pl.DataFrame | None = None
     """The batch, read and checked when claimed (None until then)."""
 
 
@@ -91,16 +128,9 @@ class Spool:
         try:
             if path.suffix != ".arrow":  # set aside by an older version, silently
                 raise ValueError("file renamed .corrupt by an older version")
-            with pa.OSFile(str(path)) as f:
-                meta = ipc.open_stream(f).schema.metadata or {}
-            return SpoolItem(
-                path.stem,
-                int(meta.get(_META_ROWS, b"0")),
-                path.stat().st_size,
-                int(meta.get(_META_CREATED, b"0")),
-                path,
-            )
-        except (OSError, ValueError, pa.ArrowInvalid) as exc:
+            rows, created_ms = read_header(path)
+            return SpoolItem(path.stem, rows, path.stat().st_size, created_ms, path)
+        except (*DAMAGED, KeyError, struct.error) as exc:
             self._set_aside(path, f"unreadable spool file: {exc}", rows=None)
             return None
 
@@ -148,7 +178,7 @@ class Spool:
 
     def put(
         self,
-        table: pa.Table,
+        frame: pl.DataFrame,
         batch_id: str,
         created_ms: int | None = None,
         wait_if_full: bool = False,
@@ -159,15 +189,10 @@ class Spool:
         holds the batch back and tries again. Room is judged on the exact file size.
         """
         created = created_ms if created_ms is not None else int(time.time() * 1000)
-        meta = dict(table.schema.metadata or {})
-        meta.update(
-            {_META_ROWS: str(table.num_rows).encode(), _META_CREATED: str(created).encode()}
-        )
-        table = table.replace_schema_metadata(meta)
         with self._lock:
             if batch_id in self._inflight or batch_id in self._ready:
                 return "ok"  # a replay of a batch still queued or being sent: same id, same rows
-        data = encode_table(table)
+        data = encode_file(frame, created)
         if not self.has_room(len(data)):
             policy = self.settings.when_full
             if policy == "block" and wait_if_full:
@@ -178,16 +203,16 @@ class Spool:
             if not self.has_room(len(data)) and policy != "block":
                 # drop_newest, or drop_oldest with only batches in flight left: refuse this one
                 # (offered all the same: counted as spooled and as dropped)
-                self.counters.inc("spooled_rows_total", table.num_rows, sink=self.sink)
+                self.counters.inc("spooled_rows_total", frame.height, sink=self.sink)
                 self.counters.inc(
-                    "dropped_rows_total", table.num_rows, sink=self.sink, reason="spool_full"
+                    "dropped_rows_total", frame.height, sink=self.sink, reason="spool_full"
                 )
                 return "dropped"
         path = self.folder / f"{batch_id}.arrow"
         atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
         with self._lock:
-            self._ready[batch_id] = SpoolItem(batch_id, table.num_rows, len(data), created, path)
-        self.counters.inc("spooled_rows_total", table.num_rows, sink=self.sink)
+            self._ready[batch_id] = SpoolItem(batch_id, frame.height, len(data), created, path)
+        self.counters.inc("spooled_rows_total", frame.height, sink=self.sink)
         return "ok"
 
     def _drop_oldest(self, reason: str) -> bool:
@@ -233,8 +258,8 @@ class Spool:
                 item.path = dest
                 self._inflight[item.batch_id] = item
             try:
-                item.table = self._load(item.path)
-            except (OSError, pa.ArrowInvalid) as exc:
+                item.frame = read_file(item.path)
+            except DAMAGED as exc:
                 if isinstance(exc, OSError) and not item.path.exists():
                     raise
                 with self._lock:
@@ -244,26 +269,15 @@ class Spool:
             return item
 
     @staticmethod
-    def _load(path: Path) -> pa.Table:
-        with pa.memory_map(str(path)) as f:
-            table = ipc.open_stream(f).read_all()
-        meta = {
-            k: v
-            for k, v in (table.schema.metadata or {}).items()
-            if k not in (_META_ROWS, _META_CREATED)
-        }
-        return table.replace_schema_metadata(meta or None)
-
-    @staticmethod
-    def read(item: SpoolItem) -> pa.Table:
+    def read(item: SpoolItem) -> pl.DataFrame:
         """The batch of a claimed item (read when it was claimed)."""
-        if item.table is not None:
-            return item.table
-        return Spool._load(item.path)
+        if item.frame is not None:
+            return item.frame
+        return read_file(item.path)
 
     def done(self, item: SpoolItem, delivered_rows: int | None = None) -> None:
         """The sink has the batch: forget it."""
-        item.table = None
+        item.frame = None
         item.path.unlink(missing_ok=True)
         with self._lock:
             self._inflight.pop(item.batch_id, None)
@@ -281,7 +295,7 @@ class Spool:
 
     def release(self, item: SpoolItem) -> None:
         """Sending failed: back to ready, still the oldest."""
-        item.table = None
+        item.frame = None
         dest = self.folder / item.path.name
         os.replace(item.path, dest)
         item.path = dest
@@ -289,7 +303,7 @@ class Spool:
             self._inflight.pop(item.batch_id, None)
             self._ready[item.batch_id] = item
 
-    def replace(self, item: SpoolItem, retry: pa.Table) -> None:
+    def replace(self, item: SpoolItem, retry: pl.DataFrame) -> None:
         """Partial success: only ``retry`` rows go back, under the same batch id.
 
         The retry rows are durable before the claimed file goes: if writing them fails (full
@@ -304,12 +318,12 @@ class Spool:
                 self._inflight[item.batch_id] = item
             self.release(item)
             raise
-        self.counters.inc("spooled_rows_total", -retry.num_rows, sink=self.sink)
+        self.counters.inc("spooled_rows_total", -retry.height, sink=self.sink)
         item.path.unlink(missing_ok=True)
 
-    def dead_letter(self, table: pa.Table, reasons: str | list[str], batch_id: str) -> Path:
+    def dead_letter(self, frame: pl.DataFrame, reasons: str | list[str], batch_id: str) -> Path:
         """Keep rejected rows as Parquet beside the spool, with reason and sink name."""
-        n = table.num_rows
+        n = frame.height
         reason_col = (
             [redact.text(reasons)] * n
             if isinstance(reasons, str)
@@ -317,15 +331,17 @@ class Spool:
         )
         if len(reason_col) != n:
             reason_col = (reason_col + [reason_col[-1] if reason_col else "rejected"] * n)[:n]
-        now = datetime.now(UTC)
-        table = table.append_column("dead_letter_reason", pa.array(reason_col, pa.string()))
-        table = table.append_column("dead_letter_sink", pa.array([self.sink] * n, pa.string()))
-        table = table.append_column(
-            "dead_letter_ts", pa.array([now] * n, pa.timestamp("us", tz="UTC"))
-        )
-        import pyarrow.parquet as pq  # only here: most runs never dead-letter
-
+        frame = dead_letter_columns(frame, reason_col, self.sink)
         path = self.dead_dir / f"{batch_id}-{time.time_ns()}.parquet"
-        atomic_write(path, lambda tmp: pq.write_table(table, str(tmp), compression="zstd"))
+        atomic_write(path, lambda tmp: frame.write_parquet(tmp, compression="zstd"))
         self.counters.inc("dead_letter_rows_total", n, sink=self.sink)
         return path
+
+
+def dead_letter_columns(frame: pl.DataFrame, reasons: list[str], sink: str) -> pl.DataFrame:
+    """``frame`` with the dead-letter columns every dead-letter file has (reason, sink, time)."""
+    return frame.with_columns(
+        pl.Series("dead_letter_reason", reasons, pl.String),
+        pl.lit(sink, pl.String).alias("dead_letter_sink"),
+        pl.lit(datetime.now(UTC), pl.Datetime("us", "UTC")).alias("dead_letter_ts"),
+    )

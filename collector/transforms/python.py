@@ -8,7 +8,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 import polars as pl
-import pyarrow as pa
 from pydantic import Field
 
 from collector.errors import TransformError
@@ -61,8 +60,8 @@ class PythonTransform(Transform):
             # `async def` transforms work like async sources: the pipeline thread has no event
             # loop of its own, so each batch's coroutine runs to its end here
             out = asyncio.run(_awaited(out))
-        if isinstance(out, pa.Table | pa.RecordBatch):
-            out = pl.from_arrow(out)
+        if hasattr(out, "__arrow_c_stream__") and not isinstance(out, pl.DataFrame):
+            out = pl.DataFrame(out)  # an Arrow table or batch
         if not isinstance(out, pl.DataFrame):
             raise TransformError(
                 f"{self.config.function} returned {type(out).__name__}, not a Polars DataFrame"

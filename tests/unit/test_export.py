@@ -123,9 +123,9 @@ def test_export_mixed_shapes_into_one_file(tmp_path: Path) -> None:
             "record_id": ["r:0", "r:1"],
         }
     )
-    for folder, part in split(raw, ("metric", "date")):
+    for folder, part in split(pl.DataFrame(raw), ("metric", "date")):
         (root / folder).mkdir(parents=True, exist_ok=True)  # temperature: next to aggregates
-        pq.write_table(part, root / folder / "part-raw.parquet")
+        part.write_parquet(root / folder / "part-raw.parquet")
     out = tmp_path / "all.parquet"
     n = export(LakeQuery(str(root)), out)
     got = pl.read_parquet(out)
@@ -158,9 +158,9 @@ def test_time_parts_and_device_partitions_prune(tmp_path: Path) -> None:
     table = aggregate_table(days=2, gap=None).append_column(
         "record_id", pa.array([str(i) for i in range(3 * 3 * 2 * 1440)])
     )
-    for folder, part in split(table, ("device", "year", "month", "day", "hour")):
+    for folder, part in split(pl.DataFrame(table), ("device", "year", "month", "day", "hour")):
         (root / folder).mkdir(parents=True)
-        pq.write_table(part, root / folder / "part-1.parquet")
+        part.write_parquet(root / folder / "part-1.parquet")
     since, until = datetime(2024, 6, 1, 22, tzinfo=UTC), datetime(2024, 6, 2, 1, 30, tzinfo=UTC)
     query = LakeQuery(str(root), since=since, until=until, devices=("edge-02",))
     files = list_files(query)
@@ -386,10 +386,12 @@ def test_a_filter_value_the_lake_lacks_says_so(lake: Path, tmp_path: Path) -> No
 
 
 def spool_dir(root: Path, lake: Path) -> tuple[Path, pl.DataFrame]:
-    """``<root>/data/spool/bulk`` as the runtime writes it (zstd Arrow IPC streams named by
-    batch id), holding one day of the lake: ready batches, one in flight, a torn file, and a
-    dead letter that is no part of the backlog."""
-    from collector.runtime.log import encode_table
+    """``<root>/data/spool/bulk`` as the runtime writes it (spool files named by batch id;
+    the one in flight of an older version, a bare Arrow IPC stream), holding one day of the
+    lake: ready batches, one in flight, a torn file, and a dead letter that is no part of the
+    backlog."""
+    from collector.runtime.log import encode_frame
+    from collector.runtime.spool import encode_file
 
     rows = pl.read_parquet(sorted(lake.rglob("*.parquet")), hive_partitioning=False).filter(
         (pl.col("ts") >= DAY2) & (pl.col("ts") < DAY2 + timedelta(hours=2))
@@ -399,9 +401,9 @@ def spool_dir(root: Path, lake: Path) -> tuple[Path, pl.DataFrame]:
     (folder / "dead-letter").mkdir()
     thirds = [rows.slice(0, 360), rows.slice(360, 360), rows.slice(720)]
     names = [f"edge-01-3f9a2c1b-{i:012d}-{i:012d}.arrow" for i in (1, 2, 3)]
-    (folder / names[0]).write_bytes(encode_table(thirds[0].to_arrow()))
-    (folder / names[2]).write_bytes(encode_table(thirds[2].to_arrow()))
-    (folder / "inflight" / names[1]).write_bytes(encode_table(thirds[1].to_arrow()))
+    (folder / names[0]).write_bytes(encode_file(thirds[0], 0))
+    (folder / names[2]).write_bytes(encode_file(thirds[2], 0))
+    (folder / "inflight" / names[1]).write_bytes(encode_frame(thirds[1]))
     (folder / "edge-01-3f9a2c1b-000000000004-000000000004.arrow").write_bytes(b"ARROW1 torn")
     pq.write_table(rows.head(7).to_arrow(), folder / "dead-letter" / "x.parquet")
     (root / "data" / "spool" / "other" / "inflight").mkdir(parents=True)

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pyarrow as pa
+import polars as pl
 import pytest
 
 from collector.plugin import Counters
 from collector.runtime.log import RECORD_MAGIC, DeviceLog, Kind
 
 
-def table(n: int, start: int = 0) -> pa.Table:
-    return pa.table({"value": pa.array([float(i) for i in range(start, start + n)])})
+def table(n: int, start: int = 0) -> pl.DataFrame:
+    return pl.DataFrame({"value": [float(i) for i in range(start, start + n)]})
 
 
 def test_append_and_read_back(tmp_path: Path) -> None:
@@ -22,8 +22,8 @@ def test_append_and_read_back(tmp_path: Path) -> None:
     assert offsets == [0, 1, 2, 3, 4]
     entries = list(log.read(2))
     assert [e.offset for e in entries] == [2, 3, 4, 5]
-    assert entries[0].table.column("value").to_pylist() == [6.0, 7.0, 8.0]
-    assert entries[-1].kind == Kind.TICK and entries[-1].table is None
+    assert entries[0].frame.get_column("value").to_list() == [6.0, 7.0, 8.0]
+    assert entries[-1].kind == Kind.TICK and entries[-1].frame is None
     assert entries[0].wall_us <= entries[-1].wall_us
 
 
@@ -35,7 +35,7 @@ def test_reopen_continues_offsets(tmp_path: Path) -> None:
     log2 = DeviceLog(tmp_path)
     assert log2.next_offset == 3
     assert log2.append(table(1, 9)) == 3
-    assert [e.table.column("value")[0].as_py() for e in log2.read(0)] == [0.0, 1.0, 2.0, 9.0]
+    assert [e.frame.get_column("value")[0] for e in log2.read(0)] == [0.0, 1.0, 2.0, 9.0]
 
 
 def test_torn_tail_is_cut_on_open(tmp_path: Path) -> None:
@@ -97,7 +97,7 @@ def test_failed_write_leaves_no_half_record(tmp_path: Path, monkeypatch) -> None
     monkeypatch.undo()
     assert log.append(table(2, 4)) == 1  # the failed append took no offset
     log.close()
-    values = [e.table.column("value").to_pylist() for e in DeviceLog(tmp_path).read(0)]
+    values = [e.frame.get_column("value").to_list() for e in DeviceLog(tmp_path).read(0)]
     assert values == [[0.0, 1.0], [4.0, 5.0]]
 
 
@@ -109,9 +109,9 @@ def test_consecutive_reads_resume_across_segments(tmp_path: Path) -> None:
         log.append(table(2, i * 2))
         if i % 4 == 3:  # the pipeline reads what is new, every now and then
             for e in log.read(nxt):
-                seen.extend(e.table.column("value").to_pylist())
+                seen.extend(e.frame.get_column("value").to_list())
                 nxt = e.offset + 1
-    seen.extend(v for e in log.read(nxt) for v in e.table.column("value").to_pylist())
+    seen.extend(v for e in log.read(nxt) for v in e.frame.get_column("value").to_list())
     assert len(list(tmp_path.glob("*.log"))) > 2
     assert seen == [float(v) for v in range(60)]
 
@@ -130,7 +130,7 @@ def test_skip_to_continues_numbering_after_a_lost_tail(tmp_path: Path) -> None:
 
 
 def _values(folder: Path) -> list[float]:
-    return [v for e in DeviceLog(folder).read(0) for v in e.table.column("value").to_pylist()]
+    return [v for e in DeviceLog(folder).read(0) for v in e.frame.get_column("value").to_list()]
 
 
 @pytest.mark.parametrize("where", [0.1, 0.5, 0.9])
@@ -188,13 +188,13 @@ def test_first_format_segments_are_still_read(tmp_path: Path) -> None:
     import struct
     import zlib
 
-    from collector.runtime.log import encode_table
+    from collector.runtime.log import encode_frame
 
     folder = tmp_path / "log"
     folder.mkdir()
     out = b""
     for i in range(3):
-        payload = encode_table(table(1, i))
+        payload = encode_frame(table(1, i))
         body = struct.pack("<QqB", i, 1_700_000_000_000_000, 0) + payload
         out += struct.pack("<II", len(payload), zlib.crc32(body)) + body
     (folder / f"{0:020d}.log").write_bytes(out)

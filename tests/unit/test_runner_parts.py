@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-import pyarrow as pa
 import pytest
 
 from collector.config import Component
@@ -55,10 +54,10 @@ def _entries(n: int) -> list[Entry]:
             "value": [float(i * 3 + k) for k in range(3)], "unit": [None] * 3,
         }, schema_overrides={"ts": pl.Datetime("us", "UTC"), "unit": pl.String})
         wall = 1_700_000_000_000_000 + i * 400_000  # 0.4 s apart
-        out.append(Entry(i, Kind.DATA, wall, df.to_arrow()))
+        out.append(Entry(i, Kind.DATA, wall, df))
         if i % 5 == 4:
             out.append(Entry(i, Kind.TICK, wall + 1_500_000, None))
-    return [Entry(k, e.kind, e.wall_us, e.table) for k, e in enumerate(out)]
+    return [Entry(k, e.kind, e.wall_us, e.frame) for k, e in enumerate(out)]
 
 
 def _pipeline() -> Pipeline:
@@ -69,7 +68,7 @@ def _pipeline() -> Pipeline:
 
 
 def _run(p: Pipeline, entries: list[Entry]) -> list[tuple[str, str, list]]:
-    return [(b.sink, b.batch_id, b.table.to_pylist()) for e in entries for b in p.process(e)]
+    return [(b.sink, b.batch_id, b.frame.to_dicts()) for e in entries for b in p.process(e)]
 
 
 def _roundtrip(p: Pipeline, store: CheckpointStore, fingerprint: str = "fp") -> Checkpoint:
@@ -121,7 +120,7 @@ def test_checkpoint_size_stays_flat_while_a_batch_waits(tmp_path: Path) -> None:
     assert restored.routes[0].pending.rows == p.routes[0].pending.rows
     flushed = restored.process(Entry(999, Kind.FLUSH, 1_800_000_000_000_000, None))
     assert flushed[0].batch_id.startswith("dev-0000abcd-000000000000-")
-    assert flushed[0].table.num_rows == p.routes[0].pending.rows
+    assert flushed[0].frame.height == p.routes[0].pending.rows
 
 
 # -- delivery: hung calls are visible, repeated errors are counted, not repeated -------------
@@ -179,7 +178,7 @@ class _LineSink(Sink):
 
     deadline = 600.0  # far beyond the test: visibility must not wait for the deadline
 
-    async def write(self, table: pa.Table, batch_id: str) -> None:
+    async def write(self, frame: pl.DataFrame, batch_id: str) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", self.config.port)
         try:
             writer.write(batch_id.encode() + b"\n")
@@ -208,7 +207,7 @@ async def test_a_silent_endpoint_turns_health_red_while_the_call_waits(tmp_path:
     worker = delivery.SinkWorker(
         Component(kind="sink", index=0, cls=_LineSink, config=cfg), sink, spool, state,
         counters, shutdown_timeout=5)
-    table = pa.table({"value": [1.0, 2.0]})
+    table = pl.DataFrame({"value": [1.0, 2.0]})
     for n in range(3):
         spool.put(table, f"edge-01-1a2b3c4d-{n:012d}-{n:012d}")
     stop = False
@@ -258,7 +257,7 @@ async def test_a_call_past_its_deadline_is_a_transient_failure(tmp_path: Path) -
     worker = delivery.SinkWorker(
         Component(kind="sink", index=0, cls=_LineSink, config=cfg), sink, spool, state,
         counters, shutdown_timeout=5)
-    spool.put(pa.table({"value": [1.0]}), "b")
+    spool.put(pl.DataFrame({"value": [1.0]}), "b")
     item = spool.claim()
     assert item is not None
     await worker._send(item)

@@ -5,18 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import polars as pl
-import pyarrow as pa
 import pytest
 
 from collector.plugin import Counters, SpoolConfig
 from collector.runtime.spool import Spool
 
 
-def rows(n: int, start: int = 0) -> pa.Table:
-    return pa.table(
+def rows(n: int, start: int = 0) -> pl.DataFrame:
+    return pl.DataFrame(
         {
-            "value": pa.array([float(i) for i in range(start, start + n)]),
-            "record_id": pa.array([f"b:{i}" for i in range(start, start + n)]),
+            "value": [float(i) for i in range(start, start + n)],
+            "record_id": [f"b:{i}" for i in range(start, start + n)],
         }
     )
 
@@ -39,7 +38,7 @@ def test_oldest_first_and_done(tmp_path: Path) -> None:
         sp.put(rows(3, i * 3), f"{i:012d}-{i:012d}")
     got = []
     while (item := sp.claim()) is not None:
-        got.append(Spool.read(item).column("value")[0].as_py())
+        got.append(Spool.read(item).get_column("value")[0])
         sp.done(item)
     assert got == [0.0, 3.0, 6.0]
     assert sp.backlog_rows == 0
@@ -54,7 +53,7 @@ def test_inflight_returns_to_ready_on_restart(tmp_path: Path) -> None:
     sp2, _ = make(tmp_path)  # a crash while sending
     assert sp2.backlog_rows == 2
     again = sp2.claim()
-    assert again is not None and Spool.read(again).num_rows == 2
+    assert again is not None and Spool.read(again).height == 2
 
 
 def test_replayed_batch_replaces_its_file(tmp_path: Path) -> None:
@@ -73,7 +72,7 @@ def test_partial_replace_keeps_only_retry_rows(tmp_path: Path) -> None:
     sp.replace(item, rows(5).slice(3, 2))
     again = sp.claim()
     assert again is not None
-    assert Spool.read(again).column("value").to_pylist() == [3.0, 4.0]
+    assert Spool.read(again).get_column("value").to_list() == [3.0, 4.0]
     assert again.batch_id == item.batch_id
 
 
@@ -84,7 +83,7 @@ def test_drop_oldest_counts_dropped_rows(tmp_path: Path) -> None:
         assert sp.put(rows(100, i * 100), f"{i:012d}-{i:012d}") == "ok"
     kept = []
     while (item := sp.claim()) is not None:
-        kept.extend(Spool.read(item).column("value").to_pylist())
+        kept.extend(Spool.read(item).get_column("value").to_list())
         sp.done(item)
     dropped = c.get("dropped_rows_total", sink="out", reason="spool_full")
     assert dropped == 600 - len(kept) and dropped > 0
@@ -125,7 +124,7 @@ def test_garbage_file_is_quarantined_counted_and_skipped(tmp_path: Path) -> None
     sp, c = make(tmp_path)
     sp.put(rows(3), "000000000001-000000000001")
     item = sp.claim()
-    assert item is not None and Spool.read(item).column("value").to_pylist() == [0.0, 1.0, 2.0]
+    assert item is not None and Spool.read(item).get_column("value").to_list() == [0.0, 1.0, 2.0]
     assert not list((tmp_path / "s").glob("000000000000-*"))
     kept = list((tmp_path / "quarantine").glob("*.bin"))
     assert [p.read_bytes() for p in kept] == [b"garbage"]
@@ -141,7 +140,7 @@ def test_truncated_oldest_file_costs_only_its_own_rows(tmp_path: Path) -> None:
     sp2, c2 = make(tmp_path)
     got = []
     while (item := sp2.claim()) is not None:
-        got.extend(Spool.read(item).column("value").to_pylist())
+        got.extend(Spool.read(item).get_column("value").to_list())
         sp2.done(item)
     assert got == [float(v) for v in range(100, 400)]
     assert c2.get("dropped_rows_total", sink="out", reason="corrupt") == 100

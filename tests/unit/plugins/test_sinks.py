@@ -10,7 +10,6 @@ from typing import Any
 
 import duckdb
 import polars as pl
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
@@ -24,10 +23,10 @@ from sinks.lake import LakeConfig, LakeSink
 from .conftest import readings
 
 
-def with_ids(df: pl.DataFrame, batch_id: str) -> pa.Table:
+def with_ids(df: pl.DataFrame, batch_id: str) -> pl.DataFrame:
     return df.with_columns(
         (pl.lit(f"{batch_id}:") + pl.int_range(pl.len()).cast(pl.String)).alias(RECORD_ID)
-    ).to_arrow()
+    )
 
 
 async def lake(tmp_path: Path, **cfg: Any) -> LakeSink:
@@ -131,8 +130,8 @@ async def test_lake_errors(tmp_path: Path) -> None:
 
 async def test_lake_takes_window_aggregates(tmp_path: Path) -> None:
     sink = await lake(tmp_path)
-    table = pa.table({
-        "ts": pa.array([datetime(2024, 1, 1, tzinfo=UTC)], pa.timestamp("us", tz="UTC")),
+    table = pl.DataFrame({
+        "ts": [datetime(2024, 1, 1, tzinfo=UTC)],
         "device": ["d"], "source": ["s"], "metric": ["t"], "mean": [1.5], "count": [2],
         "partial": [True], RECORD_ID: ["w:0"]})
     await sink.write(table, "w")
@@ -219,7 +218,7 @@ async def test_lake_partition_that_cannot_be_written_is_rejected_alone(tmp_path:
     err = caught.value
     assert err.retry_rows is None
     assert err.rejected_rows is not None
-    assert err.rejected_rows.column("metric").to_pylist() == [CJK]
+    assert err.rejected_rows.get_column("metric").to_list() == [CJK]
     assert err.rejected_rows.schema == with_ids(df, "b").schema  # the batch's own types
     assert len(err.reasons) == 1 and "too long" in err.reasons[0].lower()
     landed = pl.read_parquet(str(root) + "/**/*.parquet", hive_partitioning=False)
@@ -239,11 +238,11 @@ async def test_lake_partition_blocked_for_now_is_retried_alone(tmp_path: Path) -
         await sink.write(table, "b")
     err = caught.value
     assert err.rejected_rows is None and err.retry_rows is not None
-    assert set(err.retry_rows.column("metric").to_pylist()) == {"h"}
+    assert set(err.retry_rows.get_column("metric").to_list()) == {"h"}
     (root / "metric=h").unlink()
     await sink.write(err.retry_rows, "b")
     back = pl.read_parquet(str(root) + "/**/*.parquet", hive_partitioning=False)
-    assert sorted(back[RECORD_ID]) == sorted(table.column(RECORD_ID).to_pylist())
+    assert sorted(back[RECORD_ID]) == sorted(table.get_column(RECORD_ID).to_list())
 
 
 async def test_lake_every_partition_blocked_is_one_transient_error(tmp_path: Path) -> None:
