@@ -119,13 +119,12 @@ class BlobStore:
         self.folder = Path(folder)
         self.settings = settings or BlobsConfig()
         self.counters = counters or Counters()
-        self.folder.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._holds: dict[str, int] = {}
         self._sizes: dict[str, int] = {}
         self._last_sweep = 0.0
         self._spool_cache: dict[tuple[str, int, int], frozenset[str]] = {}
-        for p in self.folder.iterdir():
+        for p in self.folder.iterdir() if self.folder.is_dir() else ():  # made on the first put
             if p.name.startswith(".") and p.name.endswith(".tmp"):
                 p.unlink(missing_ok=True)  # a copy a crash cut short
             elif BLOB_NAME.match(p.name):
@@ -154,6 +153,7 @@ class BlobStore:
         """
         size = os.stat(src).st_size
         self._make_room(size)
+        self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.folder / f".{uuid.uuid4().hex}.tmp"
         digest = hashlib.sha256()
         try:
@@ -198,7 +198,7 @@ class BlobStore:
         for name in self._oldest():
             if self.total_bytes + size <= limit:
                 return
-            self._delete(name, reason="full")
+            self._delete(name, reason="full", unless_held=True)
         if self.total_bytes + size > limit:
             self.counters.inc("blob_store_full_total")
             raise BlobStoreFull(f"a file of {size} bytes is larger than blobs.max_bytes ({limit})")
@@ -241,25 +241,42 @@ class BlobStore:
 
     # -- sweep --------------------------------------------------------------------------------
 
-    def _delete(self, name: str, reason: str) -> None:
-        try:
-            (self.folder / name).unlink()
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            log.warning("blob store: cannot delete %s: %s", name, exc)
-            return
+    def _delete(self, name: str, reason: str, unless_held: bool = False) -> bool:
+        """Delete one blob; with ``unless_held`` not if a source took it again meanwhile (the
+        check and the unlink under the lock that ``put`` takes its hold under)."""
         with self._lock:
+            if unless_held and name in self._holds:
+                return False
+            try:
+                (self.folder / name).unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("blob store: cannot delete %s: %s", name, exc)
+                return False
             self._sizes.pop(name, None)
         self.counters.inc("blobs_deleted_total", reason=reason)
+        return True
 
-    def sweep(self, referenced: set[str], now: float | None = None) -> int:
+    def unheld(self) -> set[str]:
+        """Blobs no source holds now: the only ones a sweep that starts now may delete.
+
+        Taken *before* the references are gathered: a blob released later was held at this
+        moment, and one released earlier had its row logged before (a source releases a poll's
+        blobs when its next poll starts, after the runtime logged the rows).
+        """
+        with self._lock:
+            return {n for n in self._sizes if n not in self._holds}
+
+    def sweep(
+        self, referenced: set[str], candidates: set[str] | None = None, now: float | None = None
+    ) -> int:
         """Delete blobs nobody refers to or holds and older than ``keep_for``; how many."""
         now = time.time() if now is None else now
-        with self._lock:
-            candidates = [n for n in self._sizes if n not in referenced and n not in self._holds]
+        if candidates is None:
+            candidates = self.unheld()
         deleted = 0
-        for name in candidates:
+        for name in sorted(candidates - referenced):
             try:
                 age = now - (self.folder / name).stat().st_mtime
             except FileNotFoundError:
@@ -268,11 +285,7 @@ class BlobStore:
                 continue
             if age < self.settings.keep_for:
                 continue
-            with self._lock:
-                if name in self._holds:  # taken again meanwhile
-                    continue
-            self._delete(name, reason="delivered")
-            deleted += 1
+            deleted += self._delete(name, reason="delivered", unless_held=True)
         return deleted
 
     def sweep_due(self, runtime: Any) -> None:
@@ -285,7 +298,8 @@ class BlobStore:
             return
         self._last_sweep = now
         try:
-            self.sweep(self.references(runtime))
+            candidates = self.unheld()
+            self.sweep(self.references(runtime), candidates)
         except Exception:
             log.exception("blob store sweep failed (blobs are kept)")
 
@@ -298,11 +312,17 @@ class BlobStore:
             if getattr(worker.sink, "blob_column", None)
         ]
         columns = {PATH_COLUMN} | {str(w.sink.blob_column) for _, w in needy}
-        for entry in runtime.log.read(runtime.pipeline.offset + 1):
-            frame = getattr(entry, "frame", None)
-            if frame is None:
-                frame = getattr(entry, "table", None)
-            refs |= self._names_in(frame, columns)
+        device_log = runtime.log
+        cursor = getattr(device_log, "_cursor", None)  # the pipeline's place: keep it
+        try:
+            for entry in device_log.read(runtime.pipeline.offset + 1):
+                frame = getattr(entry, "frame", None)
+                if frame is None:
+                    frame = getattr(entry, "table", None)
+                refs |= self._names_in(frame, columns)
+        finally:
+            if hasattr(device_log, "_cursor"):
+                device_log._cursor = cursor
         names = {name for name, _ in needy}
         for route in runtime.pipeline.routes:
             if route.sink in names:

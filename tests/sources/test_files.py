@@ -332,3 +332,64 @@ def test_check_knows_the_columns(tmp_path: Path, cam: Path) -> None:
     cfg = load_config(config(tmp_path, cam))
     assert cfg.output is not None
     assert {"path", "file", "bytes", "sha256", "content_type", "twice"} <= set(cfg.output.columns)
+
+
+class BlobSink(ListSink):
+    """A sink that needs the blobs (like `s3` with `blob_column`) and is down until told."""
+
+    blob_column = "path"
+    down = True
+
+    async def write(self, frame: pl.DataFrame, batch_id: str) -> None:
+        from collector.errors import TransientSinkError
+
+        if BlobSink.down:
+            raise TransientSinkError("endpoint down")
+        for path in frame.get_column("path").to_list():
+            assert Path(path).exists(), f"{path} deleted before its row was delivered"
+        await super().write(frame, batch_id)
+
+
+async def test_blobs_stay_while_a_blob_sink_has_their_rows_and_go_after(
+    tmp_path: Path, cam: Path
+) -> None:
+    import asyncio
+
+    from collector.runtime.runner import Runtime
+
+    ListSink.reset()
+    BlobSink.down = True
+    for i in range(6):
+        drop(cam, f"{i}.png", png(i), age=30)
+    cfg = config(tmp_path, cam)
+    cfg["sources"][0].update(every="50ms", after="delete")
+    cfg["sinks"] = [
+        {"name": "lake", "type": "collector.testing:ListSink", "batch": {"max_age": "50ms"}},
+        {"name": "upload", "type": "tests.sources.test_files:BlobSink",
+         "where": "bytes > 0", "batch": {"max_rows": 2, "max_age": "50ms"},
+         "spool": {"retry_base": "50ms", "retry_cap": "100ms"}},
+    ]
+    loaded = load_config(cfg)
+    runtime = Runtime(loaded, tmp_path / "data")
+    stop = asyncio.Event()
+    task = asyncio.create_task(runtime.run(stop=stop))
+    blob_dir = tmp_path / "data" / "blobs"
+
+    async def until(cond: Any, what: str) -> None:
+        for _ in range(300):
+            if cond():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    await until(lambda: ListSink.rows("lake").height == 6, "the lake rows")
+    await until(lambda: not list(cam.iterdir()), "the camera folder emptied")
+    await asyncio.sleep(0.5)  # many sweeps (every 10 ms) while the upload sink is down
+    assert len(list(blobs.iter_blob_files(blob_dir))) == 6
+    assert runtime.counters.get("blobs_deleted_total", reason="delivered") == 0
+    BlobSink.down = False
+    await until(lambda: ListSink.rows("upload").height == 6, "the uploads")
+    await until(lambda: not list(blobs.iter_blob_files(blob_dir)), "the blobs deleted")
+    stop.set()
+    assert await task == 0
+    assert runtime.counters.get("blobs_deleted_total", reason="delivered") == 6
