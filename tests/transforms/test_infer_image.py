@@ -294,3 +294,23 @@ def test_image_config_contract(tmp_path: Path) -> None:
                                         "preprocess": {"color": "grayscale"}}}
     with pytest.raises(ConfigError, match="`labels` has 2 names"):
         InferTransform(InferConfig.model_validate(wrong), ctx).open()
+
+
+def test_checkpoint_drops_the_image_model_and_reloads_it(
+    tmp_path: Path, make_ctx: Callable[[str], Context]
+) -> None:
+    """State is checkpointed without the ONNX session; a restart reloads it from its path."""
+    from collector.testing import checkpoint_bytes, restart_transform
+
+    _, _, x_test, y_test = make_camera.split()
+    paths = []
+    for i in range(4):
+        make_camera.to_png(x_test[i], tmp_path / f"{i}.png")
+        paths.append(tmp_path / f"{i}.png")
+    t = transform(sample_infer(), make_ctx("digits"))
+    before = t.apply(image_rows(paths))
+    assert b"onnx" not in checkpoint_bytes(t).lower()
+    again = restart_transform(t, make_ctx("digits"))
+    after = again.apply(image_rows(paths))
+    assert after["prediction"].to_list() == before["prediction"].to_list() == [
+        str(int(y)) for y in y_test[:4]]
