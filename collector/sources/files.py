@@ -281,8 +281,8 @@ class FilesSource(Source):
     # -- life cycle ---------------------------------------------------------------------------
 
     async def open(self) -> None:
-        if not self.folder.is_dir():
-            raise FileNotFoundError(f"files: {self.folder} is not a folder")
+        # a missing folder is not fatal here: a camera's folder may be mounted after boot, so
+        # each poll fails (counted, logged once a minute) until it is there
         self._store = blobs.store_for(self.ctx.data_dir, self.ctx.counters)
 
     async def close(self) -> None:
@@ -300,6 +300,8 @@ class FilesSource(Source):
         if self._store is None:
             self._store = blobs.store_for(self.ctx.data_dir, self.ctx.counters)
         self._release()  # the last poll's rows are in the log now
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"{self.folder} is not a folder (yet)")
         self._finish_handed()
         rows: list[dict[str, Any]] = []
         for key, name, st in self._candidates():

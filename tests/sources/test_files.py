@@ -393,3 +393,77 @@ async def test_blobs_stay_while_a_blob_sink_has_their_rows_and_go_after(
     stop.set()
     assert await task == 0
     assert runtime.counters.get("blobs_deleted_total", reason="delivered") == 6
+
+
+async def test_a_file_being_written_is_taken_only_once_quiet(tmp_path: Path, cam: Path) -> None:
+    """A real writer appends for a second; polls meanwhile do not take the file."""
+    import asyncio
+    import threading
+
+    data = png(7, size=4000)
+    target = cam / "slow.png"
+
+    def writer() -> None:
+        with open(target, "wb") as fh:
+            for i in range(0, len(data), len(data) // 10):
+                fh.write(data[i : i + len(data) // 10])
+                fh.flush()
+                time.sleep(0.1)
+
+    cfg = FilesConfig(type="files", name="camera", path=str(cam), settle="300ms")
+    src = FilesSource(cfg, Context(device="edge-01", component="camera",
+                                   data_dir=tmp_path / "data"))
+    await src.open()
+    thread = threading.Thread(target=writer)
+    thread.start()
+    taken: list[pl.DataFrame] = []
+    while thread.is_alive():
+        taken.append(src.read())
+        await asyncio.sleep(0.05)
+    assert sum(f.height for f in taken) == 0  # never while it was growing
+    await asyncio.sleep(0.4)
+    row = src.read().row(0, named=True)
+    assert Path(row["path"]).read_bytes() == data == target.read_bytes()
+
+
+async def test_drop_newest_dead_letters_a_file_that_does_not_fit(
+    tmp_path: Path, cam: Path
+) -> None:
+    size = len(png(0))
+    blobs.attach(tmp_path / "data", BlobsConfig(max_bytes=2 * size, when_full="drop_newest"),
+                 Context(device="x", component="x", data_dir=tmp_path).counters)
+    for i in range(3):
+        drop(cam, f"{i}.png", png(i), age=30 - i)
+    src = await opened(source(tmp_path, cam, after="delete"))
+    assert src.read().get_column("file").to_list() == ["0.png", "1.png"]
+    dead = dead_letters(tmp_path)
+    assert len(dead) == 1 and "blob store full" in dead[0]["reason"]
+    assert Path(dead[0]["raw"]).name == "2.png"
+    src.read()
+    assert [p.name for p in cam.iterdir()] == ["2.png"]  # left in its folder, not lost
+
+
+async def test_block_leaves_files_in_the_folder_until_there_is_room(
+    tmp_path: Path, cam: Path
+) -> None:
+    size = len(png(0))
+    store = blobs.attach(tmp_path / "data", BlobsConfig(max_bytes=2 * size),
+                         Context(device="x", component="x", data_dir=tmp_path).counters)
+    for i in range(3):
+        drop(cam, f"{i}.png", png(i), age=30 - i)
+    src = await opened(source(tmp_path, cam))
+    assert src.read().get_column("file").to_list() == ["0.png", "1.png"]
+    assert src.read().height == 0  # full: 2.png waits
+    assert dead_letters(tmp_path) == []
+    store.sweep(set())  # their rows were delivered
+    assert src.read().get_column("file").to_list() == ["2.png"]
+
+
+async def test_a_folder_that_appears_later_is_watched_from_then_on(tmp_path: Path) -> None:
+    later = tmp_path / "mounted-later"
+    src = await opened(source(tmp_path, later))
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        src.read()  # the runtime counts it and tries again on the next tick
+    later.mkdir()
+    drop(later, "a.png", png(1), age=30)
+    assert src.read().height == 1
