@@ -350,6 +350,9 @@ def _metric_section(metric: str, view: dict[str, Any], start: datetime, end: dat
     if rows.is_empty():
         st.info(f"No {metric} rows in this range.")
         return
+    if rows["count"].sum() == 0:  # e.g. `image` rows: verdicts, no value to draw
+        st.caption(f"{metric} rows carry no numeric value to chart.")
+        return
     st.altair_chart(
         _chart(rows, metric, unit, start, end), width="stretch", key=f"chart_{metric}"
     )
