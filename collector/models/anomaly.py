@@ -21,12 +21,28 @@ Three choices make the detector usable on real signals:
   side, near 0 for readings right at the boundary, which are the ones worth a human look.
 
 On top of the per-reading score sits the **alarm logic**, the same for every method: an event
-opens after ``min_duration`` readings in a row score above ``threshold`` (its first reading
-carries ``alarm``), stays open while the score stays above ``threshold * hysteresis``, and a
-new trigger within ``cooldown`` readings of its end continues the same event (same
-``event_id``, no second alarm). ``prediction`` is 1 for every reading of an open event. With
-``hysteresis: 1``, ``min_duration: 1`` and ``cooldown: 0`` (the zscore/ewma defaults) events are
-exactly the runs of flagged readings.
+opens after ``min_duration`` readings in a row *trigger* (its first reading carries ``alarm``),
+stays open while the score stays above ``threshold * hysteresis``, and a new trigger within
+``cooldown`` readings of its end continues the same event (same ``event_id``, no second
+alarm). ``prediction`` is 1 for every reading of an open event. For zscore/ewma a reading
+triggers when its score is above ``threshold``; with ``hysteresis: 1``, ``min_duration: 1`` and
+``cooldown: 0`` (their defaults) events are exactly the runs of flagged readings.
+
+For ``robust`` a reading triggers on either of two kinds of evidence, because on real series a
+lone reading a little past a fixed threshold is far more often the noise's own tail than a
+fault, while a fault usually shows as several odd readings:
+
+- **accumulated evidence** (a one-sided CUSUM on ``|z|``, so it sees a shift either way and a
+  burst of noise alike): ``evidence = max(0, evidence + min(|z|, 1.25 t) - 0.5 t)`` with ``t`` the
+  threshold, triggering above ``1.5 t``: three readings at 1.25 t in a row, or five at t, or a
+  dozen at 0.75 t; it is reset when an event opens or closes, so each event is counted once;
+- **a lone reading beyond the series' own tail**: above ``threshold`` and above the level the
+  series' own noise reaches about once in 3,300 readings (see :mod:`collector.models.robust`),
+  so a Student-t sensor does not alarm on every tail reading while a Gaussian one still alarms
+  on a 5-sd spike.
+
+A reading above ``0.625 t`` is kept out of the level (as a flagged one is for zscore/ewma), so
+a slow burst cannot drag the level along and hide itself.
 """
 
 from __future__ import annotations
@@ -41,6 +57,11 @@ from typing import Literal
 from collector.models.robust import RobustState, hour_of
 
 Method = Literal["robust", "zscore", "ewma"]
+ROBUST_GATE = 0.625
+"""robust: a reading above this share of ``threshold`` does not enter the level."""
+ROBUST_DRIFT, ROBUST_CAP, ROBUST_DECIDE = 0.5, 1.25, 1.5
+"""robust: the evidence accumulator's allowance, per-reading cap and decision level, as shares
+of ``threshold`` (so ``threshold`` stays the one sensitivity knob)."""
 Season = Literal["auto", "day", "week", "none"]
 
 
@@ -64,7 +85,8 @@ class DetectorSettings:
     """An open event stays open while the score is above ``threshold * hysteresis``."""
     min_duration: int = 1
     spike_threshold: float | None = None
-    """A single reading scoring above this opens an event whatever ``min_duration`` says."""
+    """A single reading scoring above this opens an event whatever ``min_duration`` says (and,
+    for robust, whatever the series' own tail says)."""
     cooldown: int = 0
 
 
@@ -149,12 +171,13 @@ class StreamingDetector:
         window = [*state.raw, value]
         state.raw.append(value)
         if s.method == "robust":
-            z = self._robust_z(state, value, ts)
-        else:
-            z = self._classic_z(key, state, value)
+            return self._robust_verdict(key, state, value, ts, window)
+        z = self._classic_z(key, state, value)
         if z is None:
             return Verdict(prediction=None, confidence=0.0, score=None, window=window)
-        in_event, alarm, event_id = _alarm_step(self.series[key].events, s, abs(z), key, ts)
+        in_event, alarm, event_id = _alarm_step(
+            self.series[key].events, s, abs(z), abs(z) > s.threshold, key, ts
+        )
         return Verdict(
             prediction=1.0 if in_event else 0.0,
             confidence=confidence_of(z, s.threshold),
@@ -191,29 +214,58 @@ class StreamingDetector:
             self._learn(state, value)
         return z
 
-    def _robust_z(self, state: SeriesState, value: float, ts: datetime | None) -> float | None:
+    def _robust_verdict(
+        self, key: Hashable, state: SeriesState, value: float, ts: datetime | None,
+        window: list[float],
+    ) -> Verdict:
         s = self.settings
         r = state.robust
         assert r is not None
         hour = hour_of(ts)
-        residual = r.residual(value, hour)
+        both = r.residual(value, hour)
         r.remember(value, hour)
-        if state.seen < s.warmup or residual is None:
+        if state.seen < s.warmup or both is None:
             state.seen += 1
-            r.learn(value, hour, residual)
-            return None
-        z = residual / r.scale(s.min_std)
-        if abs(z) > s.threshold:
+            r.learn(value, hour)
+            if both is not None:
+                r.residuals.add(abs(both[0]))
+            return Verdict(prediction=None, confidence=0.0, score=None, window=window)
+        residual, departure = both
+        scale = r.scale(s.min_std)
+        loud = scale * r.loudness(hour)
+        z = residual / loud
+        score, away, gate = abs(z), abs(departure) / loud, ROBUST_GATE * s.threshold
+        if away > gate:
+            # Kept out of the level: a burst must not drag the level along and hide itself.
             state.streak += 1
             if state.streak >= s.reset_after:
                 r.adopt_shift(state.streak)
                 state.streak = 0
+                r.evidence = 0.0
                 state.events.closing = True  # the shift is the new normal: its event ends here
         else:
             state.streak = 0
             state.seen += 1
-            r.learn(value, hour, residual)
-        return z
+            r.learn(value, hour)
+        t = s.threshold
+        r.evidence = max(0.0, r.evidence + min(score, ROBUST_CAP * t) - ROBUST_DRIFT * t)
+        trigger = r.evidence > ROBUST_DECIDE * t
+        if not trigger and score > t:
+            trigger = score > r.tail_level() / scale
+        was_open = state.events.open
+        in_event, alarm, event_id = _alarm_step(state.events, s, away, trigger, key, ts)
+        if state.events.open != was_open or (in_event and trigger):
+            r.evidence = 0.0  # each event is counted once; a new one needs new evidence
+        if not in_event:
+            r.note_normal(residual, hour, z, gate)  # an event's readings never widen the scale
+        return Verdict(
+            prediction=1.0 if in_event else 0.0,
+            confidence=confidence_of(z, s.threshold),
+            score=score,
+            window=window,
+            alarm=alarm,
+            event_id=event_id,
+        )
 
     def _learn(self, state: SeriesState, value: float) -> None:
         if self.settings.method == "ewma":
@@ -245,9 +297,16 @@ class StreamingDetector:
 
 
 def _alarm_step(
-    ev: EventState, s: DetectorSettings, score: float, key: Hashable, ts: datetime | None
+    ev: EventState, s: DetectorSettings, score: float, trigger: bool, key: Hashable,
+    ts: datetime | None,
 ) -> tuple[bool, bool, str | None]:
-    """(in an event, raises the alarm, event id) for one scored reading."""
+    """(in an event, raises the alarm, event id) for one scored reading.
+
+    ``trigger`` says whether the reading, on its own method's terms, calls for an event; a run
+    towards ``min_duration`` starts on a trigger and goes on while ``score`` (how far the
+    series is from its usual) stays above ``threshold``; an open event stays open while it
+    stays above ``threshold * hysteresis``.
+    """
     if ev.open:
         if ev.closing:
             ev.open, ev.closing, ev.quiet = False, False, 0
@@ -256,7 +315,7 @@ def _alarm_step(
             return True, False, ev.event_id
         ev.open, ev.quiet = False, 0
     ev.closing = False
-    ev.above = ev.above + 1 if score > s.threshold else 0
+    ev.above = ev.above + 1 if (trigger or (ev.above and score > s.threshold)) else 0
     spike = s.spike_threshold is not None and score > s.spike_threshold
     if ev.above < s.min_duration and not spike:
         ev.quiet += 1

@@ -1,33 +1,44 @@
 """The ``robust`` method of the built-in detector: for real sensor series, with no training.
 
 Real series are not Gaussian around a flat mean: heavy tails, daily and weekly cycles, level
-shifts that become the new normal, slow drifts, noise that changes with load. Per series, the
-method keeps (all bounded, all plain values the checkpoint codec stores):
+shifts that become the new normal, slow drifts, noise that changes with load, smooth signals
+whose hour-to-hour changes are small next to their daily range. An operator silences a
+detector that cries wolf, so this method spends its effort on *not* alarming on what the
+series itself shows to be normal. Per series it keeps (all bounded, all plain values the
+checkpoint codec stores):
 
-- **Seasonal profiles learned online**: the typical deviation of each hour of the day (24 slots)
-  and each hour of the week (168 slots) from the series' long-run median, each slot an
-  exponentially weighted mean over the last days/weeks. A profile is used only where the data
-  has it: once every slot has been seen a few times and the profile explains at least
-  ``SEASON_GAIN`` of the deviations (the weekly one must also beat the daily one). A flat signal
-  never uses one.
-- **A robust local level**: the median of the last ``level_window`` accepted readings, after
-  the profile is taken out. A median follows a drift and ignores a lone spike.
-- **A robust, tail-aware scale** over a longer history (the last ``history`` accepted residuals):
-  the larger of ``1.4826 * median |residual|`` (the MAD: Gaussian sigma, immune to outliers) and
-  the 99th percentile of ``|residual|`` / 2.576 (heavy-tailed noise widens the scale instead of
-  crying wolf). ``score`` is ``|residual| / scale``.
-- **Adaptation after a confirmed shift**: a flagged reading does not enter the statistics, but
-  after ``reset_after`` flags in a row the level jumps to the median of those readings and the
-  long-run median moves with it; the scale history is kept (the noise did not change), so
-  there is no second warm-up.
+- **A forecast chosen by its own errors.** The expected value is a seasonal profile (none,
+  hour of day, or hour of week; learnt online as exponentially weighted deviations from the
+  long-run median) plus either the **median** of the last ``level_window`` accepted readings
+  (noisy, steady signals) or the **last** accepted reading (smooth, autocorrelated signals such
+  as air quality, where a median lags by hours). Every pair is scored on each accepted
+  reading's one-step error, and the best one is used once it is clearly better: a profile is
+  used only where it explains the readings, a flat signal never uses one.
+- **A tail-aware scale** over the last ``history`` readings outside events: the larger of
+  ``1.4826 * median |residual|`` (the MAD) and the 99th percentile of ``|residual|`` / 2.576.
+- **Loudness by hour of day.** Noise that grows with load (busy hours) would otherwise alarm
+  every afternoon and hide night-time faults: the residuals are divided by how loud each hour
+  usually is (learnt from normal readings, bounded to 1/3..3).
+- **The series' own tail.** A single reading alarms only above the level its own tail reaches
+  about once in ``1 / TAIL_RATE`` readings, extrapolated from the 90th and 99th percentiles as a
+  power law (Gaussian noise: about 5 sd; Student-t noise: much further out). Until the history
+  is long, the tail index is pulled towards a heavy one (``TAIL_PRIOR``), so a young series
+  does not alarm on the first outliers it has not yet seen the like of.
+- **Adaptation after a confirmed shift**: a reading far out does not enter the level, but after
+  ``reset_after`` of them in a row the level jumps to the new readings and the long-run median
+  moves with it; the scale history is kept (the noise did not change), so there is no second
+  warm-up. With the ``last`` forecast a reading is also compared with the reading just before,
+  so a jump that the series stays at is seen once, not on every later reading.
 
-The alarm logic (hysteresis, minimum duration, one alarm per event, cool-down) is shared with
-the other methods and lives in :mod:`collector.models.anomaly`.
+The evidence accumulation (several moderately odd readings in a row) and the alarm logic
+(hysteresis, minimum duration, one alarm per event, cool-down) live in
+:mod:`collector.models.anomaly`.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -35,14 +46,28 @@ from datetime import datetime
 DAY_SLOTS = 24
 WEEK_SLOTS = 168
 SEASON_WEIGHT = {"day": 0.1, "week": 0.2}
-"""Weight of a new reading in its slot: about the last 10 days / 5 weeks count."""
+"""Weight of a new reading in its slot."""
 SEASON_VISITS = {"day": 3, "week": 2}
 """Every slot must have been seen on this many distinct days/weeks before the profile is used."""
 SEASON_GAIN = 0.2
-"""A profile is used when it cuts the mean deviation from the long-run median by this share."""
+"""A profile is used when it cuts the mean one-step error by this share (against none)."""
 FIT_WEIGHT = 0.01
+"""Weight of one reading in a forecast's mean one-step error (about the last 100 readings)."""
+FIT_MIN = 50
+"""Readings a forecast must have been scored on before it can be chosen."""
+SWITCH_GAIN = 0.1
+"""Another forecast takes over when its mean one-step error is this share smaller."""
+PREDICTORS = ("median", "last")
 GAUSS_MAD = 1.4826
 TAIL_Q, TAIL_Z = 0.99, 2.576
+TAIL_RATE = 3e-4
+"""A lone reading alarms above the level the series' own tail reaches once in ~3,300 readings."""
+TAIL_PRIOR = (2.5, 100)
+"""(tail index, weight in readings): until the history is long, assume a heavy tail."""
+LOUD_SEEN, LOUD_CLAMP, LOUD_WEIGHT, LOUD_CLIP = 20, 3.0, 0.005, 3.0
+"""Loudness by hour is used once every hour has this many readings; bounded to 1/3..3; each
+normal reading weighs this much in its hour; |z| is clipped here so one outlier cannot make an
+hour loud."""
 
 
 @dataclass
@@ -56,8 +81,6 @@ class Profile:
     last_period: list[int] = field(default_factory=list)
     total: float = 0.0
     """Sum of ``mean``, so centring costs nothing per reading."""
-    fit: float = 0.0
-    """Exponentially weighted mean |deviation - profile|: how well the profile explains it."""
 
     def __post_init__(self) -> None:
         if not self.mean:
@@ -81,8 +104,6 @@ class Profile:
         return self.mean[slot] - self.total / self.slots
 
     def learn(self, slot: int, period: int, deviation: float, kind: str) -> None:
-        centred = self.offset(slot)
-        self.fit += FIT_WEIGHT * (abs(deviation - centred) - self.fit)
         old = self.mean[slot]
         if self.visits[slot] == 0:
             self.mean[slot] = deviation
@@ -137,7 +158,11 @@ class SortedWindow:
 
 @dataclass
 class RobustState:
-    """What the robust method remembers about one series (bounded by ``history``)."""
+    """What the robust method remembers about one series (bounded by ``history``).
+
+    Fields added after the first release default to None or a class-level value and are created
+    on first use, so a checkpoint written by an older version still restores.
+    """
 
     history: int = 1000
     level_window: int = 5
@@ -146,16 +171,25 @@ class RobustState:
     """(value, hour) of the last ``level_window`` accepted readings: the local level."""
     tail: deque[tuple[float, int | None]] = field(default_factory=deque)
     """(value, hour) of the last ``level_window`` readings, flagged or not: the new level after
-    a confirmed shift."""
+    a confirmed shift, and the reading just before for the ``last`` forecast."""
     long: SortedWindow = field(default_factory=SortedWindow)
     """Accepted raw readings: the long-run median the profiles are learnt against."""
     residuals: SortedWindow = field(default_factory=SortedWindow)
-    """|residual| of accepted readings: the scale."""
+    """|residual| / loudness of the readings outside events: the scale and the tail."""
     day: Profile = field(default_factory=lambda: Profile(DAY_SLOTS))
     week: Profile = field(default_factory=lambda: Profile(WEEK_SLOTS))
-    flat_fit: float = 0.0
-    """Exponentially weighted mean |deviation from the long-run median|, no profile."""
     in_use: str = "none"
+    """The profile in use: ``none``, ``day`` or ``week``."""
+    predictor: str = "median"
+    """The forecast in use: ``median`` of the recent accepted readings or the ``last`` one."""
+    fits: dict[str, list[float]] | None = None
+    """[mean |one-step error|, readings scored] of each ``predictor/profile`` pair (a running
+    mean, then exponentially weighted over about the last 1 / FIT_WEIGHT readings)."""
+    loud: list[float] | None = None
+    """Exponentially weighted mean clipped |z| per hour of day (normal readings only)."""
+    loud_seen: list[int] | None = None
+    evidence: float = 0.0
+    """Accumulated excess |z| of the current run of odd readings (see ``anomaly``)."""
 
     @classmethod
     def new(cls, history: int, level_window: int, season: str) -> RobustState:
@@ -167,29 +201,81 @@ class RobustState:
 
     # -- scoring -----------------------------------------------------------------------------
 
-    def seasonal(self, hour: int | None) -> float:
-        """The profile in use at this hour (0 without one)."""
-        if hour is None or self.in_use == "none":
+    def seasonal(self, hour: int | None, kind: str | None = None) -> float:
+        """The profile in use (or ``kind``) at this hour (0 without one)."""
+        kind = self.in_use if kind is None else kind
+        if hour is None or kind == "none":
             return 0.0
-        profile = self.day if self.in_use == "day" else self.week
+        profile = self.day if kind == "day" else self.week
         return profile.offset(profile.slot_of(hour)[0])
 
-    def level(self, readings: deque[tuple[float, int | None]] | list[tuple[float, int | None]]
-              ) -> float:
-        """Median of readings with the profile in use taken out (always the current profile, so
+    def level(self, readings: deque[tuple[float, int | None]] | list[tuple[float, int | None]],
+              kind: str | None = None) -> float:
+        """Median of readings with the profile taken out (always the current profile, so
         switching profiles never leaves a stale level behind)."""
-        return _median([v - self.seasonal(h) for v, h in readings])
+        return _median([v - self.seasonal(h, kind) for v, h in readings])
 
-    def residual(self, value: float, hour: int | None) -> float | None:
-        """Deviation from the expected value, or None before there is a level."""
+    def expected(self, predictor: str, kind: str | None = None) -> float:
+        """The deseasonalised value the forecast expects next."""
+        if predictor == "last":
+            v, h = self.recent[-1]
+            return v - self.seasonal(h, kind)
+        return self.level(self.recent, kind)
+
+    def residual(self, value: float, hour: int | None) -> tuple[float, float] | None:
+        """(news, departure): how far the reading is from what was expected given everything
+        up to the reading before, and how far from the accepted level; None before there is a
+        level.
+
+        They differ only with the ``last`` forecast after a reading that was kept out: that one
+        was a spike (then this reading is close to the last accepted) or the start of a new
+        level (then it is close to the one before). The *news* is what neither explains, so a
+        jump the series stays at is news once, not on every later reading against a stale
+        reference; the *departure* says whether the series is still away from where it was,
+        which is what keeps an event open and what a minimum duration counts.
+        """
         if not self.recent:
             return None
-        return value - self.seasonal(hour) - self.level(self.recent)
+        base = value - self.seasonal(hour)
+        departure = base - self.expected(self.predictor)
+        news = departure
+        if self.predictor == "last" and self.tail and self.tail[-1] != self.recent[-1]:
+            v, h = self.tail[-1]
+            r_prev = base - (v - self.seasonal(h))
+            if abs(r_prev) < abs(departure):
+                news = r_prev
+        return news, departure
+
+    def loudness(self, hour: int | None) -> float:
+        """How much louder than usual the noise is at this hour of the day (1 without a clock or
+        before every hour has been heard often enough)."""
+        if hour is None or self.loud is None or self.loud_seen is None:
+            return 1.0
+        if min(self.loud_seen) < LOUD_SEEN:
+            return 1.0
+        mean = sum(self.loud) / DAY_SLOTS
+        if mean <= 0:
+            return 1.0
+        return min(max(self.loud[hour % DAY_SLOTS] / mean, 1 / LOUD_CLAMP), LOUD_CLAMP)
 
     def scale(self, floor: float) -> float:
         mad = GAUSS_MAD * self.residuals.quantile(0.5)
         tail = self.residuals.quantile(TAIL_Q) / TAIL_Z
         return max(mad, tail, floor)
+
+    def tail_level(self, rate: float = TAIL_RATE) -> float:
+        """|residual| / loudness the series' own tail exceeds about once in ``1 / rate``
+        readings: a power law through the 90th and 99th percentiles, extrapolated. Percentiles
+        (not the largest values) so a few past anomalies do not move it."""
+        n = len(self.residuals)
+        q90 = self.residuals.quantile(0.90)
+        q99 = self.residuals.quantile(0.99)
+        if n < 100 or q90 <= 0 or q99 <= q90 * 1.05:
+            return q99  # bounded noise (or too little history): the threshold floor decides
+        alpha = math.log(10) / math.log(q99 / q90)
+        prior, weight = TAIL_PRIOR
+        alpha = (n * alpha + weight * prior) / (n + weight)
+        return q99 * (0.01 / rate) ** (1 / alpha)
 
     # -- learning ----------------------------------------------------------------------------
 
@@ -197,23 +283,35 @@ class RobustState:
         """Every reading, flagged or not, goes to the tail a confirmed shift is taken from."""
         self.tail.append((value, hour))
 
-    def learn(self, value: float, hour: int | None, residual: float | None) -> None:
-        """Fold an accepted reading into level, scale and profiles."""
+    def learn(self, value: float, hour: int | None) -> None:
+        """Fold an accepted reading into level, forecasts and profiles."""
+        if self.recent:
+            self._track_models(value, hour)
         self.recent.append((value, hour))
-        if residual is not None:
-            self.residuals.add(abs(residual))
         if hour is not None and self.season != "none" and len(self.long) >= 2:
             deviation = value - self.long.quantile(0.5)
-            self.flat_fit += FIT_WEIGHT * (abs(deviation) - self.flat_fit)
             for kind, profile in (("day", self.day), ("week", self.week)):
                 if self.season in ("auto", kind):
                     slot, period = profile.slot_of(hour)
                     profile.learn(slot, period, deviation, kind)
-            self._choose_profile()
         self.long.add(value)
 
+    def note_normal(self, residual: float, hour: int | None, z: float, gate: float) -> None:
+        """A reading outside any event: its size goes to the scale history, and (if it is not
+        itself odd) to its hour's loudness."""
+        loud = self.loudness(hour)
+        self.residuals.add(abs(residual) / loud)
+        if hour is None or abs(z) > gate:
+            return
+        if self.loud is None or self.loud_seen is None:
+            self.loud, self.loud_seen = [0.0] * DAY_SLOTS, [0] * DAY_SLOTS
+        slot = hour % DAY_SLOTS
+        self.loud_seen[slot] += 1
+        w = max(1.0 / self.loud_seen[slot], LOUD_WEIGHT)
+        self.loud[slot] += w * (min(abs(z), LOUD_CLIP) * loud - self.loud[slot])
+
     def adopt_shift(self, streak: int) -> None:
-        """A shift confirmed by ``streak`` flags in a row: the new level is the normal now."""
+        """A shift confirmed by ``streak`` odd readings in a row: the new level is the normal."""
         new = list(self.tail)[-min(streak, len(self.tail)):]
         if not new or not self.recent:
             return
@@ -222,18 +320,46 @@ class RobustState:
         self.recent.extend(new)
         self.long.shift(delta)
 
-    def _choose_profile(self) -> None:
-        best, best_fit = "none", self.flat_fit * (1 - SEASON_GAIN)
-        for kind, profile in (("day", self.day), ("week", self.week)):
-            if self.season in ("auto", kind) and profile.ready(kind) and profile.fit < best_fit:
-                best, best_fit = kind, profile.fit * (1 - SEASON_GAIN)
-        if best != self.in_use:
-            # Residuals measured under the old model are as much larger as its fit was worse:
-            # rescale them, so the scale fits the new model at once, without a second warm-up.
-            fits = {"none": self.flat_fit, "day": self.day.fit, "week": self.week.fit}
-            if fits[self.in_use] > 0 and fits[best] > 0:
-                self.residuals.multiply(fits[best] / fits[self.in_use])
-            self.in_use = best
+    def _track_models(self, value: float, hour: int | None) -> None:
+        """Score every (forecast, profile) pair on this reading's one-step error; switch to the
+        best when it is clearly better than the one in use."""
+        if self.fits is None:
+            self.fits = {}
+        kinds = ["none"]
+        if hour is not None:
+            kinds += [k for k, p in (("day", self.day), ("week", self.week))
+                      if self.season in ("auto", k) and p.ready(k)]
+        for kind in kinds:
+            base = value - self.seasonal(hour, kind)
+            for predictor in PREDICTORS:
+                name = f"{predictor}/{kind}"
+                err = abs(base - self.expected(predictor, kind))
+                fit = self.fits.setdefault(name, [0.0, 0])
+                fit[1] += 1
+                fit[0] += max(1.0 / fit[1], FIT_WEIGHT) * (err - fit[0])
+        current = f"{self.predictor}/{self.in_use}"
+        # A newcomer (a profile just ready) must have been scored on FIT_MIN readings, so it
+        # cannot win on its first few lucky ones.
+        ready = [n for n, (_, count) in self.fits.items()
+                 if n.split("/")[1] in kinds and count >= FIT_MIN]
+        if current not in self.fits or not ready:
+            return
+        now = self.fits[current][0]
+        best = min(ready, key=self._penalised)
+        if best != current and now > 0 and self._penalised(best) < self._penalised(current) * (
+            1 - SWITCH_GAIN
+        ):
+            # Residuals measured under the old forecast are as much larger as its errors were:
+            # rescale them, so the scale fits the new one at once, without a second warm-up.
+            self.residuals.multiply(self.fits[best][0] / now)
+            self.predictor, self.in_use = best.split("/")
+
+    def _penalised(self, name: str) -> float:
+        """A profile has 24 or 168 free values that also fit noise: it must earn its keep by
+        cutting the one-step error by ``SEASON_GAIN`` more than going without."""
+        assert self.fits is not None
+        fit = self.fits[name][0]
+        return fit if name.endswith("/none") else fit / (1 - SEASON_GAIN)
 
 
 def hour_of(ts: datetime | None) -> int | None:
@@ -246,4 +372,3 @@ def _median(values: list[float]) -> float:
     n = len(ordered)
     mid = n // 2
     return ordered[mid] if n % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-

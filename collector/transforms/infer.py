@@ -137,7 +137,8 @@ class BuiltinModelConfig(Model):
     spike_threshold: float | None = Field(
         default=None, gt=0,
         description="A single reading scoring above this opens an event even when "
-        "`min_duration` asks for more (default: robust 2 x threshold; zscore/ewma: threshold).",
+        "`min_duration` asks for more (default: zscore/ewma: threshold; robust: none, a lone "
+        "reading alarms when beyond both threshold and the series' own noise tail).",
     )
     cooldown: int | None = Field(
         default=None, ge=0,
@@ -160,8 +161,9 @@ class BuiltinModelConfig(Model):
             hysteresis=_default(self.hysteresis, ROBUST_HYSTERESIS if robust else 1.0),
             min_duration=_default(self.min_duration, ROBUST_MIN_DURATION if robust else 1),
             cooldown=_default(self.cooldown, ROBUST_COOLDOWN if robust else 0),
-            spike_threshold=_default(
-                self.spike_threshold, self.threshold * (ROBUST_SPIKE if robust else 1.0)
+            # robust: lone readings are judged against each series' own tail (no fixed cap).
+            spike_threshold=(
+                self.spike_threshold if robust else _default(self.spike_threshold, self.threshold)
             ),
         )
 
@@ -169,7 +171,6 @@ class BuiltinModelConfig(Model):
 ROBUST_HYSTERESIS = 0.5
 ROBUST_MIN_DURATION = 1
 ROBUST_COOLDOWN = 12
-ROBUST_SPIKE = 2.0
 
 
 def _default(value: Any, default: Any) -> Any:
