@@ -205,6 +205,10 @@ class FilesConfig(SourceConfig):
 
     @model_validator(mode="after")
     def _move_target(self) -> FilesConfig:
+        clash = sorted(set(self.tags) & set(EXTRA_SCHEMA))
+        if clash:
+            raise ValueError(f"tag name(s) {', '.join(clash)} clash with the files source's "
+                             f"columns ({', '.join(EXTRA_SCHEMA)})")
         if self.after == "move" and not self.move_to:
             raise ValueError("`after: move` needs `move_to`")
         if self.move_to and self.after != "move":

@@ -467,3 +467,17 @@ async def test_a_folder_that_appears_later_is_watched_from_then_on(tmp_path: Pat
     later.mkdir()
     drop(later, "a.png", png(1), age=30)
     assert src.read().height == 1
+
+
+def test_config_errors_say_what_is_wrong(tmp_path: Path) -> None:
+    base = {"type": "files", "path": str(tmp_path)}
+    for bad, message in (
+        ({"after": "move"}, "needs `move_to`"),
+        ({"move_to": str(tmp_path / "x")}, "applies to `after: move` only"),
+        ({"after": "move", "move_to": str(tmp_path)}, "another folder"),
+        ({"glob": "../*.png"}, "inside `path`"),
+        ({"time_pattern": "(unclosed"}, "not a regular expression"),
+        ({"tags": {"file": "x"}}, "clash"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            FilesConfig(**base, **bad)
