@@ -385,6 +385,11 @@ def _thumbnail(path: str | None, stamp: tuple[int, int] | None) -> bytes | None:
     return data.image_thumbnail(path)
 
 
+@st.cache_data(show_spinner=False, max_entries=512, ttl=600)
+def _s3_thumbnail(root: str, endpoint_url: str | None, key: str) -> bytes | None:
+    return data.s3_image_thumbnail(root, key, endpoint_url)
+
+
 def _stamp(path: str | None) -> tuple[int, int] | None:
     try:
         stat = Path(path).stat() if path else None
@@ -397,8 +402,9 @@ def _doubtful_images(query: LakeQuery, key: tuple[Any, ...], files: tuple[LakeFi
     """Thumbnails of the images an `infer` image model was least sure about, for review.
 
     Shown only when the rows carry image verdicts (`confidence` and `path`). The picture comes
-    from the row's `path` when that file is on this machine (the device's blob store); rows
-    from elsewhere, or whose blob was deleted after its upload, show their verdict only.
+    from the row's `path` when that file is on this machine (the device's blob store), else,
+    on an S3 lake, from the object the s3 sink uploaded it to (`blob_key`, same bucket); rows
+    with neither show their verdict only.
     """
     threshold = float(st.session_state.get("doubt_threshold", 0.6))
     try:
@@ -421,10 +427,13 @@ def _doubtful_images(query: LakeQuery, key: tuple[Any, ...], files: tuple[LakeFi
         with grid[i % IMAGE_COLUMNS]:
             stamp = _stamp(row["path"])
             thumb = _thumbnail(row["path"], stamp) if stamp is not None else None
+            remote = bool(row["blob_key"]) and query.root.startswith("s3://")
+            if thumb is None and remote:
+                thumb = _s3_thumbnail(query.root, query.endpoint_url, row["blob_key"])
             if thumb is not None:
                 st.image(thumb, caption=caption)
             else:
-                why = "not on this machine" if stamp is None else "cannot be shown"
+                why = "cannot be shown" if stamp is not None or remote else "not on this machine"
                 st.markdown(f"**{caption}**")
                 st.caption(f"{row['file'] or row['path']}: image {why}")
 

@@ -145,12 +145,8 @@ def spool_paths(data_dir: Path, sink: str, *, inflight: bool = True) -> list[Pat
 
 def read_spool(paths: Sequence[Path]) -> pl.DataFrame:
     """Rows of spooled Arrow IPC stream files; a file cut short by a crash is skipped."""
-    table = lakequery.read_spool(paths)
-    if table is None:
-        return pl.DataFrame(schema=STATS_SCHEMA)
-    frame = pl.from_arrow(table)
-    assert isinstance(frame, pl.DataFrame)
-    return frame
+    frame = lakequery.read_spool(paths)
+    return pl.DataFrame(schema=STATS_SCHEMA) if frame is None else frame
 
 
 def spool_frame(query: LakeQuery, paths: Sequence[Path]) -> pl.LazyFrame:
@@ -766,6 +762,7 @@ IMAGE_ROWS_SCHEMA: dict[str, pl.DataType] = {
     "confidence": pl.Float64(),
     "path": pl.String(),
     "file": pl.String(),
+    "blob_key": pl.String(),
 }
 THUMBNAIL = 96
 """Thumbnail edge in pixels: small pictures (an 8x8 digit) are enlarged to it, crisp."""
@@ -779,13 +776,20 @@ def has_images(lf: pl.LazyFrame, image_column: str = "path") -> bool:
 
 
 def doubtful_images(
-    lf: pl.LazyFrame, *, threshold: float = 0.6, image_column: str = "path", limit: int = 48
+    lf: pl.LazyFrame,
+    *,
+    threshold: float = 0.6,
+    image_column: str = "path",
+    key_column: str = "blob_key",
+    limit: int = 48,
 ) -> pl.DataFrame:
     """Image rows whose confidence is below ``threshold``, least sure first (then newest).
 
     An unreadable image has confidence 0 and no prediction: it comes first, which is what a
     reviewer wants. Returns ``IMAGE_ROWS_SCHEMA`` columns (``path`` renamed from
-    ``image_column``), empty when the rows carry no image verdicts.
+    ``image_column``; ``blob_key``, from ``key_column``, is the S3 object key the s3 sink
+    uploaded the picture to, when the rows went through one), empty when the rows carry no
+    image verdicts.
     """
     if not has_images(lf, image_column):
         return pl.DataFrame(schema=IMAGE_ROWS_SCHEMA)
@@ -803,6 +807,7 @@ def doubtful_images(
             col("confidence", pl.Float64()),
             col("path", pl.String(), image_column),
             col("file", pl.String()),
+            col("blob_key", pl.String(), key_column),
         )
         .filter(pl.col("path").is_not_null()
                 & (pl.col("confidence").fill_null(0.0) < threshold))
@@ -836,15 +841,26 @@ def image_thumbnail(
             return None
     except OSError:
         return None
+    try:
+        raw = file.read_bytes()
+    except OSError:
+        return None
+    return thumbnail_of(raw, size=size)
+
+
+def thumbnail_of(raw: bytes, *, size: int = THUMBNAIL) -> bytes | None:
+    """``raw`` image bytes as a small PNG (enlarged crisp when tiny), None when not an image."""
     import io
     import warnings
 
     from PIL import Image
 
+    if len(raw) > MAX_IMAGE_BYTES:
+        return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(file) as img:
+            with Image.open(io.BytesIO(raw)) as img:
                 img.load()
                 thumb = img.convert("RGB")
         small = max(thumb.width, thumb.height) < size
@@ -856,3 +872,25 @@ def image_thumbnail(
     except Exception:  # whatever a damaged or hostile file makes Pillow raise: no thumbnail
         return None
     return out.getvalue()
+
+
+def s3_image_thumbnail(
+    root: str, key: str | None, endpoint_url: str | None = None, *, size: int = THUMBNAIL
+) -> bytes | None:
+    """A thumbnail of the picture the s3 sink uploaded (``blob_key``), read from S3.
+
+    Only from the bucket of ``root`` (the S3 lake the page is reading, e.g.
+    ``s3://bucket/retraining``): a key from the data cannot send the page to another bucket.
+    Same S3 access as the lake listing (credentials chain, ``endpoint_url`` or
+    ``AWS_ENDPOINT_URL``); at most ``MAX_IMAGE_BYTES`` are read. None when anything fails.
+    """
+    if not key or not root.startswith("s3://") or key.startswith("/") or ".." in key.split("/"):
+        return None
+    fs, base = lakequery._filesystem(root, endpoint_url)  # the lake's own S3 access
+    bucket = base.split("/", 1)[0]
+    try:
+        with fs.open_input_stream(f"{bucket}/{key}") as stream:
+            raw = stream.read(MAX_IMAGE_BYTES + 1)
+    except Exception:  # missing object, access denied, network: the verdict shows alone
+        return None
+    return thumbnail_of(bytes(raw), size=size)

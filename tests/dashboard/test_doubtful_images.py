@@ -161,3 +161,75 @@ def test_doubtful_images_render_in_chromium(image_dashboard: str, tmp_path: Path
     assert shot.stat().st_size > 10_000
     if os.environ.get("DASHBOARD_SCREENSHOT"):  # keep a copy to look at
         Path(os.environ["DASHBOARD_SCREENSHOT"]).write_bytes(shot.read_bytes())
+
+
+@pytest.fixture
+def retraining_bucket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """What the s3 sink leaves for retraining: pictures under their label and the rows (with
+    ``blob_key``) as Parquet, in a real moto server; the blobs are gone from this machine."""
+    import boto3
+
+    from collector.testing import moto_server
+
+    with moto_server(tmp_path / "moto.log") as url:
+        for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+            monkeypatch.delenv(var, raising=False)
+        for var, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                           ("AWS_REGION", "us-east-1"), ("AWS_ENDPOINT_URL", url),
+                           ("AWS_CONFIG_FILE", str(tmp_path / "none")),
+                           ("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none")),
+                           ("AWS_EC2_METADATA_DISABLED", "true")):
+            monkeypatch.setenv(var, value)
+        s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
+        s3.create_bucket(Bucket="retraining-data")
+        s3.create_bucket(Bucket="other-bucket")
+        local = tmp_path / "device"
+        table = image_lake(local / "lake", local / "blobs")
+        keys = []
+        for i, (label, conf, present) in enumerate(VERDICTS):
+            key = f"retraining/{label}/2024-06-03/{i:064x}.png"
+            blob = local / "blobs" / f"{i:02d}" / f"blob{i}.png"
+            if present and conf < 0.6:
+                s3.put_object(Bucket="retraining-data", Key=key, Body=blob.read_bytes())
+            keys.append(key if conf < 0.6 else None)
+        s3.put_object(Bucket="other-bucket", Key="secret.png", Body=(
+            local / "blobs" / "00" / "blob0.png").read_bytes())
+        rows = pl.from_arrow(table).with_columns(pl.Series("blob_key", keys, dtype=pl.String))
+        buf = io.BytesIO()
+        rows.filter(pl.col("confidence") < 0.6).write_parquet(buf)
+        s3.put_object(Bucket="retraining-data",
+                      Key="retraining/metric=image/date=2024-06-03/part-1.parquet",
+                      Body=buf.getvalue())
+        import shutil
+
+        shutil.rmtree(local)  # uploaded and deleted on the device: only S3 has them
+        yield "s3://retraining-data/retraining"
+
+
+def test_doubtful_images_from_an_s3_lake_come_from_their_uploaded_objects(
+    retraining_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from streamlit.testing.v1 import AppTest
+
+    from collector.lakequery import LakeQuery
+
+    lf = data.lake_frame(LakeQuery(retraining_bucket))
+    rows = data.doubtful_images(lf)
+    assert rows["confidence"].to_list() == [0.0, 0.31, 0.42, 0.55, 0.58]
+    assert all(k.startswith("retraining/") for k in rows["blob_key"].to_list())
+    thumbs = [data.s3_image_thumbnail(retraining_bucket, k) for k in rows["blob_key"]]
+    # the corrupt picture cannot be shown; the one never uploaded is missing; 3 are there
+    assert [t is not None for t in thumbs] == [False, True, True, True, False]
+    # a key from the data reaches only the lake's own bucket
+    assert data.s3_image_thumbnail(retraining_bucket, "../other-bucket/secret.png") is None
+    assert data.s3_image_thumbnail("s3://retraining-data/x", "secret.png") is None
+
+    monkeypatch.setenv(data.LAKE_ENV, retraining_bucket)
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "data"))
+    app = Path(__file__).resolve().parents[2] / "dashboards" / "app.py"
+    at = AppTest.from_file(str(app), default_timeout=120).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "Doubtful images" in [h.value for h in at.subheader]
+    assert len(at.get("image")) == 3  # the three pictures that are in the bucket
+    captions = " ".join(c.value for c in at.caption) + " ".join(m.value for m in at.markdown)
+    assert "image cannot be shown" in captions
