@@ -60,8 +60,12 @@ def export(model: Any, path: Path) -> None:
     from skl2onnx import to_onnx
     from skl2onnx.common.data_types import FloatTensorType
 
-    onx = to_onnx(model, initial_types=[("pixels", FloatTensorType([None, 64]))],
-                  options={id(model): {"zipmap": False}}, target_opset=17)
+    onx = to_onnx(
+        model,
+        initial_types=[("pixels", FloatTensorType([None, 64]))],
+        options={id(model): {"zipmap": False}},
+        target_opset=17,
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(onx.SerializeToString())
 
@@ -121,8 +125,10 @@ def main(argv: list[str]) -> int:
     print(f"held-out accuracy (sklearn): {model.score(x_test.astype(np.float32), y_test):.3f}")
     export(model, MODEL)
     files = write_camera(CAMERA, x_test, y_test)
-    print(f"wrote {MODEL.relative_to(HERE.parent)} ({MODEL.stat().st_size} bytes) and "
-          f"{len(files)} files in {CAMERA.relative_to(HERE.parent)}/")
+    print(
+        f"wrote {MODEL.relative_to(HERE.parent)} ({MODEL.stat().st_size} bytes) and "
+        f"{len(files)} files in {CAMERA.relative_to(HERE.parent)}/"
+    )
     return 0
 
 

@@ -81,8 +81,10 @@ class PreprocessConfig(Model):
         for name in ("mean", "std"):
             values = getattr(self, name)
             if values is not None and len(values) not in (1, channels):
-                raise ValueError(f"`{name}` takes 1 or {channels} values for `color: "
-                                 f"{self.color}`, got {len(values)}")
+                raise ValueError(
+                    f"`{name}` takes 1 or {channels} values for `color: "
+                    f"{self.color}`, got {len(values)}"
+                )
         if self.std is not None and any(v == 0 for v in self.std):
             raise ValueError("`std` values must not be 0")
         if self.size is not None and min(self.size) < 1:
@@ -111,8 +113,13 @@ class Plan:
     max_pixels: int = 50_000_000
 
 
-def plan_for(config: PreprocessConfig, input_shape: Sequence[Any], input_type: str,
-             roots: Sequence[Path] = (), max_pixels: int = 50_000_000) -> Plan:
+def plan_for(
+    config: PreprocessConfig,
+    input_shape: Sequence[Any],
+    input_type: str,
+    roots: Sequence[Path] = (),
+    max_pixels: int = 50_000_000,
+) -> Plan:
     """Decide size, layout and dtype from the config, falling back on the model's input."""
     static = [d if isinstance(d, int) and d > 0 else None for d in input_shape]
     layout = config.layout
@@ -124,12 +131,16 @@ def plan_for(config: PreprocessConfig, input_shape: Sequence[Any], input_type: s
         elif len(static) == 4:
             layout = "NHWC"
         else:
-            raise ValueError(f"the model input has shape {list(input_shape)}: set "
-                             "`preprocess.layout` (NCHW, NHWC or flat)")
+            raise ValueError(
+                f"the model input has shape {list(input_shape)}: set "
+                "`preprocess.layout` (NCHW, NHWC or flat)"
+            )
     expected_rank = 2 if layout == "flat" else 4
     if len(static) != expected_rank:
-        raise ValueError(f"`layout: {layout}` needs a {expected_rank}-D model input; this "
-                         f"model takes {list(input_shape)}")
+        raise ValueError(
+            f"`layout: {layout}` needs a {expected_rank}-D model input; this "
+            f"model takes {list(input_shape)}"
+        )
     c = config.channels
     if layout == "NCHW" and static[1] not in (None, c):
         raise ValueError(f"the model takes {static[1]} channels; `color: {config.color}` gives {c}")
@@ -141,25 +152,43 @@ def plan_for(config: PreprocessConfig, input_shape: Sequence[Any], input_type: s
         height, width = static[2], static[3]
     elif layout == "NHWC" and static[1] and static[2]:
         height, width = static[1], static[2]
-    elif layout == "flat" and static[1] and static[1] % c == 0 and math.isqrt(
-        static[1] // c
-    ) ** 2 == static[1] // c:
+    elif (
+        layout == "flat"
+        and static[1]
+        and static[1] % c == 0
+        and math.isqrt(static[1] // c) ** 2 == static[1] // c
+    ):
         width = height = math.isqrt(static[1] // c)
     else:
-        raise ValueError(f"cannot tell the image size from the model input "
-                         f"{list(input_shape)}: set `preprocess.size: [width, height]`")
+        raise ValueError(
+            f"cannot tell the image size from the model input "
+            f"{list(input_shape)}: set `preprocess.size: [width, height]`"
+        )
     if layout == "flat" and static[1] not in (None, width * height * c):
-        raise ValueError(f"the model takes {static[1]} values per row; {width}x{height}x{c} "
-                         f"gives {width * height * c}")
+        raise ValueError(
+            f"the model takes {static[1]} values per row; {width}x{height}x{c} "
+            f"gives {width * height * c}"
+        )
     dtype = config.dtype
     if dtype == "auto":
-        dtype = {"tensor(float)": "float32", "tensor(double)": "float64",
-                 "tensor(uint8)": "uint8"}.get(input_type, "")
+        dtype = {
+            "tensor(float)": "float32",
+            "tensor(double)": "float64",
+            "tensor(uint8)": "uint8",
+        }.get(input_type, "")
         if not dtype:
-            raise ValueError(f"the model takes {input_type}; only float, double and uint8 "
-                             "image inputs are fed")
-    return Plan(width=width, height=height, layout=layout, dtype=dtype, config=config,
-                roots=tuple(roots), max_pixels=max_pixels)
+            raise ValueError(
+                f"the model takes {input_type}; only float, double and uint8 image inputs are fed"
+            )
+    return Plan(
+        width=width,
+        height=height,
+        layout=layout,
+        dtype=dtype,
+        config=config,
+        roots=tuple(roots),
+        max_pixels=max_pixels,
+    )
 
 
 def _inside(path: Path, roots: Sequence[Path]) -> bool:
@@ -192,8 +221,9 @@ def decode(path_text: Any, plan: Plan) -> Any:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 if img.width * img.height > plan.max_pixels:
-                    raise ImageDecodeError(f"image is {img.width}x{img.height}, over "
-                                           f"{plan.max_pixels} pixels")
+                    raise ImageDecodeError(
+                        f"image is {img.width}x{img.height}, over {plan.max_pixels} pixels"
+                    )
                 img.load()
                 converted = img.convert("L" if cfg.color == "grayscale" else "RGB")
     except ImageDecodeError:
@@ -262,8 +292,15 @@ class ImageModel:
     model's label output, else the class index (or ZipMap key).
     """
 
-    def __init__(self, session: Any, input_name: str, plan: Plan, labels: list[str] | None,
-                 top_k: int, softmax: bool | None) -> None:
+    def __init__(
+        self,
+        session: Any,
+        input_name: str,
+        plan: Plan,
+        labels: list[str] | None,
+        top_k: int,
+        softmax: bool | None,
+    ) -> None:
         self.session = session
         self.input_name = input_name
         self.plan = plan
@@ -286,25 +323,38 @@ class ImageModel:
             if isinstance(r, list) and r and isinstance(r[0], dict):
                 names = [str(k) for k in r[0]]
                 probs = np.asarray([[float(d[k]) for k in r[0]] for d in r])
-            elif hasattr(r, "ndim") and r.ndim == 2 and r.shape[0] == n and r.shape[1] >= 2 \
-                    and r.dtype.kind == "f" and probs is None:
+            elif (
+                hasattr(r, "ndim")
+                and r.ndim == 2
+                and r.shape[0] == n
+                and r.shape[1] >= 2
+                and r.dtype.kind == "f"
+                and probs is None
+            ):
                 probs = r.astype(np.float64)
-            elif hasattr(r, "ndim") and r.ndim == 1 and r.shape[0] == n and own_labels is None \
-                    and r.dtype.kind in "iuUSO":
+            elif (
+                hasattr(r, "ndim")
+                and r.ndim == 1
+                and r.shape[0] == n
+                and own_labels is None
+                and r.dtype.kind in "iuUSO"
+            ):
                 own_labels = list(r)
         if probs is None:
             raise ValueError("the model has no [rows, classes] probability/score output")
         want_softmax = self.softmax
         if want_softmax is None:
-            want_softmax = bool((probs < 0).any() or not np.allclose(probs.sum(axis=1), 1.0,
-                                                                       atol=1e-3))
+            want_softmax = bool(
+                (probs < 0).any() or not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3)
+            )
         if want_softmax:
             probs = _softmax(probs)
         classes = probs.shape[1]
         if self.labels is not None:
             if len(self.labels) != classes:
-                raise ValueError(f"`labels` has {len(self.labels)} names; the model scores "
-                                 f"{classes} classes")
+                raise ValueError(
+                    f"`labels` has {len(self.labels)} names; the model scores {classes} classes"
+                )
             names = list(self.labels)
         elif names is None:
             names = [str(i) for i in range(classes)]
@@ -328,9 +378,15 @@ class ImageModel:
         raise TypeError("an ONNX session does not pickle; reload it from its path")
 
 
-def load_image_model(path: Path, preprocess: PreprocessConfig, labels: list[str] | None,
-                     top_k: int, softmax: bool | None, roots: Sequence[Path] = (),
-                     max_pixels: int = 50_000_000) -> ImageModel:
+def load_image_model(
+    path: Path,
+    preprocess: PreprocessConfig,
+    labels: list[str] | None,
+    top_k: int,
+    softmax: bool | None,
+    roots: Sequence[Path] = (),
+    max_pixels: int = 50_000_000,
+) -> ImageModel:
     """Load the ONNX file and smoke-test it on a blank image of the planned size.
 
     Raises ``ValueError``/``ImportError`` with the reason; the caller turns them into its own
@@ -346,8 +402,9 @@ def load_image_model(path: Path, preprocess: PreprocessConfig, labels: list[str]
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [""])[0]
-        raise ValueError(f"{str(path)!r} is not a loadable ONNX model: "
-                         f"{type(exc).__name__}: {first}") from None
+        raise ValueError(
+            f"{str(path)!r} is not a loadable ONNX model: {type(exc).__name__}: {first}"
+        ) from None
     inputs = session.get_inputs()
     if len(inputs) != 1:
         raise ValueError(f"{str(path)!r} has {len(inputs)} inputs; an image model takes one")
@@ -358,8 +415,10 @@ def load_image_model(path: Path, preprocess: PreprocessConfig, labels: list[str]
         probe = model.classify([blank])
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [""])[0]
-        raise ValueError(f"the model fails on a blank {plan.width}x{plan.height} image: "
-                         f"{type(exc).__name__}: {first}") from None
+        raise ValueError(
+            f"the model fails on a blank {plan.width}x{plan.height} image: "
+            f"{type(exc).__name__}: {first}"
+        ) from None
     if len(probe.prediction) != 1:
         raise ValueError("the model returned no prediction for one image")
     return model

@@ -112,15 +112,24 @@ class RemoteModel:
                 import boto3
                 from botocore.config import Config
             except ImportError:
-                raise FetchError("an s3:// model needs boto3: pip install "
-                                 "'edge-collector[aws]'") from None
+                raise FetchError(
+                    "an s3:// model needs boto3: pip install 'edge-collector[aws]'"
+                ) from None
             s = self.settings
-            session = boto3.session.Session(profile_name=s.profile) if s.profile else \
-                boto3.session.Session()
+            session = (
+                boto3.session.Session(profile_name=s.profile)
+                if s.profile
+                else boto3.session.Session()
+            )
             self._client = session.client(
-                "s3", region_name=s.region, endpoint_url=s.endpoint_url,
-                config=Config(retries={"mode": "standard", "total_max_attempts": s.max_attempts},
-                              connect_timeout=s.connect_timeout, read_timeout=s.read_timeout),
+                "s3",
+                region_name=s.region,
+                endpoint_url=s.endpoint_url,
+                config=Config(
+                    retries={"mode": "standard", "total_max_attempts": s.max_attempts},
+                    connect_timeout=s.connect_timeout,
+                    read_timeout=s.read_timeout,
+                ),
             )
         return self._client
 
@@ -146,15 +155,15 @@ class RemoteModel:
         if remote == self.current() or remote == self.rejected:
             return None
         self.local.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=".download-", suffix=self.local.suffix,
-                                        dir=self.local.parent)
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=".download-", suffix=self.local.suffix, dir=self.local.parent
+        )
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as fh:
                 extra = {"VersionId": remote.version_id} if remote.version_id else {}
                 try:
-                    body = self._s3().get_object(Bucket=self.bucket, Key=self.key,
-                                                 **extra)["Body"]
+                    body = self._s3().get_object(Bucket=self.bucket, Key=self.key, **extra)["Body"]
                     for chunk in iter(lambda: body.read(1 << 20), b""):
                         fh.write(chunk)
                 except Exception as exc:
@@ -177,8 +186,10 @@ class RemoteModel:
 
     def _write_meta(self, version: Version) -> None:
         tmp = self.meta_path.with_name(self.meta_path.name + ".tmp")
-        tmp.write_text(json.dumps({"url": self.url, "etag": version.etag,
-                                   "version_id": version.version_id}), encoding="utf-8")
+        tmp.write_text(
+            json.dumps({"url": self.url, "etag": version.etag, "version_id": version.version_id}),
+            encoding="utf-8",
+        )
         os.replace(tmp, self.meta_path)
 
 

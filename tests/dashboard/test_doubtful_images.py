@@ -25,8 +25,14 @@ from tests.dashboard.test_browser import CHROMIUM, _free_port
 
 START = datetime(2024, 6, 3, 12, 0, tzinfo=UTC)
 VERDICTS = [  # (prediction, confidence, blob present on this machine)
-    ("3", 0.42, True), ("7", 0.97, True), ("8", 0.31, True), ("1", 0.55, True),
-    ("0", 0.99, True), ("5", 0.58, False), (None, 0.0, True), ("2", 0.93, True),
+    ("3", 0.42, True),
+    ("7", 0.97, True),
+    ("8", 0.31, True),
+    ("1", 0.55, True),
+    ("0", 0.99, True),
+    ("5", 0.58, False),
+    (None, 0.0, True),
+    ("2", 0.93, True),
 ]
 
 
@@ -40,9 +46,23 @@ def _png(path: Path, shade: int) -> None:
 
 def image_lake(root: Path, blobs: Path) -> pa.Table:
     blobs.mkdir(parents=True, exist_ok=True)
-    rows: dict[str, list[object]] = {k: [] for k in (
-        "ts", "device", "source", "metric", "value", "unit", "path", "file", "sha256",
-        "prediction", "confidence", "top_k")}
+    rows: dict[str, list[object]] = {
+        k: []
+        for k in (
+            "ts",
+            "device",
+            "source",
+            "metric",
+            "value",
+            "unit",
+            "path",
+            "file",
+            "sha256",
+            "prediction",
+            "confidence",
+            "top_k",
+        )
+    }
     for i, (label, conf, present) in enumerate(VERDICTS):
         blob = blobs / f"{i:02d}" / f"blob{i}.png"
         if present:
@@ -63,13 +83,28 @@ def image_lake(root: Path, blobs: Path) -> pa.Table:
         rows["prediction"].append(label)
         rows["confidence"].append(conf)
         rows["top_k"].append(None if label is None else [{"label": label, "confidence": conf}])
-    table = pa.table(rows, schema=pa.schema([
-        ("ts", pa.timestamp("us", tz="UTC")), ("device", pa.string()), ("source", pa.string()),
-        ("metric", pa.string()), ("value", pa.float64()), ("unit", pa.string()),
-        ("path", pa.string()), ("file", pa.string()), ("sha256", pa.string()),
-        ("prediction", pa.string()), ("confidence", pa.float64()),
-        ("top_k", pa.list_(pa.struct([("label", pa.string()), ("confidence", pa.float64())]))),
-    ]))
+    table = pa.table(
+        rows,
+        schema=pa.schema(
+            [
+                ("ts", pa.timestamp("us", tz="UTC")),
+                ("device", pa.string()),
+                ("source", pa.string()),
+                ("metric", pa.string()),
+                ("value", pa.float64()),
+                ("unit", pa.string()),
+                ("path", pa.string()),
+                ("file", pa.string()),
+                ("sha256", pa.string()),
+                ("prediction", pa.string()),
+                ("confidence", pa.float64()),
+                (
+                    "top_k",
+                    pa.list_(pa.struct([("label", pa.string()), ("confidence", pa.float64())])),
+                ),
+            ]
+        ),
+    )
     folder = root / "metric=image" / f"date={START:%Y-%m-%d}"  # the lake sink's layout
     folder.mkdir(parents=True)
     pq.write_table(table, folder / "part-000000000000-000000000007.parquet", compression="zstd")
@@ -127,9 +162,10 @@ def test_doubtful_images_render_in_chromium(image_dashboard: str, tmp_path: Path
 
     shot = tmp_path / "doubtful.png"
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM,
-                                    args=["--no-sandbox", "--disable-gpu",
-                                          "--disable-dev-shm-usage", "--no-first-run"])
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run"],
+        )
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(image_dashboard, timeout=120_000)
@@ -174,11 +210,15 @@ def retraining_bucket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterat
     with moto_server(tmp_path / "moto.log") as url:
         for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
             monkeypatch.delenv(var, raising=False)
-        for var, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                           ("AWS_REGION", "us-east-1"), ("AWS_ENDPOINT_URL", url),
-                           ("AWS_CONFIG_FILE", str(tmp_path / "none")),
-                           ("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none")),
-                           ("AWS_EC2_METADATA_DISABLED", "true")):
+        for var, value in (
+            ("AWS_ACCESS_KEY_ID", "testing"),
+            ("AWS_SECRET_ACCESS_KEY", "testing"),
+            ("AWS_REGION", "us-east-1"),
+            ("AWS_ENDPOINT_URL", url),
+            ("AWS_CONFIG_FILE", str(tmp_path / "none")),
+            ("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none")),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ):
             monkeypatch.setenv(var, value)
         s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
         s3.create_bucket(Bucket="retraining-data")
@@ -192,14 +232,19 @@ def retraining_bucket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterat
             if present and conf < 0.6:
                 s3.put_object(Bucket="retraining-data", Key=key, Body=blob.read_bytes())
             keys.append(key if conf < 0.6 else None)
-        s3.put_object(Bucket="other-bucket", Key="secret.png", Body=(
-            local / "blobs" / "00" / "blob0.png").read_bytes())
+        s3.put_object(
+            Bucket="other-bucket",
+            Key="secret.png",
+            Body=(local / "blobs" / "00" / "blob0.png").read_bytes(),
+        )
         rows = pl.from_arrow(table).with_columns(pl.Series("blob_key", keys, dtype=pl.String))
         buf = io.BytesIO()
         rows.filter(pl.col("confidence") < 0.6).write_parquet(buf)
-        s3.put_object(Bucket="retraining-data",
-                      Key="retraining/metric=image/date=2024-06-03/part-1.parquet",
-                      Body=buf.getvalue())
+        s3.put_object(
+            Bucket="retraining-data",
+            Key="retraining/metric=image/date=2024-06-03/part-1.parquet",
+            Body=buf.getvalue(),
+        )
         import shutil
 
         shutil.rmtree(local)  # uploaded and deleted on the device: only S3 has them

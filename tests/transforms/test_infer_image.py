@@ -34,17 +34,19 @@ CANONICAL = ["ts", "device", "source", "metric", "value", "unit"]
 def image_rows(paths: list[Path | str | None], metric: str = "image") -> pl.DataFrame:
     """What the files source hands the pipeline: one row per image, `path` absolute."""
     n = len(paths)
-    return pl.DataFrame({
-        "ts": [T0 + timedelta(seconds=i) for i in range(n)],
-        "device": ["d1"] * n,
-        "source": ["camera"] * n,
-        "metric": [metric] * n,
-        "value": [None] * n,
-        "unit": [None] * n,
-        "path": [None if p is None else str(p) for p in paths],
-        "file": [None if p is None else Path(p).name for p in paths],
-    }, schema_overrides={"value": pl.Float64, "unit": pl.String,
-                         "ts": pl.Datetime("us", "UTC")})
+    return pl.DataFrame(
+        {
+            "ts": [T0 + timedelta(seconds=i) for i in range(n)],
+            "device": ["d1"] * n,
+            "source": ["camera"] * n,
+            "metric": [metric] * n,
+            "value": [None] * n,
+            "unit": [None] * n,
+            "path": [None if p is None else str(p) for p in paths],
+            "file": [None if p is None else Path(p).name for p in paths],
+        },
+        schema_overrides={"value": pl.Float64, "unit": pl.String, "ts": pl.Datetime("us", "UTC")},
+    )
 
 
 def sample_infer(**overrides: Any) -> dict[str, Any]:
@@ -80,8 +82,10 @@ def test_sample_model_accuracy_on_held_out_digits(
     out = pl.concat([t.apply(rows.slice(i, 64)) for i in range(0, rows.height, 64)])
     truth = [str(int(y)) for y in y_test]
     accuracy = float(np.mean([p == y for p, y in zip(out["prediction"], truth, strict=True)]))
-    print(f"\nsample digits model: held-out accuracy {accuracy:.3f} on {len(truth)} images "
-          f"(PNG -> infer image pipeline)")
+    print(
+        f"\nsample digits model: held-out accuracy {accuracy:.3f} on {len(truth)} images "
+        f"(PNG -> infer image pipeline)"
+    )
     assert accuracy >= 0.9
     assert out.height == len(paths) and out["confidence"].min() > 0
     assert out.select(CANONICAL).equals(rows.select(CANONICAL))
@@ -127,13 +131,26 @@ def test_corrupt_missing_and_foreign_images_are_dead_lettered_the_rest_classifie
     text = tmp_path / "notes.png"
     text.write_text("hello")
     outside = ROOT / "sample_data" / "camera" / "img-000-digit7.png"  # exists, not allowed
-    paths: list[Path | str | None] = [good[0], garbage, good[1], truncated,
-                                      tmp_path / "gone.png", None, "relative.png", text,
-                                      outside, good[2]]
+    paths: list[Path | str | None] = [
+        good[0],
+        garbage,
+        good[1],
+        truncated,
+        tmp_path / "gone.png",
+        None,
+        "relative.png",
+        text,
+        outside,
+        good[2],
+    ]
     ctx = make_ctx("digits")
     rows = image_rows(paths)
-    rows = pl.concat([rows, image_rows([good[0]], metric="temperature").with_columns(
-        pl.lit(21.5).alias("value"))])
+    rows = pl.concat(
+        [
+            rows,
+            image_rows([good[0]], metric="temperature").with_columns(pl.lit(21.5).alias("value")),
+        ]
+    )
     out = transform(sample_infer(), ctx).apply(rows)
 
     assert out.height == rows.height  # nothing stopped, nothing dropped
@@ -145,8 +162,10 @@ def test_corrupt_missing_and_foreign_images_are_dead_lettered_the_rest_classifie
     other = out.filter(pl.col("metric") == "temperature")  # not an image row: untouched
     assert other["prediction"].to_list() == [None] and other["value"].to_list() == [21.5]
 
-    dead = [json.loads(line) for line in
-            (tmp_path / "dead-letter" / "digits.ndjson").read_text().splitlines()]
+    dead = [
+        json.loads(line)
+        for line in (tmp_path / "dead-letter" / "digits.ndjson").read_text().splitlines()
+    ]
     reasons = {json.loads(d["raw"])["path"]: d["reason"] for d in dead}
     assert len(dead) == 7
     assert "not a readable image" in reasons[str(garbage)]
@@ -181,24 +200,29 @@ def test_preprocess_resize_colour_scale_normalize_layout_dtype(tmp_path: Path) -
     assert (plan.width, plan.height, plan.layout, plan.dtype) == (3, 2, "NCHW", "float32")
     x = to_tensor([decode(path, plan)], plan)
     assert x.shape == (1, 3, 2, 3) and x.dtype == np.float32
-    np.testing.assert_allclose(x[0, :, 0, 0], [(200 / 255 - 0.5) / 0.25, -2.0,
-                                               (100 / 255 - 0.5) / 0.25], rtol=1e-5)
+    np.testing.assert_allclose(
+        x[0, :, 0, 0], [(200 / 255 - 0.5) / 0.25, -2.0, (100 / 255 - 0.5) / 0.25], rtol=1e-5
+    )
 
     nhwc = plan_for(PreprocessConfig(scale=1.0), [None, 5, 5, 3], "tensor(double)")
     x = to_tensor([decode(path, nhwc)], nhwc)
     assert nhwc.layout == "NHWC" and x.shape == (1, 5, 5, 3) and x.dtype == np.float64
     assert x[0, 2, 2].tolist() == [200.0, 0.0, 100.0]
 
-    gray = PreprocessConfig(color="grayscale", scale=1.0, size=(2, 2), resample="box",
-                            dtype="uint8")
+    gray = PreprocessConfig(
+        color="grayscale", scale=1.0, size=(2, 2), resample="box", dtype="uint8"
+    )
     plan = plan_for(gray, [None, 4], "tensor(float)")
     assert plan.layout == "flat"
     x = to_tensor([decode(path, plan), decode(path, plan)], plan)
     luma = round(200 * 0.299 + 100 * 0.114)  # Pillow's L conversion
     assert x.shape == (2, 4) and x.dtype == np.uint8 and abs(int(x[0, 0]) - luma) <= 1
 
-    inverted = plan_for(PreprocessConfig(color="grayscale", invert=True, scale=1.0),
-                        [None, 1, 4, 6], "tensor(float)")
+    inverted = plan_for(
+        PreprocessConfig(color="grayscale", invert=True, scale=1.0),
+        [None, 1, 4, 6],
+        "tensor(float)",
+    )
     x = to_tensor([decode(path, inverted)], inverted)
     assert abs(float(x[0, 0, 0, 0]) - (255 - luma)) <= 1
 
@@ -231,8 +255,10 @@ def colour_model(path: Path, layout: str) -> Path:
         nodes = [helper.make_node("GlobalAveragePool", ["img"], ["pooled"])]
     else:
         inp = helper.make_tensor_value_info("img", TensorProto.FLOAT, ["N", 4, 4, 3])
-        nodes = [helper.make_node("Transpose", ["img"], ["chw"], perm=[0, 3, 1, 2]),
-                 helper.make_node("GlobalAveragePool", ["chw"], ["pooled"])]
+        nodes = [
+            helper.make_node("Transpose", ["img"], ["chw"], perm=[0, 3, 1, 2]),
+            helper.make_node("GlobalAveragePool", ["chw"], ["pooled"]),
+        ]
     nodes.append(helper.make_node("Flatten", ["pooled"], ["logits"], axis=1))
     out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])
     graph = helper.make_graph(nodes, "colours", [inp], [out])
@@ -253,9 +279,16 @@ def test_labels_softmax_top_k_with_an_rgb_model(
         array = np.zeros((16, 16, 3))
         array[:, :] = rgb
         paths.append(_png(tmp_path / f"{name}.png", array, "RGB"))
-    block = {"type": "infer",
-             "model": {"kind": "image", "path": str(model), "labels": list(colours),
-                       "top_k": 2, "preprocess": {"scale": 4 / 255}}}
+    block = {
+        "type": "infer",
+        "model": {
+            "kind": "image",
+            "path": str(model),
+            "labels": list(colours),
+            "top_k": 2,
+            "preprocess": {"scale": 4 / 255},
+        },
+    }
     out = transform(block, make_ctx("colours")).apply(image_rows(paths))
     assert out["prediction"].to_list() == ["red", "green", "blue"]
     # logits (4, 0, 0) softmaxed: e^4 / (e^4 + 2)
@@ -265,33 +298,57 @@ def test_labels_softmax_top_k_with_an_rgb_model(
 
 
 def test_image_config_contract(tmp_path: Path) -> None:
-    cfg = InferConfig.model_validate({"type": "infer", "model": {"kind": "image",
-                                                                 "path": "m.onnx"}})
+    cfg = InferConfig.model_validate(
+        {"type": "infer", "model": {"kind": "image", "path": "m.onnx"}}
+    )
     assert cfg.features.metrics == ["image"] and cfg.prediction_type == "string"
     assert cfg.model.image_column == "path"  # type: ignore[union-attr]
     with pytest.raises(ValidationError, match="only `metrics`"):
-        InferConfig.model_validate({"type": "infer", "features": {"lags": [1]},
-                                    "model": {"kind": "image", "path": "m.onnx"}})
+        InferConfig.model_validate(
+            {
+                "type": "infer",
+                "features": {"lags": [1]},
+                "model": {"kind": "image", "path": "m.onnx"},
+            }
+        )
     with pytest.raises(ValidationError, match="prediction_type"):
-        InferConfig.model_validate({"type": "infer", "prediction_type": "float",
-                                    "model": {"kind": "image", "path": "m.onnx"}})
+        InferConfig.model_validate(
+            {
+                "type": "infer",
+                "prediction_type": "float",
+                "model": {"kind": "image", "path": "m.onnx"},
+            }
+        )
     with pytest.raises(ValidationError, match="would overwrite"):
-        InferConfig.model_validate({"type": "infer", "prediction_column": "path",
-                                    "model": {"kind": "image", "path": "m.onnx"}})
+        InferConfig.model_validate(
+            {
+                "type": "infer",
+                "prediction_column": "path",
+                "model": {"kind": "image", "path": "m.onnx"},
+            }
+        )
     with pytest.raises(ValidationError, match="s3://bucket/key"):
-        InferConfig.model_validate({"type": "infer",
-                                    "model": {"kind": "image", "path": "s3://only-bucket"}})
+        InferConfig.model_validate(
+            {"type": "infer", "model": {"kind": "image", "path": "s3://only-bucket"}}
+        )
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not onnx")
     block = {"type": "infer", "model": {"kind": "image", "path": str(bad)}}
-    assert "not a loadable ONNX model" in (validate_model_file(InferConfig.model_validate(block))
-                                           or "")
+    assert "not a loadable ONNX model" in (
+        validate_model_file(InferConfig.model_validate(block)) or ""
+    )
     ctx = Context(device="d1", component="img", data_dir=tmp_path)
     with pytest.raises(ConfigError, match="not a loadable ONNX model"):
         InferTransform(InferConfig.model_validate(block), ctx).open()
-    wrong = {"type": "infer", "model": {"kind": "image", "path": str(SAMPLE_MODEL),
-                                        "labels": ["a", "b"],
-                                        "preprocess": {"color": "grayscale"}}}
+    wrong = {
+        "type": "infer",
+        "model": {
+            "kind": "image",
+            "path": str(SAMPLE_MODEL),
+            "labels": ["a", "b"],
+            "preprocess": {"color": "grayscale"},
+        },
+    }
     with pytest.raises(ConfigError, match="`labels` has 2 names"):
         InferTransform(InferConfig.model_validate(wrong), ctx).open()
 
@@ -312,5 +369,8 @@ def test_checkpoint_drops_the_image_model_and_reloads_it(
     assert b"onnx" not in checkpoint_bytes(t).lower()
     again = restart_transform(t, make_ctx("digits"))
     after = again.apply(image_rows(paths))
-    assert after["prediction"].to_list() == before["prediction"].to_list() == [
-        str(int(y)) for y in y_test[:4]]
+    assert (
+        after["prediction"].to_list()
+        == before["prediction"].to_list()
+        == [str(int(y)) for y in y_test[:4]]
+    )

@@ -35,8 +35,13 @@ REGION = "us-east-1"
 @pytest.fixture
 def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Fake static credentials and no shared config, so nothing reaches real AWS."""
-    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
-                "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_AUTHORIZATION_TOKEN"):
+    for var in (
+        "AWS_PROFILE",
+        "AWS_SESSION_TOKEN",
+        "AWS_ENDPOINT_URL",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+    ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDTESTING")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
@@ -49,8 +54,13 @@ def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 def s3_admin(url: str) -> Any:
     import boto3
 
-    return boto3.client("s3", endpoint_url=url, region_name=REGION,
-                        aws_access_key_id="AKIDTESTING", aws_secret_access_key="testing-secret")
+    return boto3.client(
+        "s3",
+        endpoint_url=url,
+        region_name=REGION,
+        aws_access_key_id="AKIDTESTING",
+        aws_secret_access_key="testing-secret",
+    )
 
 
 class Forwarder:
@@ -144,12 +154,18 @@ def accuracy(out: pl.DataFrame, truth: list[str]) -> float:
 
 
 def test_model_from_s3_swaps_on_a_new_version_and_survives_an_outage(
-    tmp_path: Path, moto_endpoint: str, versioned_bucket: str, link: Forwarder,
-    clock: FakeClock, make_ctx: Callable[[str], Context], caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+    moto_endpoint: str,
+    versioned_bucket: str,
+    link: Forwarder,
+    clock: FakeClock,
+    make_ctx: Callable[[str], Context],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     admin = s3_admin(moto_endpoint)
-    v1 = admin.put_object(Bucket=versioned_bucket, Key="vision/digits.onnx",
-                          Body=SAMPLE_MODEL.read_bytes())["VersionId"]
+    v1 = admin.put_object(
+        Bucket=versioned_bucket, Key="vision/digits.onnx", Body=SAMPLE_MODEL.read_bytes()
+    )["VersionId"]
     paths, truth = digit_pngs(tmp_path / "imgs")
     rows = image_rows(paths)
     url = f"s3://{versioned_bucket}/vision/digits.onnx"
@@ -165,8 +181,9 @@ def test_model_from_s3_swaps_on_a_new_version_and_survives_an_outage(
     assert accuracy(t.apply(rows), truth) >= 0.9
 
     # A retrained model lands as a new object version: used within reload_every.
-    v2 = admin.put_object(Bucket=versioned_bucket, Key="vision/digits.onnx",
-                          Body=shifted_model(tmp_path / "v2.onnx"))["VersionId"]
+    v2 = admin.put_object(
+        Bucket=versioned_bucket, Key="vision/digits.onnx", Body=shifted_model(tmp_path / "v2.onnx")
+    )["VersionId"]
     assert v2 != v1
     clock.advance(10)
     assert accuracy(t.apply(rows), truth) >= 0.9  # not checked yet: still v1
@@ -184,8 +201,10 @@ def test_model_from_s3_swaps_on_a_new_version_and_survives_an_outage(
     assert accuracy(t.apply(rows), shifted) >= 0.9
     assert local.read_bytes() == good
     assert ctx.counters.get("model_reload_failures_total", component="digits") == 1
-    assert sorted(p.name for p in local.parent.iterdir()) == ["digits.onnx",
-                                                              "digits.onnx.json"]  # no temp
+    assert sorted(p.name for p in local.parent.iterdir()) == [
+        "digits.onnx",
+        "digits.onnx.json",
+    ]  # no temp
     clock.advance(31)
     t.apply(rows)  # the same bad version is not downloaded again
     assert ctx.counters.get("model_reload_failures_total", component="digits") == 1
@@ -209,8 +228,9 @@ def test_model_from_s3_swaps_on_a_new_version_and_survives_an_outage(
 
     # The link comes back with a fixed model: swapped in at the next check.
     link.up()
-    admin.put_object(Bucket=versioned_bucket, Key="vision/digits.onnx",
-                     Body=SAMPLE_MODEL.read_bytes())
+    admin.put_object(
+        Bucket=versioned_bucket, Key="vision/digits.onnx", Body=SAMPLE_MODEL.read_bytes()
+    )
     clock.advance(31)
     assert accuracy(t.apply(rows), truth) >= 0.9
     assert ctx.counters.get("model_reloads_total", component="digits") == 2
@@ -233,13 +253,17 @@ def test_check_deep_downloads_and_smoke_tests_an_s3_model(
     admin = s3_admin(moto_endpoint)
     admin.put_object(Bucket=versioned_bucket, Key="ok.onnx", Body=SAMPLE_MODEL.read_bytes())
     admin.put_object(Bucket=versioned_bucket, Key="bad.onnx", Body=b"nope")
-    ok = sample_infer(model={"path": f"s3://{versioned_bucket}/ok.onnx",
-                             "endpoint_url": moto_endpoint})
-    bad = sample_infer(model={"path": f"s3://{versioned_bucket}/bad.onnx",
-                              "endpoint_url": moto_endpoint})
-    missing = sample_infer(model={"path": f"s3://{versioned_bucket}/missing.onnx",
-                                  "endpoint_url": moto_endpoint})
+    ok = sample_infer(
+        model={"path": f"s3://{versioned_bucket}/ok.onnx", "endpoint_url": moto_endpoint}
+    )
+    bad = sample_infer(
+        model={"path": f"s3://{versioned_bucket}/bad.onnx", "endpoint_url": moto_endpoint}
+    )
+    missing = sample_infer(
+        model={"path": f"s3://{versioned_bucket}/missing.onnx", "endpoint_url": moto_endpoint}
+    )
     assert validate_model_file(InferConfig.model_validate(ok)) is None
-    assert "not a loadable ONNX model" in (validate_model_file(InferConfig.model_validate(bad))
-                                           or "")
+    assert "not a loadable ONNX model" in (
+        validate_model_file(InferConfig.model_validate(bad)) or ""
+    )
     assert "404" in (validate_model_file(InferConfig.model_validate(missing)) or "")
