@@ -50,6 +50,7 @@ from benchmarks._common import ROOT, write_json
 METHODS = ("zscore", "ewma", "robust")
 VARIANTS: dict[str, dict[str, Any]] = {
     "zscore": {"method": "zscore"}, "ewma": {"method": "ewma"}, "robust": {"method": "robust"},
+    "robust, threshold 3": {"method": "robust", "threshold": 3.0},
     "robust, threshold 5": {"method": "robust", "threshold": 5.0},
     "robust, min_duration 2": {"method": "robust", "min_duration": 2},
 }

@@ -62,6 +62,9 @@ ROBUST_GATE = 0.625
 ROBUST_DRIFT, ROBUST_CAP, ROBUST_DECIDE = 0.5, 1.25, 1.5
 """robust: the evidence accumulator's allowance, per-reading cap and decision level, as shares
 of ``threshold`` (so ``threshold`` stays the one sensitivity knob)."""
+ROBUST_TAIL_AT = 4.0
+"""robust: at this ``threshold`` (the default) a lone reading alarms beyond the series' own tail
+level; the level moves in proportion to ``threshold``."""
 Season = Literal["auto", "day", "week", "none"]
 
 
@@ -251,7 +254,7 @@ class StreamingDetector:
         r.evidence = max(0.0, r.evidence + min(score, ROBUST_CAP * t) - ROBUST_DRIFT * t)
         trigger = r.evidence > ROBUST_DECIDE * t
         if not trigger and score > t:
-            trigger = score > r.tail_level() / scale
+            trigger = score > r.tail_level() / scale * t / ROBUST_TAIL_AT
         was_open = state.events.open
         in_event, alarm, event_id = _alarm_step(state.events, s, away, trigger, key, ts)
         if state.events.open != was_open or (in_event and trigger):

@@ -51,10 +51,12 @@ SEASON_VISITS = {"day": 3, "week": 2}
 """Every slot must have been seen on this many distinct days/weeks before the profile is used."""
 SEASON_GAIN = 0.2
 """A profile is used when it cuts the mean one-step error by this share (against none)."""
-FIT_WEIGHT = 0.01
-"""Weight of one reading in a forecast's mean one-step error (about the last 100 readings)."""
-FIT_MIN = 50
-"""Readings a forecast must have been scored on before it can be chosen."""
+TRACK_EVERY = 4
+"""Forecasts are compared on every 4th accepted reading: a quarter of the cost, same verdict."""
+FIT_WEIGHT = 0.04
+"""Weight of one comparison in a forecast's mean one-step error (about the last 100 readings)."""
+FIT_MIN = 25
+"""Comparisons (about 100 readings) a forecast must have before it can be chosen."""
 SWITCH_GAIN = 0.1
 """Another forecast takes over when its mean one-step error is this share smaller."""
 PREDICTORS = ("median", "last")
@@ -190,6 +192,8 @@ class RobustState:
     loud_seen: list[int] | None = None
     evidence: float = 0.0
     """Accumulated excess |z| of the current run of odd readings (see ``anomaly``)."""
+    accepted: int = 0
+    """Readings accepted so far (which of them the forecasts are compared on)."""
 
     @classmethod
     def new(cls, history: int, level_window: int, season: str) -> RobustState:
@@ -285,7 +289,8 @@ class RobustState:
 
     def learn(self, value: float, hour: int | None) -> None:
         """Fold an accepted reading into level, forecasts and profiles."""
-        if self.recent:
+        self.accepted += 1
+        if self.recent and self.accepted % TRACK_EVERY == 0:
             self._track_models(value, hour)
         self.recent.append((value, hour))
         if hour is not None and self.season != "none" and len(self.long) >= 2:
