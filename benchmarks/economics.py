@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
+import polars as pl
 
 from benchmarks._common import fmt_bytes, table, write_json
 from collector.commands.economics import billable, firehose_costs
@@ -186,8 +186,8 @@ def mqtt_publish_bytes(topic: str, payload: int, qos: int = 1) -> int:
 # -- the two designs -------------------------------------------------------------------------
 
 
-def ticks(sc: Scenario) -> list[pa.Table]:
-    """One canonical table per tick, as the runtime would log it."""
+def ticks(sc: Scenario) -> list[pl.DataFrame]:
+    """One canonical frame per tick, as the runtime would log it."""
     cfg = SimulatedConfig(
         every=sc.every_s,
         seed=7,
@@ -199,13 +199,13 @@ def ticks(sc: Scenario) -> list[pa.Table]:
     for t in range(int(sc.seconds / sc.every_s)):
         rows = generate(cfg, "edge-01", t, START)
         df = normalize(rows, device="edge-01", source="room", now=START)
-        out.append(df.to_arrow())
+        out.append(df)
     return out
 
 
 def pipeline_batches(
-    tables: list[pa.Table], sc: Scenario, windowed: bool, max_age: float
-) -> list[pa.Table]:
+    tables: list[pl.DataFrame], sc: Scenario, windowed: bool, max_age: float
+) -> list[pl.DataFrame]:
     """Batches the real pipeline cuts for one sink, entries timed at their event time."""
     ctx = Context(device="edge-01", component="bench", data_dir=Path("/nonexistent"))
     transforms: list[Transform] = []
@@ -220,26 +220,28 @@ def pipeline_batches(
         "sink", None, BatchConfig(max_rows=100_000, max_bytes=64 * 1024**2, max_age=max_age)
     )
     pipe = Pipeline(transforms, [route])
-    out: list[pa.Table] = []
+    out: list[pl.DataFrame] = []
     start_us = int(START.timestamp() * 1e6)
     offset = 0
     for i, t in enumerate(tables):
         wall = start_us + int(i * sc.every_s * 1e6)
-        out += [b.table for b in pipe.process(Entry(offset, Kind.DATA, wall, t))]
+        out += [b.frame for b in pipe.process(Entry(offset, Kind.DATA, wall, t))]
         offset += 1
     end = start_us + int(sc.seconds * 1e6)
-    out += [b.table for b in pipe.process(Entry(offset, Kind.FLUSH, end, None))]
+    out += [b.frame for b in pipe.process(Entry(offset, Kind.FLUSH, end, None))]
     return out
 
 
-def firehose_tally(batches: list[pa.Table], wire: dict[str, tuple[int, int]], gzip: bool) -> Tally:
+def firehose_tally(
+    batches: list[pl.DataFrame], wire: dict[str, tuple[int, int]], gzip: bool
+) -> Tally:
     t = Tally()
     fixed, per_record = wire["PutRecordBatch"]
     for b in batches:
         lines = ndjson_lines(b)
         records = (pack_gzip if gzip else pack)(lines, DEFAULT_RECORD_TARGET)
         groups = calls(records, MAX_RECORDS_PER_CALL, MAX_REQUEST_BYTES)
-        t.rows += b.num_rows
+        t.rows += b.height
         t.records += len(records)
         t.calls += len(groups)
         t.payload_bytes += sum(len(r.data) for r in records)
@@ -248,13 +250,13 @@ def firehose_tally(batches: list[pa.Table], wire: dict[str, tuple[int, int]], gz
     return t
 
 
-def s3_tally(batches: list[pa.Table], wire: dict[str, tuple[int, int]]) -> Tally:
+def s3_tally(batches: list[pl.DataFrame], wire: dict[str, tuple[int, int]]) -> Tally:
     t = Tally()
     fixed = wire["PutObject"][0]
     for b in batches:
-        t.rows += b.num_rows
+        t.rows += b.height
         for _, rows in split(b, ["metric", "date"]):
-            body = to_parquet(rows.cast(b.schema))
+            body = to_parquet(rows)
             t.s3_puts += 1
             t.calls += 1
             t.payload_bytes += len(body)
@@ -270,7 +272,7 @@ def delivery_objects(sc: Scenario, payload_bytes: int) -> int:
 
 
 def per_reading_tally(
-    tables: list[pa.Table], sc: Scenario, wire: dict[str, tuple[int, int]]
+    tables: list[pl.DataFrame], sc: Scenario, wire: dict[str, tuple[int, int]]
 ) -> Tally:
     """One JSON message per reading: MQTT publish to IoT Core, the rule's PutRecord each."""
     t = Tally()
@@ -293,14 +295,14 @@ def per_reading_tally(
     return t
 
 
-def mqtt_tally(batches: list[pa.Table]) -> Tally:
+def mqtt_tally(batches: list[pl.DataFrame]) -> Tally:
     """The `mqtt` sink's own planner with its defaults: NDJSON per topic
     ``dt/{device}/{source}/{metric}``, messages up to 124,900 bytes; IoT Core metered units."""
     cfg = MqttSinkConfig(type="mqtt", host="example-ats.iot.eu-west-1.amazonaws.com")
     t = Tally()
     units = 0
     for b in batches:
-        t.rows += b.num_rows
+        t.rows += b.height
         for m in plan(b, cfg).messages:
             t.calls += 1
             t.records += 1
@@ -313,7 +315,7 @@ def mqtt_tally(batches: list[pa.Table]) -> Tally:
 
 def run_scenario(sc: Scenario, wire: dict[str, tuple[int, int]]) -> dict[str, Any]:
     tables = ticks(sc)
-    assert sum(t.num_rows for t in tables) == sc.readings
+    assert sum(t.height for t in tables) == sc.readings
     base = per_reading_tally(tables, sc, wire)
     designs: dict[str, Tally] = {}
     raw = pipeline_batches(tables, sc, windowed=False, max_age=DEFAULT_BATCH_AGE)

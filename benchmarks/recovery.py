@@ -1,8 +1,9 @@
 """How fast a backlog drains once the network is back: a 1 GB spool to S3 (moto server).
 
-Builds a spool of raw readings for an `s3` sink with the runtime's own ``Spool.put`` (Arrow IPC
-files of 10,000 rows, the default batch size, 100 devices x 2 metrics, record ids as the runtime
-writes them), starts ``python -m moto.server`` on a free port, and times ``collector run CFG
+Builds a spool of raw readings for an `s3` sink with the runtime's own ``Spool.put`` (Polars
+frames written as ``collector.runtime.spool.encode_file`` files: a small header and a zstd Arrow
+IPC stream, of 10,000 rows, the default batch size, 100 devices x 2 metrics, record ids as the
+runtime writes them), starts ``python -m moto.server`` on a free port, and times ``collector run CFG
 --once`` on that data dir: the consumer has nothing new, the S3 worker drains the spool (Parquet
 zstd, one object per partition per batch). MB/s = spool bytes on disk / seconds.
 
@@ -44,44 +45,44 @@ START_US = 1_717_200_000_000_000  # 2024-06-01T00:00:00Z
 def build_spool(folder: Path, size: int) -> tuple[int, int, int, int]:
     """Spool files until ``size`` bytes are on disk; (files, rows, bytes on disk, Arrow bytes).
 
-    Arrow bytes (the tables' in-memory size) stay comparable if the spool format compresses.
+    Arrow bytes (the frames' in-memory size) stay comparable if the spool format compresses.
     """
     import numpy as np
-    import pyarrow as pa
+    import polars as pl
 
     from collector.plugin import SpoolConfig
     from collector.runtime.spool import Spool
-    from collector.schema import READING_SCHEMA, RECORD_ID
+    from collector.schema import POLARS_SCHEMA, RECORD_ID
 
     spool = Spool(folder, SpoolConfig(max_bytes=size * 4), "lake")
-    schema = READING_SCHEMA.append(pa.field(RECORD_ID, pa.string()))
+    schema = {**POLARS_SCHEMA, RECORD_ID: pl.String()}
     rng = np.random.default_rng(7)
     per_tick = DEVICES * len(METRICS)
     i = np.arange(ROWS_PER_FILE)
-    devices = pa.array([f"dev-{(k // len(METRICS)) % DEVICES:03d}" for k in i])
-    metrics = pa.array([METRICS[k % len(METRICS)] for k in i])
-    units = pa.array(["C" if k % len(METRICS) == 0 else "%" for k in i])
-    source = pa.array(["plant"] * ROWS_PER_FILE)
+    devices = pl.Series([f"dev-{(k // len(METRICS)) % DEVICES:03d}" for k in i], dtype=pl.String)
+    metrics = pl.Series([METRICS[k % len(METRICS)] for k in i], dtype=pl.String)
+    units = pl.Series(["C" if k % len(METRICS) == 0 else "%" for k in i], dtype=pl.String)
+    source = pl.Series(["plant"] * ROWS_PER_FILE, dtype=pl.String)
     files = rows = total = arrow = 0
     offset = 0
     while total < size:
         ticks = (offset + i) // per_tick
-        ts = pa.array(START_US + ticks * 1_000_000, pa.timestamp("us", tz="UTC"))
+        ts = pl.Series(START_US + ticks * 1_000_000, dtype=pl.Int64).cast(POLARS_SCHEMA["ts"])
         batch_id = f"{offset:012d}-{offset + ROWS_PER_FILE - 1:012d}"
-        tbl = pa.table(
-            [
-                ts,
-                devices,
-                source,
-                metrics,
-                pa.array(rng.normal(25, 5, ROWS_PER_FILE)),
-                units,
-                pa.array([f"{batch_id}:{k}" for k in i]),
-            ],
+        frame = pl.DataFrame(
+            {
+                "ts": ts,
+                "device": devices,
+                "source": source,
+                "metric": metrics,
+                "value": pl.Series(rng.normal(25, 5, ROWS_PER_FILE), dtype=pl.Float64),
+                "unit": units,
+                RECORD_ID: pl.Series([f"{batch_id}:{k}" for k in i], dtype=pl.String),
+            },
             schema=schema,
         )
-        spool.put(tbl, batch_id)
-        arrow += tbl.nbytes
+        spool.put(frame, batch_id)  # written as spool.encode_file(frame, created_ms)
+        arrow += frame.estimated_size()
         files += 1
         rows += ROWS_PER_FILE
         total = spool.backlog_bytes

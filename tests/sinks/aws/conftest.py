@@ -9,15 +9,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
+import polars as pl
 import pytest
 
 from collector.errors import PartialWriteError, TransientSinkError
 from collector.plugin import Context, Sink
-from collector.schema import READING_SCHEMA, RECORD_ID
+from collector.schema import POLARS_SCHEMA, RECORD_ID
 from collector.testing import free_port, moto_server
 
-SCHEMA = READING_SCHEMA.append(pa.field(RECORD_ID, pa.string()))
+SCHEMA: dict[str, pl.DataType] = {**POLARS_SCHEMA, RECORD_ID: pl.String()}
 REGION = "us-east-1"
 
 
@@ -81,12 +81,12 @@ def readings(
     step: timedelta = timedelta(seconds=5),
     metrics: tuple[str, ...] = ("temperature", "humidity"),
     devices: tuple[str, ...] = ("edge-01",),
-) -> pa.Table:
+) -> pl.DataFrame:
     """``n`` canonical readings with ``record_id``; crosses midnight so dates differ."""
     import random
 
     rnd = random.Random(n)
-    rows: dict[str, list[Any]] = {k: [] for k in SCHEMA.names}
+    rows: dict[str, list[Any]] = {k: [] for k in SCHEMA}
     for i in range(n):
         rows["ts"].append(start + step * i)
         rows["device"].append(devices[i % len(devices)])
@@ -96,7 +96,7 @@ def readings(
         rows["value"].append(None if i % 17 == 16 else rnd.uniform(0, 30))
         rows["unit"].append("C" if metric == "temperature" else None)
         rows[RECORD_ID].append(f"{batch_id}:{i}")
-    return pa.table(rows, schema=SCHEMA)
+    return pl.DataFrame(rows, schema=SCHEMA)
 
 
 def from_ndjson(blobs: list[bytes]) -> list[dict[str, Any]]:
@@ -109,9 +109,9 @@ def from_ndjson(blobs: list[bytes]) -> list[dict[str, Any]]:
     return out
 
 
-def as_json_rows(table: pa.Table) -> list[dict[str, Any]]:
-    """The table's rows as the JSON a Firehose line should decode to."""
-    rows = table.to_pylist()
+def as_json_rows(frame: pl.DataFrame) -> list[dict[str, Any]]:
+    """The frame's rows as the JSON a Firehose line should decode to."""
+    rows = frame.to_dicts()
     for row in rows:
         ts = row["ts"].astimezone(UTC)
         text = ts.strftime("%Y-%m-%dT%H:%M:%S")
@@ -123,7 +123,7 @@ def as_json_rows(table: pa.Table) -> list[dict[str, Any]]:
 
 async def deliver(
     sink: Sink,
-    table: pa.Table,
+    frame: pl.DataFrame,
     batch_id: str,
     attempts: int = 30,
     on_retry: Callable[[int], None] | None = None,
@@ -133,9 +133,9 @@ async def deliver(
     Returns the error kinds seen. Rejected rows fail the test: none are expected here.
     """
     seen: list[str] = []
-    pending: pa.Table | None = table
+    pending: pl.DataFrame | None = frame
     for attempt in range(attempts):
-        if pending is None or pending.num_rows == 0:
+        if pending is None or pending.height == 0:
             return seen
         try:
             await sink.write(pending, batch_id)
@@ -148,7 +148,7 @@ async def deliver(
             pending = exc.retry_rows
         if on_retry is not None:
             on_retry(attempt)
-    if pending is not None and pending.num_rows:
+    if pending is not None and pending.height:
         raise AssertionError(f"not delivered after {attempts} attempts: {seen[-3:]}")
     return seen
 

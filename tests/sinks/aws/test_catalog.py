@@ -116,7 +116,7 @@ async def test_lake_reads_back_with_polars_and_duckdb(
                          "aws_secret_access_key": "testing-secret", "aws_region": REGION,
                          "aws_allow_http": "true"},
     ).filter(pl.col("metric") == "temperature").collect()
-    expected = [r for r in table.to_pylist() if r["metric"] == "temperature"]
+    expected = [r for r in table.to_dicts() if r["metric"] == "temperature"]
     assert df.height == len(expected)
     assert sorted(df["record_id"].to_list()) == sorted(r["record_id"] for r in expected)
     assert set(df["date"].cast(pl.String).to_list()) == {"2024-01-01", "2024-01-02"}

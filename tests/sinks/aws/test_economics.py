@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-import pyarrow as pa
+import polars as pl
 import pytest
 
 from collector.commands.economics import (
@@ -22,27 +22,29 @@ from collector.commands.economics import (
     format_estimate,
     readings_per_day,
 )
-from collector.schema import READING_SCHEMA, RECORD_ID
+from collector.schema import POLARS_SCHEMA, RECORD_ID
 from collector.sources.simulated import SimulatedConfig, generate
 from sinks.firehose import FirehoseConfig, calls, ndjson_lines, pack, pack_gzip
 
 START = datetime(2024, 1, 1, tzinfo=UTC)
-SCHEMA = READING_SCHEMA.append(pa.field(RECORD_ID, pa.string()))
+SCHEMA: dict[str, pl.DataType] = {**POLARS_SCHEMA, RECORD_ID: pl.String()}
 
 
-def batch_table(cfg: SimulatedConfig, first_tick: int, ticks: int, offset: int) -> pa.Table:
+def batch_table(
+    cfg: SimulatedConfig, first_tick: int, ticks: int, offset: int
+) -> pl.DataFrame:
     """The readings of ``ticks`` ticks as the runtime hands them to a sink (with record ids)."""
     rows = []
     for tick in range(first_tick, first_tick + ticks):
         for r in generate(cfg, "edge-01", tick, START):
             rows.append({"device": "edge-01", "source": "room", **r})
     batch_id = f"{offset:012d}-{offset + len(rows) - 1:012d}"
-    cols = {name: [r.get(name) for r in rows] for name in READING_SCHEMA.names}
+    cols = {name: [r.get(name) for r in rows] for name in POLARS_SCHEMA}
     cols[RECORD_ID] = [f"{batch_id}:{i}" for i in range(len(rows))]
-    return pa.table(cols, schema=SCHEMA)
+    return pl.DataFrame(cols, schema=SCHEMA)
 
 
-def measured(tables: list[pa.Table], fh: FirehoseConfig, gzip: bool) -> dict[str, float]:
+def measured(tables: list[pl.DataFrame], fh: FirehoseConfig, gzip: bool) -> dict[str, float]:
     """Records, calls and billable bytes of these batches as the sink really packs them."""
     records = n_calls = bill = 0
     for t in tables:
@@ -55,7 +57,7 @@ def measured(tables: list[pa.Table], fh: FirehoseConfig, gzip: bool) -> dict[str
     return {"records": records, "calls": n_calls, "billable_bytes": bill}
 
 
-def per_reading(tables: list[pa.Table]) -> dict[str, float]:
+def per_reading(tables: list[pl.DataFrame]) -> dict[str, float]:
     lines = [line for t in tables for line in ndjson_lines(t)]
     return {"records": len(lines), "billable_bytes": sum(billable(len(x)) for x in lines)}
 
@@ -68,7 +70,7 @@ def test_talks_demo_one_day():
     cfg = SimulatedConfig(every="5s", seed=1, start=START)
     ticks_per_batch = int(FH.batch.max_age // 5)  # 60
     tables = [batch_table(cfg, t, ticks_per_batch, t) for t in range(0, 17_280, ticks_per_batch)]
-    assert sum(t.num_rows for t in tables) == 17_280 == readings_per_day(1, 1 / 5)
+    assert sum(t.height for t in tables) == 17_280 == readings_per_day(1, 1 / 5)
 
     naive = per_reading(tables)
     plain = measured(tables, FH, gzip=False)
@@ -95,7 +97,7 @@ def test_fleet_100_sensors_at_1hz():
     cfg = SimulatedConfig(every="1s", seed=2, start=START, devices=100)
     per_batch = int(min(FH.batch.max_rows, 100 * FH.batch.max_age))  # max_rows cuts: 10,000
     table = batch_table(cfg, 0, per_batch // 100, 0)
-    assert table.num_rows == per_batch
+    assert table.height == per_batch
     batches_per_day = readings_per_day(100, 1.0) / per_batch
 
     naive = per_reading([table])
@@ -106,12 +108,12 @@ def test_fleet_100_sensors_at_1hz():
 
     plain_ratio = day["naive"]["billable_bytes"] / day["plain"]["billable_bytes"]
     gzip_ratio = day["naive"]["billable_bytes"] / day["gzip"]["billable_bytes"]
-    line = sum(map(len, ndjson_lines(table))) / table.num_rows
+    line = sum(map(len, ndjson_lines(table))) / table.height
     assert plain_ratio == pytest.approx(5 * 1024 / line, rel=0.1)  # the physical bound
     assert plain_ratio >= 25
     assert gzip_ratio >= 50
     # calls: 500-record calls for one per reading vs 4 MiB calls of packed records
-    naive_calls = -(-table.num_rows // 500) * batches_per_day
+    naive_calls = -(-table.height // 500) * batches_per_day
     assert naive_calls / day["plain"]["calls"] >= 10
 
     model = firehose_costs(readings_per_day(100, 1.0), line, FH.record_target_bytes,

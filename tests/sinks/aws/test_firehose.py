@@ -8,7 +8,7 @@ import uuid
 from collections import Counter
 from typing import Any
 
-import pyarrow as pa
+import polars as pl
 import pytest
 from pydantic import ValidationError
 
@@ -82,7 +82,7 @@ async def test_records_land_in_bucket_exactly_as_sent(moto_url: str, stream, ctx
     # packing and call limits held on the wire
     assert all(len(c) <= 20 for c in sizes) and len(sizes) > 1
     assert all(s <= 4_900 for c in sizes for s in c)
-    assert sum(len(c) for c in sizes) < table.num_rows / 20  # many readings per record
+    assert sum(len(c) for c in sizes) < table.height / 20  # many readings per record
 
 
 class FaultyFirehose:
@@ -158,12 +158,12 @@ async def test_partial_failures_retry_only_failed_records(moto_url: str, stream,
         await sink.write(table, "b")
     assert info.value.rejected_rows is None
     retry = info.value.retry_rows
-    assert retry is not None and 0 < retry.num_rows < table.num_rows
+    assert retry is not None and 0 < retry.height < table.height
     # exactly the rows of the failed records come back: none of them landed yet
     landed_ids = {r["record_id"] for r in landed(moto_url, bucket)}
-    retry_ids = set(retry.column("record_id").to_pylist())
+    retry_ids = set(retry.get_column("record_id").to_list())
     assert landed_ids.isdisjoint(retry_ids)
-    assert landed_ids | retry_ids == set(table.column("record_id").to_pylist())
+    assert landed_ids | retry_ids == set(table.get_column("record_id").to_list())
 
     await deliver(sink, retry, "b")
     await sink.close()
@@ -190,7 +190,7 @@ async def test_throttling_500s_and_lost_acks_at_least_once(moto_url: str, stream
     assert any(s.startswith("partial") for s in seen)
     rows = landed(moto_url, bucket)
     ids = Counter(r["record_id"] for r in rows)
-    assert set(ids) == set(table.column("record_id").to_pylist())
+    assert set(ids) == set(table.get_column("record_id").to_list())
     assert max(ids.values()) >= 2  # a lost ack re-sent rows: duplicates are visible...
     dedup = {r["record_id"]: r for r in rows}  # ...and removable by record_id
     assert canon(list(dedup.values())) == canon(as_json_rows(table))
@@ -212,14 +212,14 @@ async def test_permanent_error_mid_batch_dead_letters_only_that_record(
     await sink.close()
     err = info.value
     assert err.retry_rows is None and err.rejected_rows is not None
-    rejected = set(err.rejected_rows.column("record_id").to_pylist())
+    rejected = set(err.rejected_rows.get_column("record_id").to_list())
     assert "b:37" in rejected
     assert len(rejected) < 10  # one packed record's rows (~1,000 bytes), not the call's 5
-    assert len(err.reasons) == err.rejected_rows.num_rows
+    assert len(err.reasons) == err.rejected_rows.height
     assert all("InvalidArgumentException" in r for r in err.reasons)
     landed_rows = landed(moto_url, bucket)
     assert {r["record_id"] for r in landed_rows} | rejected == set(
-        table.column("record_id").to_pylist())
+        table.get_column("record_id").to_list())
     assert canon(landed_rows) == canon(
         [r for r in as_json_rows(table) if r["record_id"] not in rejected])
 
@@ -252,9 +252,9 @@ async def test_missing_stream_is_transient(moto_url: str, aws_env: None, ctx: Co
 async def test_oversized_line_is_rejected_rest_delivered(moto_url: str, stream, ctx: Context):
     name, bucket = stream
     table = readings(10)
-    units = table.column("unit").to_pylist()
+    units = table.get_column("unit").to_list()
     units[3] = "x" * (MAX_RECORD_BYTES + 10)
-    table = table.set_column(5, "unit", pa.array(units, pa.string()))
+    table = table.with_columns(pl.Series("unit", units, pl.String))
     sink = sink_for(moto_url, name, ctx)
     await sink.open()
     with pytest.raises(PartialWriteError) as info:
@@ -263,7 +263,7 @@ async def test_oversized_line_is_rejected_rest_delivered(moto_url: str, stream, 
     err = info.value
     assert err.retry_rows is None
     assert err.rejected_rows is not None
-    assert err.rejected_rows.column("record_id").to_pylist() == ["000000000000-000000000099:3"]
+    assert err.rejected_rows.get_column("record_id").to_list() == ["000000000000-000000000099:3"]
     assert len(err.reasons) == 1
     expected = [r for i, r in enumerate(as_json_rows(table)) if i != 3]
     assert canon(landed(moto_url, bucket)) == canon(expected)

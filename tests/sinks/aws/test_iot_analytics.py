@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow as pa
+import polars as pl
 import pytest
 from aiohttp import web
 from botocore.auth import SigV4Auth
@@ -221,7 +221,7 @@ async def test_rejected_messages_go_to_dead_letter(iota: FakeIotAnalytics, ctx: 
     await sink.close()
     assert info.value.retry_rows is None
     assert info.value.rejected_rows is not None
-    assert info.value.rejected_rows.to_pylist() == table.slice(0, 1).to_pylist()
+    assert info.value.rejected_rows.to_dicts() == table.slice(0, 1).to_dicts()
     assert info.value.reasons == ["InvalidRequestException: bad payload"]
     assert canon(iota.messages) == canon(as_json_rows(table.slice(1)))
 
@@ -260,9 +260,9 @@ async def test_call_refused_for_one_message_costs_only_that_message(
 ):
     """A 400 for the whole call: halved until the message that causes it stands alone."""
     table = readings(150)
-    units = table.column("unit").to_pylist()
+    units = table.get_column("unit").to_list()
     units[77] = "poison"
-    table = table.set_column(table.schema.get_field_index("unit"), "unit", pa.array(units))
+    table = table.with_columns(pl.Series("unit", units, pl.String))
     sink = sink_for(iota, ctx)
     await sink.open()
     with pytest.raises(PartialWriteError) as info:
@@ -270,7 +270,7 @@ async def test_call_refused_for_one_message_costs_only_that_message(
     await sink.close()
     err = info.value
     assert err.retry_rows is None and err.rejected_rows is not None
-    assert err.rejected_rows.to_pylist() == table.slice(77, 1).to_pylist()
+    assert err.rejected_rows.to_dicts() == table.slice(77, 1).to_dicts()
     assert "InvalidRequestException" in err.reasons[0]
     assert canon(iota.messages) == canon(
         as_json_rows(table.slice(0, 77)) + as_json_rows(table.slice(78)))

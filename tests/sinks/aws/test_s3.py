@@ -6,7 +6,7 @@ import io
 from datetime import timedelta
 from typing import Any
 
-import pyarrow as pa
+import polars as pl
 import pyarrow.parquet as pq
 import pytest
 from botocore.awsrequest import AWSResponse
@@ -37,7 +37,7 @@ def rows_of(blobs: dict[str, bytes]) -> list[dict[str, Any]]:
 
 
 def key_of(row: dict[str, Any]) -> tuple[Any, ...]:
-    return tuple(row[k] for k in SCHEMA.names)
+    return tuple(row[k] for k in SCHEMA)
 
 
 def sink_for(url: str, bucket: str, ctx: Context, **kw: Any) -> S3Sink:
@@ -59,7 +59,7 @@ async def test_parquet_objects_with_hive_partitions(moto_url: str, bucket: str, 
     expected_folders = {
         f"metric={m}/date={d}"
         for m, d in {
-            (r["metric"], r["ts"].strftime("%Y-%m-%d")) for r in table.to_pylist()
+            (r["metric"], r["ts"].strftime("%Y-%m-%d")) for r in table.to_dicts()
         }
     }
     assert len(expected_folders) == 4  # two metrics x two dates
@@ -68,14 +68,15 @@ async def test_parquet_objects_with_hive_partitions(moto_url: str, bucket: str, 
     }
     for key, blob in blobs.items():
         t = pq.read_table(io.BytesIO(blob))
-        assert t.schema.equals(SCHEMA, check_metadata=False)
+        assert t.schema.names == list(SCHEMA)
+        assert pl.read_parquet(io.BytesIO(blob)).schema == pl.Schema(SCHEMA)
         meta = pq.ParquetFile(io.BytesIO(blob)).metadata
         assert meta.row_group(0).column(0).compression == "ZSTD"
         metric = key.split("metric=")[1].split("/")[0]
         date = key.split("date=")[1].split("/")[0]
         assert set(t.column("metric").to_pylist()) == {metric}
         assert {ts.strftime("%Y-%m-%d") for ts in t.column("ts").to_pylist()} == {date}
-    assert sorted(map(key_of, rows_of(blobs))) == sorted(map(key_of, table.to_pylist()))
+    assert sorted(map(key_of, rows_of(blobs))) == sorted(map(key_of, table.to_dicts()))
 
 
 async def test_custom_partitions_storage_class_and_sse(moto_url: str, bucket: str, ctx: Context):
@@ -91,7 +92,7 @@ async def test_custom_partitions_storage_class_and_sse(moto_url: str, bucket: st
     head = admin("s3", moto_url).head_object(Bucket=bucket, Key=next(iter(blobs)))
     assert head["StorageClass"] == "STANDARD_IA"
     assert head["ServerSideEncryption"] == "AES256"
-    assert sorted(map(key_of, rows_of(blobs))) == sorted(map(key_of, table.to_pylist()))
+    assert sorted(map(key_of, rows_of(blobs))) == sorted(map(key_of, table.to_dicts()))
 
 
 async def test_kms_encryption_headers(moto_url: str, bucket: str, ctx: Context):
@@ -116,7 +117,7 @@ async def test_replay_overwrites_instead_of_duplicating(moto_url: str, bucket: s
     await sink.close()
     rows = rows_of(objects(moto_url, bucket))
     assert len(rows) == 50
-    assert sorted(map(key_of, rows)) == sorted(map(key_of, table.to_pylist()))
+    assert sorted(map(key_of, rows)) == sorted(map(key_of, table.to_dicts()))
 
 
 async def test_multipart_upload_for_large_files(moto_url: str, bucket: str, ctx: Context):
@@ -124,16 +125,16 @@ async def test_multipart_upload_for_large_files(moto_url: str, bucket: str, ctx:
 
     n = 900_000  # random float64 values do not compress: > 5 MiB of Parquet
     rnd = np.random.default_rng(1)
-    table = pa.table(
+    table = pl.DataFrame(
         {
-            "ts": pa.array(np.arange(n, dtype="int64") * 1000 + 1_704_067_200_000_000,
-                           pa.timestamp("us", tz="UTC")),
-            "device": pa.array(["edge-01"] * n),
-            "source": pa.array(["room"] * n),
-            "metric": pa.array(["vibration"] * n),
-            "value": pa.array(rnd.random(n)),
-            "unit": pa.array([None] * n, pa.string()),
-            "record_id": pa.array([f"b:{i}" for i in range(n)]),
+            "ts": pl.Series(np.arange(n, dtype="int64") * 1000 + 1_704_067_200_000_000)
+            .cast(SCHEMA["ts"]),
+            "device": ["edge-01"] * n,
+            "source": ["room"] * n,
+            "metric": ["vibration"] * n,
+            "value": rnd.random(n),
+            "unit": pl.Series([None] * n, dtype=pl.String),
+            "record_id": [f"b:{i}" for i in range(n)],
         },
         schema=SCHEMA,
     )
@@ -152,7 +153,7 @@ async def test_multipart_upload_for_large_files(moto_url: str, bucket: str, ctx:
     assert len(calls) >= 2  # really went in parts
     back = pq.read_table(io.BytesIO(blob))
     assert back.num_rows == n
-    assert back.column("value").to_pylist() == table.column("value").to_pylist()
+    assert back.column("value").to_pylist() == table.get_column("value").to_list()
     head = admin("s3", moto_url).head_object(Bucket=bucket, Key=next(iter(blobs)))
     assert "-" in head["ETag"]  # multipart ETags end in -<parts>
 
@@ -198,7 +199,7 @@ async def test_faults_every_reading_lands_exactly_once(moto_url: str, bucket: st
     assert any(s.startswith("partial") for s in seen), seen
     assert len(seen) >= 2, seen
     rows = rows_of(objects(moto_url, bucket))
-    assert sorted(map(key_of, rows)) == sorted(map(key_of, table.to_pylist()))
+    assert sorted(map(key_of, rows)) == sorted(map(key_of, table.to_dicts()))
 
 
 async def test_endpoint_down_for_a_while(moto_url: str, bucket: str, ctx: Context):
@@ -221,7 +222,7 @@ async def test_endpoint_down_for_a_while(moto_url: str, bucket: str, ctx: Contex
     await sink.close()
     await outage.down()
     rows = rows_of(objects(moto_url, bucket))
-    expected = table.to_pylist() + readings(6, "b2").to_pylist()
+    expected = table.to_dicts() + readings(6, "b2").to_dicts()
     assert sorted(map(key_of, rows)) == sorted(map(key_of, expected))
 
 
@@ -242,7 +243,7 @@ async def test_missing_bucket_is_transient_and_other_4xx_permanent(
     with pytest.raises(PartialWriteError) as caught:
         await sink.write(readings(3), "b1")
     assert caught.value.retry_rows is None
-    assert caught.value.rejected_rows is not None and caught.value.rejected_rows.num_rows == 3
+    assert caught.value.rejected_rows is not None and caught.value.rejected_rows.height == 3
     assert all("InvalidArgument" in r for r in caught.value.reasons)
     with pytest.raises(PermanentSinkError, match="InvalidArgument"):  # one object: one reason
         await sink.write(readings(1), "b1")
@@ -267,10 +268,10 @@ FLEET_BATCH = "edge-" + "x" * 29 + "_0123456789-1a2b3c4d-000000000017-0000000000
 CJK = "温度传感器" * 6
 
 
-def poisoned(n_good: int = 41) -> pa.Table:
+def poisoned(n_good: int = 41) -> pl.DataFrame:
     """``n_good`` plain readings plus the odd ones: a 30-CJK metric, a 1 MB metric, NaN, inf,
     an empty metric; record ids of the runtime's fleet shape."""
-    good = readings(n_good, FLEET_BATCH).to_pylist()
+    good = readings(n_good, FLEET_BATCH).to_dicts()
     odd = []
     for i, (metric, value) in enumerate(
         [(CJK, 1.0), ("x" * 1_000_000, 2.0), ("nan", float("nan")), ("inf", float("inf")),
@@ -279,13 +280,13 @@ def poisoned(n_good: int = 41) -> pa.Table:
         row = dict(good[0])
         row.update(metric=metric, value=value, record_id=f"{FLEET_BATCH}:{n_good + i}")
         odd.append(row)
-    return pa.Table.from_pylist(good + odd, schema=SCHEMA)
+    return pl.DataFrame(good + odd, schema=SCHEMA)
 
 
 async def test_odd_values_land_under_bounded_keys(moto_url: str, bucket: str, ctx: Context):
     table = poisoned()
     long_device = "d" * 500
-    table = table.set_column(1, "device", pa.array([long_device] * table.num_rows))
+    table = table.with_columns(pl.lit(long_device, pl.String).alias("device"))
     prefix = "/".join(["p" * 50] * 5)[:256]
     sink = sink_for(moto_url, bucket, ctx, key_prefix=prefix,
                     partition_by=["device", "source", "metric", "date", "hour"])
@@ -296,7 +297,7 @@ async def test_odd_values_land_under_bounded_keys(moto_url: str, bucket: str, ct
     assert all(len(k.encode()) <= 1024 for k in blobs)
     assert all(k.endswith(f"/part-{FLEET_BATCH}.parquet") for k in blobs)
     rows = rows_of(blobs)
-    assert sorted(r["record_id"] for r in rows) == sorted(table.column("record_id").to_pylist())
+    assert sorted(r["record_id"] for r in rows) == sorted(table.get_column("record_id").to_list())
     assert {r["metric"] for r in rows} >= {CJK, "x" * 1_000_000, ""}  # full values in the file
     assert {r["device"] for r in rows} == {long_device}
 
@@ -322,11 +323,11 @@ async def test_an_object_refused_for_good_costs_only_its_rows(
     await sink.close()
     err = caught.value
     assert err.retry_rows is None and err.rejected_rows is not None
-    assert err.rejected_rows.column("metric").to_pylist() == [CJK]
+    assert err.rejected_rows.get_column("metric").to_list() == [CJK]
     assert err.reasons and "InvalidArgument" in err.reasons[0]
     landed = {r["record_id"] for r in rows_of(objects(moto_url, bucket))}
-    rejected = set(err.rejected_rows.column("record_id").to_pylist())
-    assert landed | rejected == set(table.column("record_id").to_pylist())
+    rejected = set(err.rejected_rows.get_column("record_id").to_list())
+    assert landed | rejected == set(table.get_column("record_id").to_list())
     assert not landed & rejected
 
 

@@ -4,7 +4,7 @@ dead-lettered with the server's reason."""
 
 from __future__ import annotations
 
-import pyarrow as pa
+import polars as pl
 import pytest
 
 from collector.errors import PartialWriteError, TransientSinkError
@@ -173,10 +173,10 @@ async def test_non_finite_values_are_rejected_before_sending(
     es_double: ElasticsearchDouble, make_sink: SinkFactory
 ) -> None:
     table = readings(3)
-    values = table.column("value").to_pylist()
+    values = table.get_column("value").to_list()
     values[1] = float("inf")
     values[2] = float("nan")  # NaN is a missing reading: sent as null
-    table = table.set_column(4, "value", [values])
+    table = table.with_columns(pl.Series("value", values, pl.Float64))
     sink = make_sink(es_double)
     with pytest.raises(PartialWriteError) as err:
         await sink.write(table, "b1")
@@ -191,12 +191,12 @@ async def test_non_finite_values_are_rejected_before_sending(
 async def test_window_aggregates_are_typed_by_the_template(
     es_double: ElasticsearchDouble, make_sink: SinkFactory
 ) -> None:
-    table = pa.table({
-        "ts": pa.array([START, START], pa.timestamp("us", tz="UTC")),
+    table = pl.DataFrame({
+        "ts": pl.Series([START, START], dtype=pl.Datetime("us", "UTC")),
         "device": ["edge-01", "edge-01"], "source": ["room", "room"],
         "metric": ["temperature", "humidity"],
         "mean": [21.5, 40.25], "min": [20.0, 39.0], "max": [23.0, 41.5],
-        "count": pa.array([12, 11], pa.int64()), "partial": [False, True],
+        "count": pl.Series([12, 11], dtype=pl.Int64), "partial": [False, True],
         "site": ["plant-a", "plant-a"],  # a tag column the template does not name
         "record_id": ["w1:0", "w1:1"],
     })
@@ -276,11 +276,12 @@ async def test_ids_fit_and_a_huge_metric_costs_only_its_row(
     stays distinct), and a 1 MB metric name refused in a request of its own costs one row."""
     table = readings(6, FLEET_BATCH)
     long_ids = [f"{'z' * 600}:{i}" for i in range(6)]
-    table = table.set_column(table.schema.get_field_index("record_id"), "record_id",
-                             pa.array(ids(table)[:3] + long_ids[3:]))
-    metrics = table.column("metric").to_pylist()
+    table = table.with_columns(
+        pl.Series("record_id", ids(table)[:3] + long_ids[3:], pl.String)
+    )
+    metrics = table.get_column("metric").to_list()
     metrics[1] = "m" * 1_000_000
-    table = table.set_column(table.schema.get_field_index("metric"), "metric", pa.array(metrics))
+    table = table.with_columns(pl.Series("metric", metrics, pl.String))
     sink = make_sink(double)
     await sink.open()
     double.max_content_length = 512 * 1024  # the batch's request and the huge doc alone: 413

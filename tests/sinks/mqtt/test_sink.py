@@ -8,28 +8,28 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pyarrow as pa
+import polars as pl
 import pytest
 
 from collector.errors import PartialWriteError, TransientSinkError
 from collector.plugin import Context
-from collector.schema import READING_SCHEMA, RECORD_ID
+from collector.schema import POLARS_SCHEMA, RECORD_ID
 from sinks.firehose import ndjson_lines
 from sinks.mqtt import MqttSink, MqttSinkConfig, plan
 from tests.sources.peers import Mosquitto, wait_for
 
 from .broker import Certs, Subscriber, make_certs, tls_broker
 
-SCHEMA = READING_SCHEMA.append(pa.field(RECORD_ID, pa.string()))
+SCHEMA: dict[str, pl.DataType] = {**POLARS_SCHEMA, RECORD_ID: pl.String()}
 ACL = "user reader\ntopic read #\nuser edge-01\ntopic write dt/+/+/temperature\n"
 
 
 def readings(n: int, metric: str | list[str] = "temperature", unit: list[str] | None = None
-             ) -> pa.Table:
+             ) -> pl.DataFrame:
     """``n`` readings whose NDJSON lines all have the same length (unless ``unit`` varies)."""
     ts = datetime(2024, 1, 1, 12, 0, 0, 500_000, tzinfo=UTC)
     metrics = [metric] * n if isinstance(metric, str) else metric
-    return pa.table(
+    return pl.DataFrame(
         {
             "ts": [ts] * n,
             "device": ["edge-01"] * n,
@@ -63,7 +63,7 @@ def test_n_readings_become_ceil_bytes_over_target_messages(fmt: str) -> None:
         for m in p.messages:
             docs = (json.loads(m.payload) if fmt == "json"
                     else [json.loads(x) for x in m.payload.splitlines()])
-            assert [d[RECORD_ID] for d in docs] == [f"{table[RECORD_ID][r]}" for r in m.rows]
+            assert [d[RECORD_ID] for d in docs] == [table.get_column(RECORD_ID)[r] for r in m.rows]
             assert m.topic == "dt/edge-01/room/temperature"
 
 
@@ -115,15 +115,15 @@ async def test_oversized_reading_and_refused_messages_go_to_the_dead_letter(
         await s.close()
     exc = err.value
     assert exc.retry_rows is None
-    rejected = exc.rejected_rows.column(RECORD_ID).to_pylist()
-    denied = {table[RECORD_ID][i].as_py() for i in range(n) if metrics[i] == "pressure"}
-    big = table[RECORD_ID][17].as_py()
+    rejected = exc.rejected_rows.get_column(RECORD_ID).to_list()
+    denied = {table.get_column(RECORD_ID)[i] for i in range(n) if metrics[i] == "pressure"}
+    big = table.get_column(RECORD_ID)[17]
     assert set(rejected) == denied | {big} and len(rejected) == len(denied) + 1
     reasons = dict(zip(rejected, exc.reasons, strict=True))
     assert "over max_payload_bytes" in reasons[big]
     assert all("Not authorized (0x87)" in reasons[r] for r in denied)
 
-    expected = {table[RECORD_ID][i].as_py() for i in range(n)} - denied - {big}
+    expected = {table.get_column(RECORD_ID)[i] for i in range(n)} - denied - {big}
     wait_for(lambda: {r[RECORD_ID] for r in sub.rows()} >= expected, 15, "the accepted readings")
     sub.stop()
     got = [r[RECORD_ID] for r in sub.rows()]
@@ -148,7 +148,7 @@ async def test_broker_down_keeps_the_batch_then_delivers(
         await s.write(table, "b")  # the same batch again, as the spool retries it
     finally:
         await s.close()
-    ids = {x.as_py() for x in table[RECORD_ID]}
+    ids = set(table.get_column(RECORD_ID).to_list())
     wait_for(lambda: {r[RECORD_ID] for r in sub.rows()} >= ids, 15, "the batch")
     sub.stop()
     assert all(json.loads(p) for _, p, _ in sub.messages)  # JSON arrays
