@@ -34,12 +34,12 @@ fault, while a fault usually shows as several odd readings:
 
 - **accumulated evidence** (a one-sided CUSUM on ``|z|``, so it sees a shift either way and a
   burst of noise alike): ``evidence = max(0, evidence + min(|z|, 1.25 t) - 0.5 t)`` with ``t`` the
-  threshold, triggering above ``1.5 t``: three readings at 1.25 t in a row, or five at t, or a
-  dozen at 0.75 t; it is reset when an event opens or closes, so each event is counted once;
+  threshold, triggering above ``1.5 t``: three readings at 1.25 t in a row, or four at t, or
+  seven at 0.75 t; it is reset when an event opens or closes, so each event is counted once;
 - **a lone reading beyond the series' own tail**: above ``threshold`` and above the level the
   series' own noise reaches about once in 3,300 readings (see :mod:`collector.models.robust`),
   so a Student-t sensor does not alarm on every tail reading while a Gaussian one still alarms
-  on a 5-sd spike.
+  on a 7-sd spike (its tail level is about 5.3 sd).
 
 A reading above ``0.625 t`` is kept out of the level (as a flagged one is for zscore/ewma), so
 a slow burst cannot drag the level along and hide itself.

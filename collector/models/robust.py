@@ -11,7 +11,7 @@ checkpoint codec stores):
   hour of day, or hour of week; learnt online as exponentially weighted deviations from the
   long-run median) plus either the **median** of the last ``level_window`` accepted readings
   (noisy, steady signals) or the **last** accepted reading (smooth, autocorrelated signals such
-  as air quality, where a median lags by hours). Every pair is scored on each accepted
+  as air quality, where a median lags by hours). Every pair is scored on every 4th accepted
   reading's one-step error, and the best one is used once it is clearly better: a profile is
   used only where it explains the readings, a flat signal never uses one.
 - **A tail-aware scale** over the last ``history`` readings outside events: the larger of

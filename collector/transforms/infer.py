@@ -96,8 +96,10 @@ class BuiltinModelConfig(Model):
     )
     threshold: float = Field(
         default=4.0, gt=0,
-        description="A reading whose score is above this is anomalous (robust: robust standard "
-        "deviations; zscore/ewma: |z|).",
+        description="Sensitivity: zscore/ewma flag a reading whose |z| is above this; robust "
+        "(score in robust standard deviations) alarms on a run of readings whose excess over "
+        "threshold/2 adds up to 1.5 x threshold, or on a lone reading beyond both threshold and "
+        "its series' own noise tail (x threshold/4). Higher: fewer alarms.",
     )
     warmup: int = Field(
         default=30, ge=2, description="Readings per series before it is scored (null until then)."
