@@ -150,6 +150,7 @@ def run(
         root = Path(data_dir).absolute()
         os.environ["DATA_DIR"] = str(root)  # the one rule: ${DATA_DIR} is --data-dir
     cfg = _load_or_exit(config_file)
+    _size_thread_pool(cfg.settings.runtime.threads)
     seconds = None
     if duration:
         from collector.units import parse_duration
@@ -165,6 +166,22 @@ def run(
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _size_thread_pool(threads: int | None) -> None:
+    """Apply `runtime.threads`: Polars sizes its pool from ``POLARS_MAX_THREADS`` once, at
+    import, and the config had to be read (with Polars) to know the size, so the process starts
+    itself again with the variable set. Costs one more start-up, only when the option is set."""
+    if threads is None or os.environ.get("POLARS_MAX_THREADS") == str(threads):
+        return
+    from collector.runtime import fsutil
+
+    os.environ["POLARS_MAX_THREADS"] = str(threads)
+    if fsutil.USER_UMASK is not None:
+        os.umask(fsutil.USER_UMASK)  # the new process takes it as the user's umask again
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "collector", *sys.argv[1:]])
 
 
 def _run_loop(main: Any) -> int:
@@ -277,6 +294,8 @@ async def _run(
             )
             return
         _warn_exposed(new)
+        if new.settings.runtime.threads != cfg.settings.runtime.threads:
+            log.warning("runtime.threads changed: the thread pool keeps its size until a restart")
         reload_to["cfg"] = new
         flush.value = new.transforms_fingerprint != cfg.transforms_fingerprint
         log.info(

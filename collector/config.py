@@ -130,6 +130,19 @@ class TelemetrySettings(Model):
         return host
 
 
+class RuntimeSettings(Model):
+    """How much of the machine the collector may use."""
+
+    threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="Size of the Polars thread pool (default: one per core). `1` on a "
+        "single-core device or one shared with a busier process; applied at start (a reload "
+        "keeps the running pool).",
+    )
+
+
 class CollectorConfig(Model):
     """Top level of a collector config file."""
 
@@ -143,6 +156,9 @@ class CollectorConfig(Model):
     )
     shutdown_timeout: Duration = Field(
         default="5s", description="On SIGTERM, how long sinks may keep draining their spools."
+    )
+    runtime: RuntimeSettings = Field(
+        default_factory=RuntimeSettings, description="Threads the collector may use."
     )
     blobs: BlobsConfig = Field(
         default_factory=BlobsConfig,

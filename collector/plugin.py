@@ -275,6 +275,26 @@ class Source(Plugin):
         Not called on a fresh data dir or with ``collector run --from-start``.
         """
 
+    def reference(self) -> dict[str, Any] | None:
+        """Where the data last handed over can be read again (JSON-able), or None.
+
+        A source whose input is durable already (a recorded file) answers, e.g., the file, its
+        fingerprint and the row range. The device log then keeps this reference instead of the
+        rows: nothing is encoded, written and fsynced twice, and the rows go from the source to
+        the transforms in memory. Only after a crash, for entries not yet processed, does the
+        runtime call ``reread``. Asked right after ``position()``, for non-empty data only.
+        """
+        return None
+
+    def reread(self, reference: dict[str, Any]) -> Any:
+        """The data handed over with ``reference``, again: the same rows in the same order.
+
+        Called from the pipeline thread, possibly while the source streams, and before
+        ``open()`` after a restart: it must not touch the streaming state. Raises (any error,
+        with a reason a person can act on) when that data is no longer there as it was.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no reread()")
+
 
 class Transform(Plugin):
     """Maps a micro-batch to a micro-batch; stateful ones also ``flush``.

@@ -23,7 +23,7 @@ from pydantic import Field, field_validator
 from collector.errors import PermanentSinkError, TransientSinkError
 from collector.plugin import Context, Sink, SinkConfig
 from collector.runtime import fsutil
-from collector.runtime.fsutil import atomic_write, fsync_dir
+from collector.runtime.fsutil import fsync_dir
 from sinks._isolate import Outcome, is_permanent_os_error
 from sinks._partition import (
     DEFAULT_PARTITIONS,
@@ -159,13 +159,9 @@ class LakeSink(Sink):
         options: dict[str, Any] = {"compression": "zstd"}
         if self.config.compression_level is not None:
             options["compression_level"] = self.config.compression_level
-
-        def write(tmp: Path) -> None:
-            rows.write_parquet(tmp, **options)
-            if modes is not None:
-                os.chmod(tmp, modes[0])
-
-        atomic_write(target / name, write)
+        fsutil.write_parquet(
+            target / name, rows, mode=modes[0] if modes is not None else None, **options
+        )
         if created:
             # New partition folders must survive a power cut too.
             for parent in target.parents:

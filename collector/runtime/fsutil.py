@@ -7,11 +7,15 @@ final name, and the folder fsynced.
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import polars as pl
 
 USER_UMASK: int | None = None
 """The umask the collector was started with, before `collector run` made its own files
@@ -56,3 +60,24 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def write_parquet(path: Path, frame: pl.DataFrame, mode: int | None = None, **options: Any) -> None:
+    """``frame`` as a Parquet file at ``path``, atomically (see :func:`atomic_write`).
+
+    Encoded in memory first (batches are bounded), then written by Python: Polars reports a
+    full disk as a ComputeError like a value Parquet cannot hold, and the two must not be
+    confused (one waits for space, the other goes to the dead letter). Here encoding fails with
+    a Polars error and the disk with ``OSError``.
+    """
+    buf = io.BytesIO()
+    frame.write_parquet(buf, **options)
+    data = buf.getbuffer()
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        if mode is not None:
+            os.chmod(tmp, mode)
+
+    atomic_write(path, write)

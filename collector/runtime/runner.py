@@ -31,7 +31,7 @@ from collector.plugin import Context, Counters, Source, Transform
 from collector.runtime import blobs, identity, statecodec
 from collector.runtime.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from collector.runtime.delivery import RepeatedLog, SinkWorker
-from collector.runtime.fsutil import atomic_write
+from collector.runtime.fsutil import write_parquet
 from collector.runtime.log import DeviceLog, Entry, Kind
 from collector.runtime.pipeline import Batch, Pipeline, Route
 from collector.runtime.quarantine import quarantine_file
@@ -44,6 +44,9 @@ log = logging.getLogger("collector")
 
 FINITE_SOURCE_ATTEMPTS = 3
 """A finite source (a replay) failing this often in a row, with no data between, gives up."""
+HANDOFF_BYTES = 64 * 1024 * 1024
+"""Rows logged by reference wait in memory for the pipeline up to this much; beyond it the
+source waits (the device log holds no copy of them to fall back on)."""
 
 
 class _Abort(Exception):
@@ -135,6 +138,11 @@ class Runtime:
         """Finite sources that gave up (their reason): `--once` then exits 1."""
         self._source_logs: dict[str, RepeatedLog] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._handoff: dict[int, pl.DataFrame] = {}
+        """Log offset -> rows a source handed over by reference (``Source.reference``), kept
+        in memory until the pipeline takes them; bounded by ``HANDOFF_BYTES``."""
+        self._handoff_bytes = 0
+        self._handoff_lock = threading.Lock()
 
     def _ctx(self, component: str) -> Context:
         return Context(
@@ -230,10 +238,9 @@ class Runtime:
 
     # -- sources ----------------------------------------------------------------------------
 
-    def _append(self, data: Any, source: Component, src: Source | None = None) -> int:
-        """Log what a source returned, with its position; bad rows go to its dead letter."""
+    def _normalize(self, data: Any, source: Component, src: Source | None, reject: Any) -> Any:
+        """What a source returned as canonical rows (its config's units and tags applied)."""
         cfg = source.config
-        position = src.position() if src is not None else None
         extra = getattr(src, "extra_schema", None) or {}  # typed columns of its own (files)
         df = normalize(
             data,
@@ -242,17 +249,36 @@ class Runtime:
             now=datetime.now(UTC),
             units=cfg.units,
             tags={**cfg.tags, **dict.fromkeys(extra, "")} if extra else cfg.tags,
-            reject=src.ctx.reject if src is not None else None,
+            reject=reject,
         )
         if extra:  # normalize keeps them as text, like tags: give them back their types
             df = df.with_columns(df.get_column(k).cast(t, strict=False) for k, t in extra.items())
+        return df
+
+    def _append(self, data: Any, source: Component, src: Source | None = None) -> int:
+        """Log what a source returned, with its position; bad rows go to its dead letter.
+
+        Rows a source can read again (``Source.reference``) are logged as that reference and
+        handed to the pipeline in memory; all others are logged themselves.
+        """
+        position = src.position() if src is not None else None
+        df = self._normalize(data, source, src, src.ctx.reject if src is not None else None)
         meta = None
         if position is not None and position != self._logged_positions.get(source.name):
             meta = {"s": source.name, "p": position}
+        ref = src.reference() if src is not None and df.height else None
+        if ref is not None:
+            meta = {"s": source.name, "p": position, "r": ref}
         if df.height == 0 and meta is None:
             return 0
         try:
-            self.log.append(df if df.height else None, Kind.DATA, meta=meta)
+            if ref is not None:
+                with self._handoff_lock:  # the pipeline finds the rows once it sees the entry
+                    offset = self.log.append(None, Kind.DATA, meta=meta)
+                    self._handoff[offset] = df
+                    self._handoff_bytes += int(df.estimated_size())
+            else:
+                self.log.append(df if df.height else None, Kind.DATA, meta=meta)
         except OSError as exc:  # disk full: count the loss, keep running
             self.counters.inc("dropped_rows_total", df.height, sink="*", reason="log_write")
             self._log_errors += 1
@@ -305,6 +331,8 @@ class Runtime:
                 async for data in source.stream():
                     await asyncio.to_thread(self._append, data, comp, source)
                     delay, failures = 1.0, 0
+                    while self._handoff_bytes > HANDOFF_BYTES and not self._stop.is_set():
+                        await asyncio.sleep(0.005)  # the pipeline is behind: wait for it
                 if finite:
                     return
                 log.warning("source %s ended; restarting in %.0fs", comp.name, delay)
@@ -340,6 +368,7 @@ class Runtime:
             if start < end:
                 try:
                     for entry in self.log.read(start, end):
+                        entry = self._materialize(entry)
                         try:
                             batches = self.pipeline.process(entry)
                         except Exception as exc:  # a plugin bug must not stop the pipeline
@@ -359,6 +388,42 @@ class Runtime:
                 return
             self._new_data.wait(0.5)
 
+    def _materialize(self, entry: Entry) -> Entry:
+        """An entry logged by reference, with its rows: from memory, or (after a restart)
+        read again from the source's file. Rows that cannot be read again are counted lost."""
+        ref = entry.meta.get("r") if entry.meta else None
+        if ref is None or entry.frame is not None:
+            return entry
+        with self._handoff_lock:
+            frame = self._handoff.pop(entry.offset, None)
+            if frame is not None:
+                self._handoff_bytes -= int(frame.estimated_size())
+        if frame is None:
+            assert entry.meta is not None
+            frame = self._reread(str(entry.meta["s"]), ref, entry.offset)
+        return Entry(entry.offset, entry.kind, entry.wall_us, frame, entry.meta)
+
+    def _reread(self, name: str, ref: dict[str, Any], offset: int) -> pl.DataFrame | None:
+        found = [(c, s) for c, s in self.sources if c.name == name]
+        try:
+            if not found:
+                raise LookupError("the source is no longer configured")
+            comp, src = found[0]
+            # bad rows were dead-lettered when first read: not again
+            return self._normalize(src.reread(ref), comp, src, lambda *_: None)
+        except Exception as exc:
+            rows = max(0, int(ref.get("hi", 0)) - int(ref.get("lo", 0)))
+            self.counters.inc("dropped_rows_total", rows, sink="*", reason="source_changed")
+            log.error(
+                "log entry %d: cannot read the %d source row(s) of %s it refers to again "
+                "(%s); they are lost",
+                offset,
+                rows,
+                name,
+                redact.text(str(exc)),
+            )
+            return None
+
     def _dead_letter_entry(self, entry: Entry, exc: Exception) -> None:
         """A transform failed on these readings: keep them with the reason, go on with the next.
 
@@ -377,10 +442,7 @@ class Runtime:
         )
         folder = self.data_dir / "dead-letter"
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(
-            folder / f"pipeline-{entry.offset:012d}.parquet",
-            lambda tmp: frame.write_parquet(tmp, compression="zstd"),
-        )
+        write_parquet(folder / f"pipeline-{entry.offset:012d}.parquet", frame, compression="zstd")
         self.counters.inc("pipeline_dead_letter_rows_total", frame.height)
 
     def _spool(self, batch: Batch) -> None:

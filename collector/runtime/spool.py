@@ -34,7 +34,7 @@ import polars as pl
 
 from collector import redact
 from collector.plugin import Counters, SpoolConfig
-from collector.runtime.fsutil import atomic_write
+from collector.runtime.fsutil import atomic_write, write_parquet
 from collector.runtime.identity import order_key
 from collector.runtime.log import encode_frame
 from collector.runtime.quarantine import quarantine_file
@@ -333,7 +333,7 @@ class Spool:
             reason_col = (reason_col + [reason_col[-1] if reason_col else "rejected"] * n)[:n]
         frame = dead_letter_columns(frame, reason_col, self.sink)
         path = self.dead_dir / f"{batch_id}-{time.time_ns()}.parquet"
-        atomic_write(path, lambda tmp: frame.write_parquet(tmp, compression="zstd"))
+        write_parquet(path, frame, compression="zstd")
         self.counters.inc("dead_letter_rows_total", n, sink=self.sink)
         return path
 

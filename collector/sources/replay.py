@@ -330,6 +330,10 @@ class ReplaySource(Source):
         """(file index, rows of it consumed): where the next stream() call continues."""
         self._handed: dict[str, Any] | None = None
         self._plan_cache: _FilePlan | None = None
+        self._chunk: dict[str, Any] | None = None
+        """Reference of the chunk handed on last: its file, identity and source-row range."""
+        self._reread_plans: dict[str, _FilePlan] = {}
+        """Plans of the pipeline thread's rereads (apart from the stream's own)."""
 
     # -- position ----------------------------------------------------------------------------
 
@@ -340,8 +344,31 @@ class ReplaySource(Source):
         # Only remembered here: the files are looked at in open(), where I/O belongs.
         self._resume_from = dict(position) if position else None
 
-    def _hand(self, plan: _FilePlan, index: int, rows: int, done: bool) -> None:
-        """Record that rows ``[0, rows)`` of file ``index`` are handed on (the next yield)."""
+    def reference(self) -> dict[str, Any] | None:
+        return self._chunk
+
+    def reread(self, reference: dict[str, Any]) -> pl.DataFrame:
+        """Source rows ``[lo, hi)`` of the file, narrowed as when they were handed on (their
+        bad cells were dead-lettered then and are not again)."""
+        file, lo, hi = str(reference["file"]), int(reference["lo"]), int(reference["hi"])
+        now = file_identity(file, self._format, int(reference["head_bytes"]))
+        logged = int(reference["size"])
+        same_size = now["size"] == logged or (self._format == "csv" and now["size"] > logged)
+        if now["fingerprint"] != reference["fingerprint"] or not same_size:
+            raise ValueError(f"{file} changed since its rows {lo}-{hi} were logged")
+        plan = self._reread_plans.get(file)
+        if plan is None:
+            plan = self._reread_plans[file] = self._plan(file)
+            if len(self._reread_plans) > 4:  # bounded: a glob of many files
+                del self._reread_plans[next(iter(self._reread_plans))]
+        batch = plan.lf.slice(lo, hi - lo).collect()
+        narrow, _rejects = self._narrow(batch, plan)
+        return self._finish(narrow)
+
+    def _hand(self, plan: _FilePlan, index: int, rows: int, done: bool, lo: int) -> None:
+        """Record that rows ``[0, rows)`` of file ``index`` are handed on (the next yield),
+        the chunk being rows ``[lo, rows)``."""
+        self._chunk = {"file": plan.file, **plan.identity, "lo": lo, "hi": rows}
         self._handed = {
             "path": self.config.path,
             "file": plan.file,
@@ -771,7 +798,7 @@ class ReplaySource(Source):
     ) -> AsyncIterator[pl.DataFrame]:
         ahead = await self._next(batches, plan, rows)
         if ahead is None:  # nothing (left) in this file: hand on the position alone
-            self._hand(plan, index, rows, done=True)
+            self._hand(plan, index, rows, done=True, lo=rows)
             yield self._finish(pl.DataFrame(schema={_ROW: pl.UInt32, **POLARS_SCHEMA}))
             return
         while ahead is not None:
@@ -782,7 +809,7 @@ class ReplaySource(Source):
             narrow, rejects = await asyncio.to_thread(self._narrow, batch, plan)
             if pacer is None:
                 self._dead_letter(rejects, 0, batch.height)
-                self._hand(plan, index, rows + batch.height, done=ahead is None)
+                self._hand(plan, index, rows + batch.height, done=ahead is None, lo=rows)
                 yield self._finish(narrow)
             else:
                 row_index = narrow.get_column(_ROW)  # ascending: narrow is in row order
@@ -791,7 +818,7 @@ class ReplaySource(Source):
                     stop = row_index.search_sorted(hi, side="left")
                     last = ahead is None and hi == batch.height
                     self._dead_letter(rejects, lo, hi)
-                    self._hand(plan, index, rows + hi, done=last)
+                    self._hand(plan, index, rows + hi, done=last, lo=rows + lo)
                     if stop > start or last:
                         yield self._finish(narrow.slice(start, stop - start))
             rows += batch.height

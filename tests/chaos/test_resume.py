@@ -153,6 +153,57 @@ def test_from_start_replays_the_file_again_once_more(tmp_path: Path) -> None:
     assert read_lake(tmp_path / "lake").height == 10
 
 
+# -- replay: the device log keeps references to the file, not its rows (issue 19) --------------
+
+
+def logged(data: Path) -> list[Any]:
+    from collector.runtime.log import DeviceLog, Kind
+
+    return [e for e in DeviceLog(data / "log").read(0) if e.kind == Kind.DATA]
+
+
+def test_replay_logs_file_ranges_and_rereads_them_when_the_checkpoint_is_lost(
+    tmp_path: Path,
+) -> None:
+    n = 3000
+    csv = write_csv(tmp_path / "rec.csv", n)
+    cfg = replay_config(tmp_path, str(csv), chunk_rows=700)
+    once(cfg)
+    entries = logged(tmp_path / "data")
+    refs = [e.meta["r"] for e in entries if e.meta and "r" in e.meta]
+    assert all(e.frame is None for e in entries)  # no row is in the log...
+    assert sum(r["hi"] - r["lo"] for r in refs) == n  # ...but a reference to every one
+    first = read_lake(tmp_path / "lake")
+    assert first.height == n
+    # Without a checkpoint the whole log is processed again: every reference is read back
+    # from the file and cut into the same batches, which overwrite their own files.
+    for cp in (tmp_path / "data" / "state").glob("checkpoint*"):
+        cp.unlink()
+    once(cfg)
+    again = read_lake(tmp_path / "lake")
+    assert again.height == n
+    assert sorted(again["value"].to_list()) == [float(i) for i in range(n)]
+    assert sorted(again["record_id"].to_list()) == sorted(first["record_id"].to_list())
+
+
+def test_a_file_changed_before_its_logged_rows_were_processed_is_reported_and_counted(
+    tmp_path: Path,
+) -> None:
+    n = 1000
+    csv = write_csv(tmp_path / "rec.csv", n)
+    cfg = replay_config(tmp_path, str(csv), chunk_rows=400)
+    once(cfg)
+    for cp in (tmp_path / "data" / "state").glob("checkpoint*"):
+        cp.unlink()
+    write_csv(csv, n, first=10_000)  # same size and shape, other values: another file
+    out = once(cfg)
+    assert "cannot read the 400 source row(s) of rec it refers to again" in out, out
+    assert "changed since its rows 0-400 were logged" in out, out
+    # what was delivered before stays, once; the new content is a new file, replayed once
+    landed = sorted(read_lake(tmp_path / "lake")["value"].to_list())
+    assert landed == [float(i) for i in range(n)] + [float(10_000 + i) for i in range(n)]
+
+
 # -- simulated: the tick counter resumes ---------------------------------------------------------
 
 

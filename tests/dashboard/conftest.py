@@ -14,8 +14,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from sample_data.make_lake import aggregate_table, write_lake
@@ -112,9 +112,9 @@ def write_raw(table: pa.Table, root: Path, batch: timedelta = timedelta(hours=4)
         rows = rows.append_column(
             "record_id", pa.array([f"{batch_id}:{i}" for i in range(rows.num_rows)])
         )
-        for folder, part in split(rows, ("metric", "date")):
+        for folder, part in split(pl.DataFrame(rows), ("metric", "date")):
             (root / folder).mkdir(parents=True, exist_ok=True)
-            pq.write_table(part, root / folder / f"part-{batch_id}.parquet", compression="zstd")
+            part.write_parquet(root / folder / f"part-{batch_id}.parquet", compression="zstd")
             files += 1
     return files
 

@@ -28,8 +28,12 @@ class FlakyConfig(SinkConfig):
 
 
 class FlakySink(Sink):
+    """Written against the first sink contract (a pyarrow Table per batch), so every test that
+    uses it also runs the runtime's ``arrow_batches`` path a third-party sink would take."""
+
     Config = FlakyConfig
     description = "Test sink: folder of Parquet batches, fails while a flag file exists."
+    arrow_batches = True
 
     async def write(self, table: pa.Table, batch_id: str) -> None:
         cfg: FlakyConfig = self.config

@@ -28,8 +28,8 @@ def fast_source(every: str = "50ms", metrics: int = 2) -> dict:
 
 def logged_readings(data_dir: Path) -> pl.DataFrame:
     """Every reading in the device log (nothing is truncated with one segment)."""
-    frames = [pl.from_arrow(e.table) for e in DeviceLog(data_dir / "log").read(0)
-              if e.kind == Kind.DATA and e.table is not None]
+    frames = [e.frame for e in DeviceLog(data_dir / "log").read(0)
+              if e.kind == Kind.DATA and e.frame is not None]
     return pl.concat(frames).select(KEY) if frames else pl.DataFrame()
 
 

@@ -120,6 +120,25 @@ def test_once_processes_one_tick_and_exits(tmp_path: Path) -> None:
     assert read_lake(tmp_path / "lake").height == 2
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_runtime_threads_sizes_the_polars_pool(tmp_path: Path, threads: int) -> None:
+    """`runtime.threads` is the pool the transforms run in (a 1-core device), not a hint."""
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        {
+            "device": "d1",
+            "data_dir": str(tmp_path / "data"),
+            "runtime": {"threads": threads},
+            "sources": [sim_source()],
+            "transforms": [{"type": "python", "function": "tests.e2e.user_code:with_pool_size"}],
+            "sinks": [{"name": "lake", "type": "lake", "path": str(tmp_path / "lake")}],
+        },
+    )
+    res = run_cli("run", str(cfg), "--once", env={"POLARS_MAX_THREADS": "2"})
+    assert res.returncode == 0, res.stderr
+    assert read_lake(tmp_path / "lake")["pool"].to_list() == [threads]
+
+
 def test_for_duration_stops_cleanly(tmp_path: Path) -> None:
     cfg = write_config(
         tmp_path / "c.yaml",

@@ -35,3 +35,8 @@ def refuse_negative(df: pl.DataFrame) -> pl.DataFrame:
 def values_as_text(df: pl.DataFrame) -> pl.DataFrame:
     """A user transform that turns `value` into text, so a numeric `where:` cannot run on it."""
     return df.with_columns(pl.col("value").cast(pl.String))
+
+
+def with_pool_size(df: pl.DataFrame) -> pl.DataFrame:
+    """Tags each reading with the size of the Polars thread pool it was processed with."""
+    return df.with_columns(pl.lit(pl.thread_pool_size()).alias("pool"))

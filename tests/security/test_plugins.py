@@ -17,7 +17,6 @@ from tests.e2e.conftest import ROOT, read_lake, run_cli
 SINK_MODULE = '''
 from pathlib import Path
 
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from collector.plugin import Sink, SinkConfig
@@ -34,7 +33,7 @@ class MarkerSink(Sink):
 
     async def write(self, table, batch_id):
         self.config.path.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, self.config.path / f"{{batch_id}}.parquet")
+        table.write_parquet(self.config.path / f"{{batch_id}}.parquet")
 '''
 
 
