@@ -29,7 +29,7 @@ import io
 import string
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import polars as pl
 from pydantic import Field, field_validator, model_validator
@@ -47,9 +47,6 @@ from sinks._partition import (
     split_indexed,
     validate_partitions,
 )
-
-if TYPE_CHECKING:
-    import pyarrow as pa
 
 MIN_PART_BYTES = 5 * 1024**2
 """S3's smallest multipart part (all but the last)."""
@@ -267,11 +264,7 @@ class S3Sink(Sink):
             extra["SSEKMSKeyId"] = self.config.sse_kms_key_id
         return extra
 
-    async def write(self, frame: pl.DataFrame | pa.Table, batch_id: str) -> None:
-        if not isinstance(frame, pl.DataFrame):  # the Arrow contract, until the switch to Polars
-            converted = pl.from_arrow(frame)
-            assert isinstance(converted, pl.DataFrame)
-            frame = converted
+    async def write(self, frame: pl.DataFrame, batch_id: str) -> None:
         if frame.height == 0:
             return
         if self.client is None:
