@@ -272,3 +272,138 @@ def write_yaml(path: Path, config: dict[str, Any]) -> Path:
 
 def collector_cmd(config: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "collector", "run", str(config), *args]
+
+
+HEAVY = (
+    "pyarrow",
+    "boto3",
+    "botocore",
+    "aiobotocore",
+    "elasticsearch",
+    "opensearchpy",
+    "serial",
+    "pymodbus",
+    "paho",
+    "sklearn",
+    "onnxruntime",
+    "streamlit",
+    "duckdb",
+    "psutil",
+    "pandas",
+    "numpy",
+    "scipy",
+)
+"""Optional libraries a config must name before the collector may import them (each costs
+megabytes of RSS and tens of milliseconds of start-up). pyarrow is one since the runtime is
+Polars-only: only the sinks and features that need it load it, at their first use."""
+
+_PROBE = """
+import json, sys
+def rss():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmRSS:'):
+            return int(line.split()[1]) / 1024
+stage = sys.argv[1]
+import collector.cli
+out = {'import_cli_mb': rss()}
+if stage == 'runtime':
+    from pathlib import Path
+    from collector import config
+    from collector.runtime.runner import Runtime
+    cfg = config.load(sys.argv[2])
+    Runtime(cfg, Path(sys.argv[3]))
+    out['runtime_mb'] = rss()
+heavy = sys.argv[-1].split(',')
+out['heavy_loaded'] = sorted(h for h in heavy if h in sys.modules)
+out['modules'] = len(sys.modules)
+print(json.dumps(out))
+"""
+
+
+def probe(*args: str) -> dict[str, Any]:
+    """RSS and imported heavy modules of a fresh interpreter at a given stage.
+
+    ``probe("cli")``: after ``import collector.cli``; ``probe("runtime", CFG, DATA_DIR)``:
+    after loading CFG and building its runtime (nothing run yet).
+    """
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE, *args, ",".join(HEAVY)],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+@dataclass
+class ImportTrace:
+    """What one real run of a command imported, from ``python -X importtime``."""
+
+    returncode: int
+    modules: set[str]
+    """Every module imported, dotted names."""
+    importers: dict[str, str]
+    """Who imported each module first: the enclosing import in the trace's tree."""
+    top_level_us: dict[str, int]
+    """Cumulative import time (µs) of each package root (``polars``, ``collector``) at its
+    first import; nested packages are counted in their importer's figure too."""
+
+    def heavy(self) -> list[str]:
+        """The :data:`HEAVY` libraries among the imports."""
+        tops = {m.split(".", 1)[0] for m in self.modules}
+        return sorted(h for h in HEAVY if h in tops)
+
+    def first_importer(self, package: str, within: str = "collector") -> str | None:
+        """The first module of ``within`` on the chain that imported ``package`` (e.g. which
+        collector module made ``--help`` load polars), None if ``package`` was not imported."""
+        name: str | None = package
+        while name is not None and not (name == within or name.startswith(within + ".")):
+            name = self.importers.get(name)
+        return name if package in self.modules else None
+
+    def slowest(self, n: int = 5) -> list[tuple[str, float]]:
+        """The ``n`` top-level packages that took longest to import, in ms."""
+        skip = ("site", "encodings")  # the bare interpreter's own, paid by `python -c pass`
+        named = {k: v for k, v in self.top_level_us.items() if k not in skip and k[0] != "_"}
+        ranked = sorted(named.items(), key=lambda kv: -kv[1])[:n]
+        return [(name, round(us / 1000, 1)) for name, us in ranked]
+
+
+def trace_imports(
+    cmd: Sequence[str], *, cwd: Path | None = None, timeout: float = 300
+) -> ImportTrace:
+    """Run ``cmd`` (a ``python …`` command line) once under ``-X importtime``.
+
+    The real process, not an in-process imitation of it: what a config makes the collector load
+    is decided by the code paths the run takes (lazy plugin imports, a sink's first write), so
+    only the run itself can say. The run is not timed (import tracing slows it down).
+    """
+    argv = list(cmd)
+    if not argv or Path(argv[0]).name != Path(sys.executable).name:
+        raise ValueError(f"not a python command line: {argv[:2]}")
+    argv = [argv[0], "-X", "importtime", *argv[1:]]
+    proc = subprocess.run(
+        argv, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout, check=False
+    )
+    modules: set[str] = set()
+    top: dict[str, int] = {}
+    importers: dict[str, str] = {}
+    waiting: dict[int, list[str]] = {}  # depth -> modules whose importer comes later (post-order)
+    for line in proc.stderr.splitlines():
+        if not line.startswith("import time:") or "|" not in line:
+            continue
+        _, cumulative, name = (p.strip() for p in line[len("import time:") :].split("|", 2))
+        if not cumulative.isdigit():
+            continue  # the header line
+        raw = line.rsplit("|", 1)[1]
+        depth = (len(raw) - len(raw.lstrip())) // 2
+        for child in waiting.pop(depth + 1, []):
+            importers.setdefault(child, name)
+        waiting.setdefault(depth, []).append(name)
+        modules.add(name)
+        if "." not in name:  # a package root: its first import carries its whole cost
+            top.setdefault(name, int(cumulative))
+    return ImportTrace(proc.returncode, modules, importers, top)

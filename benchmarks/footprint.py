@@ -16,10 +16,7 @@ got imported on the way (there should be none).
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -29,33 +26,16 @@ from typing import Any
 from benchmarks._common import (
     check_ok,
     collector_cmd,
-    env,
+    probe,
     run_measured,
     table,
     write_json,
     write_yaml,
 )
 
-HEAVY = (
-    "boto3",
-    "botocore",
-    "aiobotocore",
-    "elasticsearch",
-    "opensearchpy",
-    "serial",
-    "pymodbus",
-    "paho",
-    "sklearn",
-    "onnxruntime",
-    "streamlit",
-    "duckdb",
-    "psutil",
-    "pandas",
-    "numpy",
-    "scipy",
-)
-TARGET_RSS_MB = 150
-TARGET_CPU_PCT = 2.0
+TARGET_RSS_MB = 80
+TARGET_CPU_PCT = 1.0
+"""Issue 19's targets: below Bytewax on both, half the memory of the pre-Polars-only runtime."""
 STEADY_AFTER_S = 10.0
 
 
@@ -77,42 +57,6 @@ def config(data_dir: Path, devices: int) -> dict[str, Any]:
         "transforms": [{"type": "window", "every": "1m", "aggs": ["mean", "min", "max", "count"]}],
         "sinks": [{"name": "lake", "type": "lake", "path": str(data_dir / "lake")}],
     }
-
-
-_PROBE = """
-import json, sys
-def rss():
-    for line in open('/proc/self/status'):
-        if line.startswith('VmRSS:'):
-            return int(line.split()[1]) / 1024
-stage = sys.argv[1]
-import collector.cli
-out = {'import_cli_mb': rss()}
-if stage == 'runtime':
-    from pathlib import Path
-    from collector import config
-    from collector.runtime.runner import Runtime
-    cfg = config.load(sys.argv[2])
-    Runtime(cfg, Path(sys.argv[3]))
-    out['runtime_mb'] = rss()
-heavy = sys.argv[-1].split(',')
-out['heavy_loaded'] = sorted(h for h in heavy if h in sys.modules)
-out['modules'] = len(sys.modules)
-print(json.dumps(out))
-"""
-
-
-def probe(*args: str) -> dict[str, Any]:
-    """RSS and imported heavy modules of a fresh interpreter at a given stage."""
-    proc = subprocess.run(
-        [sys.executable, "-c", _PROBE, *args, ",".join(HEAVY)],
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _cpu_at(pid: int, delay: float, out: dict[str, float]) -> None:

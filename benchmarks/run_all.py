@@ -23,10 +23,21 @@ from typing import Any
 from benchmarks._common import OUT, ROOT, env, machine_line
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
-ORDER = ("throughput", "footprint", "economics", "recovery", "dashboard", "anomaly")
+ORDER = (
+    "throughput",
+    "footprint",
+    "startup",
+    "replay_kill",
+    "economics",
+    "recovery",
+    "dashboard",
+    "anomaly",
+)
 FULL: dict[str, list[str]] = {
     "throughput": ["--rows", "10000000", "--repeat", "3"],
     "footprint": ["--seconds", "60"],
+    "startup": ["--runs", "7"],
+    "replay_kill": ["--rows", "10000000", "--kills", "5"],
     "economics": [],
     "recovery": ["--size", "1GB"],
     "dashboard": [],
@@ -35,6 +46,8 @@ FULL: dict[str, list[str]] = {
 QUICK: dict[str, list[str]] = {
     "throughput": ["--rows", "1000000"],
     "footprint": ["--seconds", "20"],
+    "startup": ["--runs", "3"],
+    "replay_kill": ["--rows", "1000000", "--kills", "3", "--batch-rows", "5000"],
     "economics": [],
     "recovery": ["--size", "100MB"],
     "dashboard": ["--days", "3", "--repeat", "2"],
@@ -110,7 +123,56 @@ def rows_footprint(d: dict[str, Any]) -> list[list[str]]:
             f"peak RSS **{c['peak_rss_mb']:.0f} MB**; CPU **{cpu}**",
             f"`import collector.cli`: {d['import_cli_rss_mb']:.0f} MB; optional heavy modules "
             f"loaded: {', '.join(d['heavy_modules_loaded']) or 'none'}",
-            "≤ 150 MB, ≤ 2 %",
+            _footprint_target(d),
+            _m(d),
+        ]
+    ]
+
+
+def _footprint_target(d: dict[str, Any]) -> str:
+    t = d.get("targets") or {}
+    return f"≤ {t.get('peak_rss_mb', 80):g} MB, ≤ {t.get('cpu_pct', 1.0):g} %"
+
+
+def rows_startup(d: dict[str, Any]) -> list[list[str]]:
+    o, h, t = d["once"], d["help"], d["targets"]
+    slow = ", ".join(f"{k} {v:.0f} ms" for k, v in list(o["slowest_imports_ms"].items())[:3])
+    return [
+        [
+            f"Start-up: `collector run --once` on a {d['rows']}-row CSV (replay → 1-min window → "
+            "lake, fresh data dir each run); `collector --help`",
+            f"run --once **{o['median_wall_s']:.2f} s** median (min {o['min_wall_s']:.2f} s, "
+            f"{o['runs']} runs, peak RSS {o['peak_rss_mb']:.0f} MB); --help "
+            f"**{h['median_wall_s']:.2f} s** median",
+            f"heavy optional modules the run imported: "
+            f"{', '.join(o['heavy_modules_loaded']) or 'none'}; slowest imports: {slow}"
+            + (
+                f"; `python -c pass` {ctx['python_wall_s']:.2f} s, `import polars` "
+                f"{ctx['import_polars_wall_s']:.2f} s"
+                if (ctx := d.get("context"))
+                else ""
+            ),
+            f"≤ {t['once_wall_s']:g} s; --help ≤ {t['help_wall_s']:g} s; no pyarrow",
+            _m(d),
+        ]
+    ]
+
+
+def rows_replay_kill(d: dict[str, Any]) -> list[list[str]]:
+    c = d["check"]
+    return [
+        [
+            f"Guarantees: `kill -9` {d['kills']} times during a replay of "
+            f"{d['rows'] / 1e6:g} M rows (`collector run`), then `collector run --once`; "
+            "lake checked window by window against the input",
+            f"**{d['verdict']}**: {c.get('readings_in_lake', 0):,} of "
+            f"{c.get('readings_expected', 0):,} readings, {c.get('windows_missing')} windows "
+            f"missing, {c.get('windows_twice')} twice, {c.get('windows_wrong_count')} with a "
+            f"wrong count ({d['mid_replay_kills']} of {d['kills']} kills mid-replay)",
+            f"{c.get('windows_expected', 0):,} windows, {c.get('lake_files', 0)} lake files; "
+            f"final --once {d['final_run']['wall_s']:.1f} s, {d['wall_s']:.0f} s from first "
+            "start",
+            "nothing lost, nothing twice",
             _m(d),
         ]
     ]
@@ -225,24 +287,29 @@ def rows_anomaly(d: dict[str, Any]) -> list[list[str]]:
         z, r = m["zscore"], m["robust"]
         fewer = z["false_alarms_per_10k"] / max(r["false_alarms_per_10k"], 1e-9)
         others = "; ".join(
-            f"{k}: {v['found']}/{v['windows']}, {v['false_alarms_per_10k']:g}" for k, v in m.items()
+            f"{k}: {v['found']}/{v['windows']}, {v['false_alarms_per_10k']:g}"
+            for k, v in m.items()
             if k != "robust"
         )
-        out.append([
-            f"Anomaly detector, {name} ({ds['series']} series, {ds['readings']:,} readings, "
-            "injected anomalies): windows found, false-alarm events per 10k readings",
-            f"robust (default): **{r['found']}/{r['windows']}** windows, "
-            f"**{r['false_alarms_per_10k']:g}** false alarms = {fewer:.1f}x fewer than zscore",
-            others,
-            "≥ zscore's windows, 20x fewer false alarms",
-            _m(d),
-        ])
+        out.append(
+            [
+                f"Anomaly detector, {name} ({ds['series']} series, {ds['readings']:,} readings, "
+                "injected anomalies): windows found, false-alarm events per 10k readings",
+                f"robust (default): **{r['found']}/{r['windows']}** windows, "
+                f"**{r['false_alarms_per_10k']:g}** false alarms = {fewer:.1f}x fewer than zscore",
+                others,
+                "≥ zscore's windows, 20x fewer false alarms",
+                _m(d),
+            ]
+        )
     return out
 
 
 BUILDERS = {
     "throughput": rows_throughput,
     "footprint": rows_footprint,
+    "startup": rows_startup,
+    "replay_kill": rows_replay_kill,
     "economics": lambda d: rows_economics(d) + rows_mqtt(d),
     "recovery": rows_recovery,
     "dashboard": rows_dashboard,
@@ -273,16 +340,24 @@ def notes() -> list[str]:
     if f:
         anon = f.get("collector", {}).get("peak_anon_mb")
         private = f" (private memory {anon:.0f} MB)" if anon else ""
+        heavy = ", ".join(f.get("heavy_modules_loaded") or []) or "none"
+        tg = f.get("targets") or {}
         out.append(
-            f"- Footprint: most of the RSS{private} is the shared libraries of Polars and "
-            "PyArrow, mapped once whatever the load; numpy is imported by PyArrow itself. "
-            "Cloud SDKs, serial/Modbus/MQTT clients, scikit-learn and ONNX load only when a "
-            "config uses them, sqlglot (8 MB) only when it has SQL (`where:`, `derive`, `sql`), "
-            "and prometheus_client (3 MB) at the first scrape of `/metrics`, which this run "
-            "does not make. CPU seconds of the same code vary between runs on this VM: from "
-            "1.1 % to about 4 % of one core steady (lower when other processes keep the cores "
-            "busy), so the 2 % target is met in some runs and missed in others."
+            f"- Footprint: most of the RSS{private} is the shared library of Polars, mapped "
+            f"once whatever the load; optional heavy modules loaded by this config: {heavy}. "
+            "PyArrow, numpy, cloud SDKs, serial/Modbus/MQTT clients, scikit-learn and ONNX load "
+            "only when a config uses them, sqlglot (8 MB) only when it has SQL (`where:`, "
+            "`derive`, `sql`), and prometheus_client (3 MB) at the first scrape of `/metrics`, "
+            "which this run does not make. CPU seconds of the same code vary between runs on "
+            "this VM (lower when other processes keep the cores busy), so a steady figure near "
+            f"the {tg.get('cpu_pct', 1.0):g} % target can land on either side of it."
         )
+    s_ = load("startup")
+    if s_:
+        out.append(_startup_note(s_))
+    k = load("replay_kill")
+    if k:
+        out.append(_replay_kill_note(k))
     if load("economics"):
         out.append(
             "- Economics: calls count the device's own requests (IoT Core publishes for the "
@@ -305,20 +380,136 @@ def notes() -> list[str]:
             "- Recovery: the moto server runs on the same cores as the collector, so the rate "
             "is a lower bound of what the collector sustains against real S3."
         )
-    if load("anomaly"):
-        out.append(
-            "- Anomaly detector (`python -m benchmarks.anomaly`, procedure in its docstring): "
-            "**the 20x target is not reached.** At its defaults `robust` raises 2.6x "
-            "(generated) to 5.4x (air quality) fewer false-alarm events than `zscore`, finds "
-            "more windows on the real air-quality series (28 vs 24 of 72) and 2 fewer on the "
-            "generated ones (24 vs 26 of 30); most of its remaining false alarms are single "
-            "readings in heavy-tailed noise. `min_duration: 2` cuts them to 7.9 and 3.3 per 10k "
-            "(14x and 12x fewer) at the cost of windows (17/30, 12/72): lone spikes no longer "
-            "alarm unless they score above `spike_threshold`. On the simulated case `robust` "
-            "has recall 0.98 and FPR ≤ 0.2 % on all three metrics (zscore: 0.70 on the random "
-            "walk)."
-        )
+    a = load("anomaly")
+    if a:
+        out.append(_anomaly_note(a))
     return out
+
+
+def _startup_note(d: dict[str, Any]) -> str:
+    """Start-up: where the time goes, and what --help pays for, from startup.json."""
+    o, h = d["once"], d["help"]
+    slow = ", ".join(f"{k} {v:.0f} ms" for k, v in o["slowest_imports_ms"].items())
+    forbidden = d.get("forbidden_loaded") or []
+    text = (
+        f"- Start-up (`python -m benchmarks.startup`): the --once run takes "
+        f"{o['median_wall_s']:.2f} s and {o['median_cpu_s']:.2f} CPU-s for 10 rows; the "
+        f"slowest imports (cumulative, one traced run) are {slow}. "
+    )
+    load_avg, cores = d.get("load_avg_1m_at_end"), (d.get("machine") or {}).get("cores")
+    if load_avg and cores and load_avg > cores / 2:
+        text += (
+            f"The cores were shared during the run (load average {load_avg:g} on {cores} "
+            "cores at its end), which lengthens wall times more than CPU seconds. "
+        )
+    ctx = d.get("context") or {}
+    if ctx:
+        text += (
+            f"A bare `python -c pass` takes {ctx['python_wall_s']:.2f} s and `import polars` "
+            f"alone {ctx['import_polars_wall_s']:.2f} s on the same machine. "
+        )
+    if h.get("imports_polars"):
+        via = h.get("polars_imported_by")
+        by = f" (`{via}` imports it at module level)" if via else ""
+        text += (
+            f"`collector --help` imports Polars{by}, which is most of its "
+            f"{h['median_wall_s']:.2f} s. "
+        )
+    if forbidden:
+        text += f"**The run imported {', '.join(forbidden)}, which this config does not need.**"
+    else:
+        text += "PyArrow is not imported by this config, as the Polars-only runtime intends."
+    return text
+
+
+def _replay_kill_note(d: dict[str, Any]) -> str:
+    """How the kill -9 row was made and checked, from replay_kill.json."""
+    c = d["check"]
+    tmp = c.get("lake_tmp_files_left") or 0
+    text = (
+        "- Guarantees (`python -m benchmarks.replay_kill`): the throughput benchmark's input "
+        f"and config, with the lake batch cut to {d['batch_rows']:,} aggregate rows so lake "
+        f"files are written between kills; {d['kills']} SIGKILLs (seed {d['seed']}) each a "
+        "random instant after the replay position in the device log passed a random point, so "
+        "every run made progress of its own; then `collector run --once` "
+        f"(exit {d['final_exit']}). Checked per 1-minute window (ts, device, metric) after "
+        "complete rows supersede partial ones as `collector export` does: each window's "
+        "`count` equals the input's readings that pass the filter, no window has two complete "
+        f"rows, no `record_id` appears twice ({c.get('partial_rows', 0)} partial rows: the "
+        "windows still open at the end)."
+    )
+    if tmp:
+        text += (
+            f" {tmp} hidden `.tmp` file(s) of interrupted lake writes stayed in the lake: "
+            "invisible to `*.parquet` globs, but a plain `pl.scan_parquet(lake_dir)` refuses "
+            "the folder."
+        )
+    return text
+
+
+def _anomaly_note(d: dict[str, Any]) -> str:
+    """The anomaly detector's reading of its own figures, all from anomaly.json, so a re-run
+    never leaves prose about an older run next to fresh numbers."""
+    parts: list[str] = []
+    target = 20.0
+    reached, missed = [], []
+    for name, ds in (d.get("datasets") or {}).items():
+        m = ds["methods"]
+        z, r = m["zscore"], m["robust"]
+        fewer = z["false_alarms_per_10k"] / max(r["false_alarms_per_10k"], 1e-9)
+        (reached if fewer >= target else missed).append(f"{name} ({fewer:.0f}x)")
+        cmp = (
+            "more" if r["found"] > z["found"] else "fewer" if r["found"] < z["found"] else "as many"
+        )
+        line = (
+            f"On {name}, `robust` finds {cmp} windows than `zscore` ({r['found']} vs "
+            f"{z['found']} of {r['windows']}) at {r['false_alarms_per_10k']:g} vs "
+            f"{z['false_alarms_per_10k']:g} false alarms per 10k"
+        )
+        kinds = r.get("found_by_kind") or {}
+        zero = [k for k, v in kinds.items() if str(v).startswith("0/")]
+        if zero:
+            missed_kinds = ", ".join(f"{kinds[k].split('/')[1]} {k} anomalies" for k in zero)
+            line += f"; it finds none of the {missed_kinds}"
+            buried = r.get("spikes_buried") or []
+            if "spike" in zero and buried:
+                line += (
+                    f" (each injected spike is outscored by {min(buried)} to {max(buried)} "
+                    "ordinary readings of its own series)"
+                )
+        strong = [
+            f"`{k}` {v['false_alarms_per_10k']:g} per 10k at {v['found']}/{v['windows']} windows"
+            for k, v in m.items()
+            if k.startswith("robust,")
+            and z["false_alarms_per_10k"] / max(v["false_alarms_per_10k"], 1e-9) >= target
+        ]
+        if strong:
+            line += f"; {target:g}x or more also with " + ", ".join(strong)
+        parts.append(line)
+    head = f"{target:g}x fewer false alarms than `zscore` is "
+    if reached and missed:
+        head += f"reached on {', '.join(reached)}, not on {', '.join(missed)}"
+    elif reached:
+        head += f"reached on every dataset: {', '.join(reached)}"
+    else:
+        head += f"not reached: {', '.join(missed)}"
+    text = (
+        "- Anomaly detector (`python -m benchmarks.anomaly`, procedure in its docstring): "
+        f"**{head}.** " + ". ".join(parts) + "."
+    )
+    sim = d.get("simulated") or {}
+    if "robust" in sim:
+        rb = sim["robust"]
+        text += (
+            f" On the simulated case `robust` has recall ≥ "
+            f"{min(v['recall'] for v in rb.values()):.2f} and FPR ≤ "
+            f"{100 * max(v['fpr'] for v in rb.values()):.1f} % on all {len(rb)} metrics"
+        )
+        if "zscore" in sim:
+            worst = min(sim["zscore"].items(), key=lambda kv: kv[1]["recall"])
+            text += f" (zscore: recall {worst[1]['recall']:.2f} on {worst[0]})"
+        text += "."
+    return text
 
 
 def markdown() -> str:
