@@ -288,13 +288,14 @@ class BlobStore:
             deleted += self._delete(name, reason="delivered", unless_held=True)
         return deleted
 
-    def sweep_due(self, runtime: Any) -> None:
-        """Called by the pipeline thread on every loop: sweep every ``sweep_every`` seconds.
+    def sweep_due(self, runtime: Any, last: bool = False) -> None:
+        """Called by the pipeline thread on every loop: sweep every ``sweep_every`` seconds,
+        and a ``last`` time when it stops (a `--once` run ends with its blobs swept).
 
         Never raises: a failed sweep only keeps blobs longer, and is logged.
         """
         now = time.monotonic()
-        if now - self._last_sweep < self.settings.sweep_every or not self._sizes:
+        if not self._sizes or (not last and now - self._last_sweep < self.settings.sweep_every):
             return
         self._last_sweep = now
         try:
@@ -316,10 +317,7 @@ class BlobStore:
         cursor = getattr(device_log, "_cursor", None)  # the pipeline's place: keep it
         try:
             for entry in device_log.read(runtime.pipeline.offset + 1):
-                frame = getattr(entry, "frame", None)
-                if frame is None:
-                    frame = getattr(entry, "table", None)
-                refs |= self._names_in(frame, columns)
+                refs |= self._names_in(entry.frame, columns)
         finally:
             if hasattr(device_log, "_cursor"):
                 device_log._cursor = cursor
@@ -335,12 +333,9 @@ class BlobStore:
             del self._spool_cache[key]
         return refs
 
-    def _names_in(self, frame: Any, columns: set[str]) -> set[str]:
+    def _names_in(self, frame: pl.DataFrame | None, columns: set[str]) -> set[str]:
         if frame is None:
             return set()
-        if not isinstance(frame, pl.DataFrame):
-            frame = pl.from_arrow(frame)
-        assert isinstance(frame, pl.DataFrame)
         out: set[str] = set()
         for col in columns & set(frame.columns):
             series = frame.get_column(col)

@@ -385,6 +385,7 @@ class Runtime:
                 continue
             if self._stop.is_set() or drain_only:
                 self._checkpoint()
+                self.blobs.sweep_due(self, last=True)
                 return
             self._new_data.wait(0.5)
 

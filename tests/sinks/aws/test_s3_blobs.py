@@ -125,7 +125,7 @@ async def test_blobs_land_byte_identical_and_rows_carry_their_keys(
     sink = sink_for(moto_url, bucket, data_dir)
     await sink.open()
     try:
-        await sink.write(frame.to_arrow(), "000000000000-000000000003")  # Arrow still accepted
+        await sink.write(frame, "000000000000-000000000003")
     finally:
         await sink.close()
     blob_keys = versions(moto_url, bucket, "img/retraining/")
