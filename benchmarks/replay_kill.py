@@ -13,7 +13,9 @@ narrow rows by default):
    a random instant (up to ``--jitter``) after the replay position in its device log has
    passed that run's point, which is also proof the run made progress of its own (a point an
    earlier kill overshot is drawn again from what is left); a run whose replay finished first
-   is killed anyway and not counted as mid-replay, and no more kills follow;
+   is killed anyway and not counted as mid-replay, and no more kills follow. Every other run
+   is killed only after it committed a checkpoint of its own, so restarts resume both from the
+   log's top and from mid-replay transform state;
 3. ``collector run CFG --once`` finishes the job (it must exit 0: no rows left in the spool);
 4. the lake is checked against the input: per 1-minute window (ts, device, metric), the
    ``count`` of the lake's row, after complete rows supersede partial ones as ``collector
@@ -22,7 +24,9 @@ narrow rows by default):
 
 The lake sink's batch is cut to ``--batch-rows`` aggregate rows (20,000 by default instead of
 the throughput config's 1 M) so that lake files are written during the replay and the kills
-land between lake writes too, not only before the first one. The process exits 1 when the
+land between lake writes too, not only before the first one; ``log.checkpoint_every`` is cut
+to 250 ms (default 2 s) so that runs of a second or two commit checkpoints and the restarts
+resume from them, as a long-running service's would. The process exits 1 when the
 guarantee fails.
 
     python -m benchmarks.replay_kill [--rows 10000000] [--kills 5] [--seed 19]
@@ -35,6 +39,7 @@ import glob
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -96,18 +101,35 @@ class Kill:
     replay_done: bool
     seconds_after_start: float
     lake_files: int
+    resumed_after_offset: int | None
+    """The log offset this run's checkpoint resumed after (None: no checkpoint yet)."""
+    waited_for_checkpoint: bool
+    """Killed only after this run had committed a checkpoint of its own."""
 
 
 def kill_run(
-    cfg: Path, data: Path, lake: Path, target: int, since: int, delay: float, work: Path
+    cfg: Path,
+    data: Path,
+    lake: Path,
+    target: int,
+    since: int,
+    delay: float,
+    work: Path,
+    after_checkpoint: bool = False,
 ) -> Kill:
     """Start the service, wait until its replay position passed ``target`` (and ``since``, the
     position it started from), then ``delay`` seconds more, and SIGKILL it.
 
     The delay (random, seeded) moves the kill off the instant a log record was appended, so the
-    kills land anywhere in a chunk's way through filter, window, spool and lake write."""
+    kills land anywhere in a chunk's way through filter, window, spool and lake write. With
+    ``after_checkpoint`` the run must also have committed a checkpoint (the state file changed
+    since the start), so the next start resumes from mid-replay state, not from the log's top.
+    """
     cmd = collector_cmd(cfg, "--data-dir", str(data), "--log-level", "info")
-    stderr = open(work / "kills.log", "ab")  # noqa: SIM115 - closed below, after the kill
+    err_path = work / f"kill-{since}.log"
+    stderr = open(err_path, "wb")  # noqa: SIM115 - closed below, after the kill
+    checkpoint = data / "state" / "checkpoint"
+    stamp0 = checkpoint.stat().st_mtime_ns if checkpoint.exists() else 0
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=work, env=env(), stdout=subprocess.DEVNULL, stderr=stderr)
     try:
@@ -119,7 +141,14 @@ def kill_run(
             if time.monotonic() > deadline:
                 raise SystemExit(f"no replay progress past row {target} in {RUN_TIMEOUT_S:.0f} s")
             pos = logged_position(data / "log")
-            if pos is not None and (pos.done or (pos.rows >= target and pos.rows > since)):
+            committed = not after_checkpoint or (
+                checkpoint.exists() and checkpoint.stat().st_mtime_ns != stamp0
+            )
+            if (
+                pos is not None
+                and committed
+                and (pos.done or (pos.rows >= target and pos.rows > since))
+            ):
                 break
             time.sleep(POLL_S)
         time.sleep(delay)
@@ -131,6 +160,8 @@ def kill_run(
             proc.kill()
             proc.wait()
         stderr.close()
+    with open(work / "kills.log", "a") as all_logs:
+        all_logs.write(err_path.read_text(errors="replace"))
     after = logged_position(data / "log") or pos
     assert after is not None
     return Kill(
@@ -140,7 +171,15 @@ def kill_run(
         replay_done=after.done,
         seconds_after_start=round(elapsed, 2),
         lake_files=len(list(lake.rglob("*.parquet"))),
+        resumed_after_offset=resume_offset(err_path.read_text(errors="replace")),
+        waited_for_checkpoint=after_checkpoint,
     )
+
+
+def resume_offset(stderr: str) -> int | None:
+    """The offset of the runner's "resuming after log offset N" line, if it logged one."""
+    m = re.search(r"resuming after log offset (\d+)", stderr)
+    return int(m.group(1)) if m else None
 
 
 def expected_windows(src: Path) -> Any:
@@ -221,6 +260,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     ap.add_argument("--chunk-rows", type=int, default=None, help="replay chunk_rows")
     ap.add_argument(
+        "--checkpoint-every",
+        default="250ms",
+        help="log.checkpoint_every (default 250ms, not 2s: so the seconds-long runs between "
+        "kills commit checkpoints, as a long-running service does, and restarts resume "
+        "from them instead of only from the log's start)",
+    )
+    ap.add_argument(
         "--jitter",
         type=float,
         default=0.05,
@@ -238,6 +284,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lake, data = work / "lake", work / "data"
     conf = collector_config(src, lake, args.chunk_rows)
     conf["sinks"][0]["batch"]["max_rows"] = args.batch_rows
+    conf["log"] = {"checkpoint_every": args.checkpoint_every}
     cfg = write_yaml(work / "replay-kill.yaml", conf)
     kills: list[Kill] = []
     t0 = time.perf_counter()
@@ -250,7 +297,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if target <= since:  # an earlier kill overshot this point: aim past it again
                 target = since + int(rng.uniform(0.05, 0.5) * (args.rows - since))
             delay = rng.uniform(0, args.jitter)
-            k = kill_run(cfg, data, lake, target, since, delay, work)
+            # every other kill waits for a checkpoint of its run: restarts from mid-replay
+            # state as well as from the log's top
+            wait_cp = len(kills) % 2 == 1
+            k = kill_run(cfg, data, lake, target, since, delay, work, after_checkpoint=wait_cp)
             kills.append(k)
             since = max(since, k.rows_at_kill)
             print(
@@ -272,7 +322,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if " WARNING " in ln or " ERROR " in ln or "continuing" in ln
         ]
     finally:
-        if args.keep:
+        failed = "check" not in locals() or not check["ok"]
+        if args.keep or failed:
             print(f"work dir kept: {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
@@ -286,9 +337,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "kills_planned": args.kills,
         "jitter_s": args.jitter,
         "batch_rows": args.batch_rows,
+        "checkpoint_every": args.checkpoint_every,
         "chunk_rows": args.chunk_rows,
         "kills": len(kills),
         "mid_replay_kills": mid,
+        "restarts_from_checkpoint": sum(1 for k in kills if k.resumed_after_offset),
+        "final_resumed_after_offset": resume_offset(final.stderr_tail),
         "kill_points": [asdict(k) for k in kills],
         "final_run": {k: v for k, v in final.as_dict().items() if k != "stderr_tail"},
         "final_exit": final.returncode,
@@ -296,6 +350,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "check": check,
         "log_notable": notable[-40:],
         "verdict": "held" if check["ok"] else "FAILED",
+        "work_dir_kept": None if check["ok"] and not args.keep else str(work),
     }
     write_json("replay_kill", result)
     c = check
@@ -306,6 +361,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         [
             ("kills (mid-replay)", f"{len(kills)} ({mid})"),
             ("kill points (rows logged)", ", ".join(f"{k.rows_at_kill:,}" for k in kills)),
+            (
+                "runs resumed after log offset",
+                ", ".join(str(k.resumed_after_offset or 0) for k in kills)
+                + f", final {result['final_resumed_after_offset'] or 0}",
+            ),
             ("final --once", f"exit {final.returncode}, {final.wall_s:.1f} s"),
             ("wall, first start to end", f"{wall:.1f} s"),
             (
