@@ -13,9 +13,10 @@ import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import polars as pl
+if TYPE_CHECKING:
+    import polars as pl
 
 USER_UMASK: int | None = None
 """The umask the collector was started with, before `collector run` made its own files
