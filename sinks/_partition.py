@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from datetime import date
 
 import polars as pl
 
@@ -120,26 +121,22 @@ def split_indexed(
     """Like :func:`split`, plus the partition's row numbers in ``frame``.
 
     Sinks hand those rows back to the runtime (``sinks._isolate.Outcome``) when one partition
-    fails, so only that partition is re-spooled or dead-lettered. A batch of one partition (the
-    common case: one metric, one day) is handed on whole, without a group-by.
+    fails, so only that partition is re-spooled or dead-lettered. Time parts are grouped on
+    their numbers (a date, an hour) and formatted once per partition, not once per row; a
+    batch of one partition (the common case: one metric, one day) is handed on whole.
     """
-    keys: list[str] = []
-    exprs: list[pl.Expr] = []
-    for p in parts:
-        key = f"__part_{p}"
-        keys.append(key)
-        if p in TIME_PARTS:
-            exprs.append(pl.col("ts").dt.strftime(TIME_PARTS[p]).alias(key))
-        else:
-            exprs.append(pl.col(p).cast(pl.String).alias(key))
+    keys = [f"__part_{p}" for p in parts]
+    exprs = [
+        _TIME_EXPRS[p]().alias(k) if p in TIME_PARTS else pl.col(p).cast(pl.String).alias(k)
+        for p, k in zip(parts, keys, strict=True)
+    ]
     values = frame.select(exprs)
     if all(values.get_column(k).n_unique() == 1 for k in keys):
-        first = values.row(0)
-        yield _folder(parts, first), frame, pl.int_range(frame.height, eager=True)
+        yield _folder(parts, values.row(0)), frame, pl.int_range(frame.height, eager=True)
         return
     index = "__part_row"
     df = pl.concat([frame, values], how="horizontal").with_row_index(index)
-    for group_key, group in df.group_by(keys, maintain_order=True):
+    for group_key, group in df.partition_by(keys, as_dict=True, maintain_order=True).items():
         yield (
             _folder(parts, group_key),
             group.drop([*keys, index]),
@@ -147,5 +144,23 @@ def split_indexed(
         )
 
 
+_TIME_EXPRS: dict[str, Callable[[], pl.Expr]] = {
+    "date": lambda: pl.col("ts").dt.date(),
+    "year": lambda: pl.col("ts").dt.year(),
+    "month": lambda: pl.col("ts").dt.month(),
+    "day": lambda: pl.col("ts").dt.day(),
+    "hour": lambda: pl.col("ts").dt.hour(),
+}
+"""Each time part as a number (or date) to group on; ``_text`` formats it like ``TIME_PARTS``."""
+
+
+def _text(part: str, value: object) -> object:
+    if value is None or part not in TIME_PARTS:
+        return value
+    if isinstance(value, date):
+        return value.strftime(TIME_PARTS[part])
+    return f"{value:04d}" if part == "year" else f"{value:02d}"
+
+
 def _folder(parts: Sequence[str], values: Sequence[object]) -> str:
-    return "/".join(f"{p}={sanitize(v)}" for p, v in zip(parts, values, strict=True))
+    return "/".join(f"{p}={sanitize(_text(p, v))}" for p, v in zip(parts, values, strict=True))

@@ -93,6 +93,7 @@ class LakeSink(Sink):
 
     async def open(self) -> None:
         await asyncio.to_thread(self._make_folder, self.root)
+        await asyncio.to_thread(fsutil.remove_stale_temps, self.root)
 
     def _make_folder(self, target: Path) -> None:
         """``target`` and its missing parents, with the lake's folder mode."""

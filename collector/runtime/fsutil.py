@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +41,50 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_TEMP = re.compile(r"^\..+\.(\d+)-\d+-[0-9a-f]{8}\.tmp$")
+STALE_TEMP_S = 3600.0
+"""A temporary file of a process on another host is left this long before it counts as stale."""
+
+
+def remove_stale_temps(root: Path) -> int:
+    """Delete the temporary files :func:`atomic_write` left under ``root`` when its process was
+    killed mid-write; returns how many.
+
+    Readers of ``*.parquet`` never see them, but a reader given the folder (``pl.scan_parquet
+    (root)``) refuses a tree with other file extensions. A file whose process (the pid in its
+    name) is alive on this host is left alone for an hour. On storage several hosts share, a
+    write in progress elsewhere can be hit: its rename fails and that collector retries.
+    """
+    removed = 0
+    now = time.time()
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            m = _TEMP.match(name)
+            if m is None:
+                continue
+            path = Path(folder) / name
+            try:
+                if _alive(int(m.group(1))) and now - path.stat().st_mtime < STALE_TEMP_S:
+                    continue
+                path.unlink()
+                removed += 1
+            except OSError:
+                continue
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # someone else's process
+    return True
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:

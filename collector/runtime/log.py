@@ -55,6 +55,8 @@ class Kind(IntEnum):
     DATA = 0  # readings from a source
     TICK = 1  # time passed (lets batch age cut deterministically on replay)
     FLUSH = 2  # shutdown: flush windows and batches
+    REF = 3  # readings logged by reference (meta "r", see Source.reference): a kind of its own,
+    # so a version of the collector that predates it stops on it instead of taking it for empty
 
 
 @dataclass

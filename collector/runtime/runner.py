@@ -274,7 +274,7 @@ class Runtime:
         try:
             if ref is not None:
                 with self._handoff_lock:  # the pipeline finds the rows once it sees the entry
-                    offset = self.log.append(None, Kind.DATA, meta=meta)
+                    offset = self.log.append(None, Kind.REF, meta=meta)
                     self._handoff[offset] = df
                     self._handoff_bytes += int(df.estimated_size())
             else:
@@ -375,13 +375,13 @@ class Runtime:
                             if not isinstance(exc, TransformError):
                                 log.exception("pipeline failed on log entry %d", entry.offset)
                             self._dead_letter_entry(entry, exc)
-                            continue
+                            batches = []
                         for batch in batches:
                             self._spool(batch)
+                        if time.monotonic() - self._last_checkpoint >= every:
+                            self._checkpoint()  # also in a long backlog: a kill redoes little
                 except _Abort:
                     return
-                if time.monotonic() - self._last_checkpoint >= every:
-                    self._checkpoint()
                 continue
             if self._stop.is_set() or drain_only:
                 self._checkpoint()
@@ -392,17 +392,17 @@ class Runtime:
     def _materialize(self, entry: Entry) -> Entry:
         """An entry logged by reference, with its rows: from memory, or (after a restart)
         read again from the source's file. Rows that cannot be read again are counted lost."""
-        ref = entry.meta.get("r") if entry.meta else None
-        if ref is None or entry.frame is not None:
+        if entry.kind != Kind.REF:
             return entry
+        assert entry.meta is not None
+        ref = entry.meta["r"]
         with self._handoff_lock:
             frame = self._handoff.pop(entry.offset, None)
             if frame is not None:
                 self._handoff_bytes -= int(frame.estimated_size())
         if frame is None:
-            assert entry.meta is not None
             frame = self._reread(str(entry.meta["s"]), ref, entry.offset)
-        return Entry(entry.offset, entry.kind, entry.wall_us, frame, entry.meta)
+        return Entry(entry.offset, Kind.DATA, entry.wall_us, frame, entry.meta)
 
     def _reread(self, name: str, ref: dict[str, Any], offset: int) -> pl.DataFrame | None:
         found = [(c, s) for c, s in self.sources if c.name == name]

@@ -159,7 +159,7 @@ def test_from_start_replays_the_file_again_once_more(tmp_path: Path) -> None:
 def logged(data: Path) -> list[Any]:
     from collector.runtime.log import DeviceLog, Kind
 
-    return [e for e in DeviceLog(data / "log").read(0) if e.kind == Kind.DATA]
+    return [e for e in DeviceLog(data / "log").read(0) if e.kind in (Kind.DATA, Kind.REF)]
 
 
 def test_replay_logs_file_ranges_and_rereads_them_when_the_checkpoint_is_lost(

@@ -271,3 +271,18 @@ async def test_lake_file_names_fit_whatever_the_batch_id(tmp_path: Path) -> None
         await sink.write(with_ids(readings([(0, "d", "t", 1.0)]), batch), batch)
     _names_fit(tmp_path / "lake")
     assert len(list((tmp_path / "lake").rglob("*.parquet"))) == 3
+
+
+async def test_lake_removes_temp_files_a_killed_writer_left(tmp_path: Path) -> None:
+    """A kill -9 during a write leaves `.part-….tmp`; `pl.scan_parquet(lake)` would refuse the
+    tree. The next start removes it, but never the file of a writer still running."""
+    folder = tmp_path / "lake" / "metric=t" / "date=2024-01-01"
+    folder.mkdir(parents=True)
+    dead = folder / ".part-b.parquet.999999999-1-0123abcd.tmp"
+    mine = folder / f".part-c.parquet.{os.getpid()}-1-0123abcd.tmp"
+    other = folder / "notes.tmp"
+    for p in (dead, mine, other):
+        p.write_bytes(b"half a file")
+    sink = await lake(tmp_path)
+    await sink.write(with_ids(readings([(0, "a", "t", 1.0)]), "b"), "b")
+    assert not dead.exists() and mine.exists() and other.exists()
