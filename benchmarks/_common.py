@@ -85,10 +85,13 @@ def write_json(name: str, payload: dict[str, Any]) -> Path:
 
 
 def env() -> dict[str, str]:
-    """The child's environment: this checkout first on the path, no stray AWS profile."""
+    """The child's environment: this checkout first on the path, no stray AWS profile, and
+    bytecode cached as on a user's machine (a CI image may forbid it, making every start
+    compile the collector's modules again)."""
     e = dict(os.environ)
     e["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), e.get("PYTHONPATH")) if p)
     e.pop("AWS_PROFILE", None)
+    e.pop("PYTHONDONTWRITEBYTECODE", None)
     return e
 
 

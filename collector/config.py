@@ -598,8 +598,8 @@ def _component(
         loc.add(where, "each entry must be a mapping with a `type`")
         return None
     type_name = item.get("type")
-    known = registry.available(kind)  # type: ignore[arg-type]
     if not type_name:
+        known = registry.available(kind)  # type: ignore[arg-type]
         loc.add((*where, "type"), f"field required (one of: {', '.join(sorted(known))})")
         return None
     if not isinstance(type_name, str):
@@ -607,7 +607,7 @@ def _component(
         return None
     imported = True
     try:
-        if type_name in known:
+        if registry.target(kind, type_name) is not None:  # type: ignore[arg-type]
             cls = registry.load(kind, type_name)  # type: ignore[arg-type]
         elif ":" not in type_name:
             raise KeyError(type_name)
@@ -617,6 +617,7 @@ def _component(
             registry.locate(type_name)  # found on disk; its code runs only in `collector run`
             cls, imported = _STAND_INS[kind], False
     except KeyError:
+        known = registry.available(kind)  # type: ignore[arg-type]
         loc.add(
             (*where, "type"),
             f"unknown {kind[:-1]} type {type_name!r}; known: {', '.join(sorted(known))} "
@@ -797,7 +798,7 @@ def _check_dataflow(
 
 def _known_class(kind: str, type_name: Any) -> type[Plugin] | None:
     """The registered plugin class of ``type_name``, or None (unknown, or fails to load)."""
-    if not isinstance(type_name, str) or type_name not in registry.available(kind):  # type: ignore[arg-type]
+    if not isinstance(type_name, str) or registry.target(kind, type_name) is None:  # type: ignore[arg-type]
         return None
     try:
         return registry.load(kind, type_name)  # type: ignore[arg-type]
