@@ -10,7 +10,7 @@ import math
 import re
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field, WithJsonSchema
+from pydantic import AfterValidator, BeforeValidator, Field, WithJsonSchema
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _DURATION_FACTORS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
@@ -112,3 +112,18 @@ Size = Annotated[
     WithJsonSchema({"type": ["string", "integer"], "examples": ["256MiB", "5MB", 1048576]}),
 ]
 """Bytes; configs write ``256MiB``, ``5MB`` or a number of bytes."""
+
+
+def check_time_zone(value: str) -> str:
+    """``value`` if it names an IANA time zone (``Europe/Rome``), else a ValueError saying so."""
+    import zoneinfo
+
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {value!r} (use an IANA name)") from None
+    return value
+
+
+TimeZone = Annotated[str, AfterValidator(check_time_zone)]
+"""An IANA time zone name, checked when the config is read."""

@@ -46,7 +46,8 @@ from pydantic import Field, field_validator, model_validator
 
 from collector.plugin import Context, Source, SourceConfig
 from collector.runtime import blobs
-from collector.units import Duration
+from collector.schema import POLARS_SCHEMA
+from collector.units import Duration, TimeZone
 
 EXTRA_SCHEMA: dict[str, pl.DataType] = {
     "path": pl.String(),
@@ -56,15 +57,7 @@ EXTRA_SCHEMA: dict[str, pl.DataType] = {
     "content_type": pl.String(),
 }
 """Columns a `files` row has beside the canonical ones."""
-ROW_SCHEMA: dict[str, pl.DataType] = {
-    "ts": pl.Datetime("us", "UTC"),
-    "device": pl.String(),
-    "source": pl.String(),
-    "metric": pl.String(),
-    "value": pl.Float64(),
-    "unit": pl.String(),
-    **EXTRA_SCHEMA,
-}
+ROW_SCHEMA: dict[str, pl.DataType] = {**POLARS_SCHEMA, **EXTRA_SCHEMA}
 CONTENT_TYPES = {
     "png": "image/png",
     "jpg": "image/jpeg",
@@ -165,7 +158,7 @@ class FilesConfig(SourceConfig):
         description="strptime format of that text, e.g. `%Y%m%d_%H%M%S`; default: ISO 8601, "
         "or digits as epoch seconds (10) / milliseconds (13).",
     )
-    timezone: str = Field(
+    timezone: TimeZone = Field(
         default="UTC", description="IANA zone of name times written without an offset."
     )
     max_files: int = Field(
@@ -192,15 +185,6 @@ class FilesConfig(SourceConfig):
                 re.compile(value)
             except re.error as exc:
                 raise ValueError(f"not a regular expression: {exc}") from None
-        return value
-
-    @field_validator("timezone")
-    @classmethod
-    def _zone(cls, value: str) -> str:
-        try:
-            zoneinfo.ZoneInfo(value)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {value!r} (use an IANA name)") from None
         return value
 
     @model_validator(mode="after")

@@ -15,6 +15,7 @@ from collector.plugin import Context
 from collector.schema import normalize
 from collector.sources.simulated import SimulatedConfig, generate
 from collector.testing import FakeClock, moto_server
+from tests.sinks.aws.conftest import aws_env  # noqa: F401  (a fixture, shared with the AWS sinks)
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 

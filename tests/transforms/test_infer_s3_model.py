@@ -26,41 +26,13 @@ from collector.plugin import Context
 from collector.testing import FakeClock, free_port
 from collector.transforms.infer import InferConfig, InferTransform, validate_model_file
 from sample_data import make_camera
+from tests.sinks.aws.conftest import admin
 
 from .test_infer_image import SAMPLE_MODEL, image_rows, sample_infer
 
-REGION = "us-east-1"
-
-
-@pytest.fixture
-def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Fake static credentials and no shared config, so nothing reaches real AWS."""
-    for var in (
-        "AWS_PROFILE",
-        "AWS_SESSION_TOKEN",
-        "AWS_ENDPOINT_URL",
-        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-        "AWS_CONTAINER_AUTHORIZATION_TOKEN",
-    ):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDTESTING")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-
 
 def s3_admin(url: str) -> Any:
-    import boto3
-
-    return boto3.client(
-        "s3",
-        endpoint_url=url,
-        region_name=REGION,
-        aws_access_key_id="AKIDTESTING",
-        aws_secret_access_key="testing-secret",
-    )
+    return admin("s3", url)
 
 
 class Forwarder:
