@@ -147,6 +147,12 @@ class BuiltinModelConfig(Model):
         description="A new trigger within this many readings of an event's end continues that "
         "event: same `event_id`, no new alarm (default: robust 12, zscore/ewma 0).",
     )
+    incidents: bool | None = Field(
+        default=None,
+        description="One alarm per device incident: an event that opens while another series "
+        "of the same device/source is in an event joins it (no second alarm, that incident's "
+        "`event_id`; `prediction` unchanged). Default: robust true, zscore/ewma false.",
+    )
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> BuiltinModelConfig:
@@ -163,6 +169,7 @@ class BuiltinModelConfig(Model):
             hysteresis=_default(self.hysteresis, ROBUST_HYSTERESIS if robust else 1.0),
             min_duration=_default(self.min_duration, ROBUST_MIN_DURATION if robust else 1),
             cooldown=_default(self.cooldown, ROBUST_COOLDOWN if robust else 0),
+            incidents=_default(self.incidents, robust),
             # robust: lone readings are judged against each series' own tail (no fixed cap).
             spike_threshold=(
                 self.spike_threshold if robust else _default(self.spike_threshold, self.threshold)

@@ -130,3 +130,51 @@ def test_memory_per_series_is_bounded() -> None:
     assert len(r.recent) <= 5 and len(r.tail) <= 5
     assert r.fits is not None and len(r.fits) <= 6
     assert r.loud is not None and len(r.loud) == 24
+
+
+def _device_run(incidents: bool) -> tuple[StreamingDetector, dict[tuple[str, ...], list[Verdict]]]:
+    """Three sensors on station a, one on station b; at reading 2000 three of a's and b's go
+    odd in the same hour (a's, one of them an hour later), at 2600 one of a's alone."""
+    rng = random.Random(9)
+    keys = [("a", "src", "co"), ("a", "src", "no2"), ("a", "src", "o3"), ("b", "src", "co")]
+    det = StreamingDetector(DetectorSettings(method="robust", hysteresis=0.5, cooldown=12,
+                                             incidents=incidents))
+    out: dict[tuple[str, ...], list[Verdict]] = {k: [] for k in keys}
+    step = dt.timedelta(hours=1)
+    for i in range(3000):
+        for j, key in enumerate(keys):
+            v = 10.0 + rng.gauss(0, 1)
+            if (i == 2000 and j != 1) or (i == 2001 and j == 1) or (i == 2600 and j == 2):
+                v += 9.0
+            out[key].append(det.observe(key, v, START + step * i))
+    return det, out
+
+
+def test_sensors_of_one_device_going_odd_together_raise_one_alarm() -> None:
+    det, out = _device_run(incidents=True)
+    station = [k for k in out if k[0] == "a"]
+    first = [i for k in station for i in _alarms(out[k]) if 1990 <= i <= 2010]
+    assert len(first) == 1  # one notification for what happened to station a at 2000
+    ids = {out[k][i].event_id for k in station for i in (2000, 2001) if out[k][i].prediction}
+    assert len(ids) == 1  # every series' event carries the incident's id
+    assert all(out[k][2000 if k[2] != "no2" else 2001].prediction == 1.0 for k in station)
+    assert 2000 in _alarms(out[("b", "src", "co")])  # another device is another incident
+    assert 2600 in _alarms(out[("a", "src", "o3")])  # a later lone event alarms again
+    assert det.incidents is not None and len(det.incidents) == 2  # bounded: one per device
+
+    _, apart = _device_run(incidents=False)
+    assert len([i for k in station for i in _alarms(apart[k]) if 1990 <= i <= 2010]) == 3
+
+
+def test_incidents_restore_from_a_checkpoint_written_before_they_existed() -> None:
+    det, _ = _device_run(incidents=True)
+    blobs: list[bytes] = []
+    state = decode(encode({"series": det.series}, blobs), blobs)
+    again = StreamingDetector(det.settings)
+    again.series = state["series"]
+    for events in (s.events for s in again.series.values()):
+        vars(events).pop("last_ts", None)  # absent, as in a checkpoint of the first release
+    assert again.incidents is None
+    key = ("a", "src", "co")
+    verdict = again.observe(key, 10.0, START + dt.timedelta(hours=3000))
+    assert verdict.prediction is not None and again.incidents is not None

@@ -226,3 +226,16 @@ def test_robust_state_survives_a_restart_and_stays_bounded(
     for state in restored._detector.series.values():
         assert state.robust is not None
         assert len(state.robust.residuals) <= 40 and len(state.robust.long.ranked) <= 40
+
+
+def test_device_incidents_are_on_for_robust_only() -> None:
+    """robust folds a device's simultaneous events into one alarm; zscore/ewma keep their old
+    behaviour (events are the runs of flagged readings of each series) unless asked."""
+    def settings(**model: Any) -> Any:
+        cfg = InferConfig.model_validate({"type": "infer", "model": model})
+        return cfg.model.settings()  # type: ignore[union-attr]
+
+    assert settings().incidents is True
+    assert settings(method="zscore").incidents is False
+    assert settings(method="ewma", incidents=True).incidents is True
+    assert settings(incidents=False).incidents is False
