@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "mb_per_s": round(mb / res.wall_s, 1),
         "net_mb_per_s": round(mb / net_s, 1),
         "rows_per_s": round(rows / res.wall_s),
+        "rows_per_cpu_s": round(rows / max(res.cpu_s, 1e-9)),
         "moto_rss_mb": moto_rss,
     }
     for k in ("drain", "fixed_cost"):
@@ -190,6 +191,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ("fixed cost (same run, empty spool)", f"{empty.wall_s:.1f} s"),
             ("net drain rate", f"{mb / net_s:.1f} MB/s"),
             ("collector CPU / peak RSS", f"{res.cpu_s:.1f} s / {res.peak_rss_mb:.0f} MB"),
+            ("rows per collector CPU-second", f"{rows / max(res.cpu_s, 1e-9):,.0f} (≥ 1,500,000)"),
             ("S3 objects / bytes (Parquet zstd)", f"{objects:,} / {fmt_bytes(s3_bytes)}"),
             ("left in the spool", fmt_bytes(left)),
         ],

@@ -73,6 +73,7 @@ def logged_position(log_dir: Path) -> Position | None:
     """
     from collector.runtime.log import SEGMENT_HEADER, Kind, _Rec, _scan
 
+    readings = (Kind.DATA, Kind.REF)  # rows, or a replay's references to rows of its file
     last: dict[str, Any] | None = None
     records = 0
     for path in sorted(glob.glob(str(log_dir / "*.log"))):
@@ -80,7 +81,7 @@ def logged_position(log_dir: Path) -> Position | None:
             if fh.read(len(SEGMENT_HEADER)) != SEGMENT_HEADER:
                 continue
             for rec in _scan(fh):
-                if not isinstance(rec, _Rec) or rec.kind != Kind.DATA or not rec.meta:
+                if not isinstance(rec, _Rec) or rec.kind not in readings or not rec.meta:
                     continue
                 records += 1
                 meta = json.loads(rec.meta)

@@ -347,11 +347,21 @@ def supersede_partials(lf: pl.LazyFrame) -> pl.LazyFrame:
         size = pl.col("count").cast(pl.Float64).fill_null(float("-inf"))
     else:
         size = pl.lit(0.0)
-    best = pl.when(is_partial).then(size).max().over(keys)
-    chosen = pl.when(is_partial & (size == best)).then(pl.col(_INDEX)).max().over(keys)
-    complete = (~partial).fill_null(False).any().over(keys)
-    keep = ~is_partial | (~complete & (pl.col(_INDEX) == chosen))
-    return lf.with_row_index(_INDEX).filter(keep).drop(_INDEX)
+    # Partial rows are few (the windows open at a stop), so only they are grouped: window
+    # expressions over every row's keys cost seconds on a month of a fleet's aggregates.
+    lf = lf.with_row_index(_INDEX)
+    settled = lf.filter(~is_partial)
+    complete = settled.filter(partial.not_()).select(keys).unique()
+    best = (
+        lf.filter(is_partial)
+        .join(complete, on=keys, how="anti", nulls_equal=True)
+        .sort([size, pl.col(_INDEX)])
+        .group_by(keys)
+        .last()
+    )
+    return pl.concat([settled, best.select(settled.collect_schema().names())]).sort(_INDEX).drop(
+        _INDEX
+    )
 
 
 def scan_lake(
