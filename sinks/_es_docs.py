@@ -174,7 +174,6 @@ def build_actions(
     (index) or is refused as a duplicate (create -> 409, which the sink counts as done).
     """
     df = frame
-    assert isinstance(df, pl.DataFrame)
     rejected = _non_finite_reasons(df)
     ids = df.get_column(RECORD_ID).to_list() if RECORD_ID in df.columns else None
     if data_stream:

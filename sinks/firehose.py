@@ -117,7 +117,6 @@ class FirehoseConfig(_aws.AwsSinkConfig):
 def ndjson_lines(frame: pl.DataFrame) -> list[bytes]:
     """One JSON line per row (``\\n`` included), timestamps as ISO 8601 UTC with ``Z``."""
     df = frame
-    assert isinstance(df, pl.DataFrame)
     df = df.with_columns(
         pl.col(name)
         .dt.convert_time_zone("UTC")
