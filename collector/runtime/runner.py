@@ -37,7 +37,7 @@ from collector.runtime.pipeline import Batch, Pipeline, Route
 from collector.runtime.quarantine import quarantine_file
 from collector.runtime.spool import Spool
 from collector.runtime.telemetry import SinkState, Telemetry
-from collector.schema import normalize
+from collector.schema import Reject, normalize
 
 log = logging.getLogger("collector")
 
@@ -239,7 +239,13 @@ class Runtime:
 
     # -- sources ----------------------------------------------------------------------------
 
-    def _normalize(self, data: Any, source: Component, src: Source | None, reject: Any) -> Any:
+    def _normalize(
+        self,
+        data: Any,
+        source: Component,
+        src: Source | None,
+        reject: Reject | None,
+    ) -> pl.DataFrame:
         """What a source returned as canonical rows (its config's units and tags applied)."""
         cfg = source.config
         extra = getattr(src, "extra_schema", None) or {}  # typed columns of its own (files)
