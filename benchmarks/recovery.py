@@ -2,8 +2,9 @@
 
 Builds a spool of raw readings for an `s3` sink with the runtime's own ``Spool.put`` (Polars
 frames written as ``collector.runtime.spool.encode_file`` files: a small header and a zstd Arrow
-IPC stream, of 10,000 rows, the default batch size, 100 devices x 2 metrics, record ids as the
-runtime writes them), starts ``python -m moto.server`` on a free port, and times ``collector run CFG
+IPC stream, each as large as the s3 sink's default batch cuts it for this device (100 devices x
+2 metrics at 1 Hz for `batch.max_age`, at most `batch.max_rows`), record ids as the runtime
+writes them), starts ``python -m moto.server`` on a free port, and times ``collector run CFG
 --once`` on that data dir: the consumer has nothing new, the S3 worker drains the spool (Parquet
 zstd, one object per partition per batch). MB/s = spool bytes on disk / seconds.
 
@@ -34,10 +35,13 @@ from benchmarks._common import (
 )
 from collector.testing import start_moto
 from collector.units import parse_size
+from sinks.s3 import S3Config
 
-ROWS_PER_FILE = 10_000
 DEVICES = 100
 METRICS = ("temperature", "humidity")
+_BATCH = S3Config(type="s3", bucket="recovery-bench").batch
+ROWS_PER_FILE = min(_BATCH.max_rows, round(DEVICES * len(METRICS) * _BATCH.max_age))
+"""Rows of one spooled batch: what the s3 sink's default batch holds at 200 readings a second."""
 BUCKET = "recovery-bench"
 START_US = 1_717_200_000_000_000  # 2024-06-01T00:00:00Z
 

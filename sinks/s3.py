@@ -35,7 +35,7 @@ import polars as pl
 from pydantic import Field, field_validator, model_validator
 
 from collector.errors import PermanentSinkError, TransientSinkError
-from collector.plugin import Context, Sink, SinkLimits
+from collector.plugin import BatchConfig, Context, Sink, SinkLimits
 from collector.units import Size
 from sinks import _aws
 from sinks._isolate import Outcome
@@ -48,6 +48,8 @@ from sinks._partition import (
     validate_partitions,
 )
 
+DEFAULT_BATCH_AGE = 300.0
+"""Seconds an s3 batch may gather rows by default (see ``S3Config.batch``)."""
 MIN_PART_BYTES = 5 * 1024**2
 """S3's smallest multipart part (all but the last)."""
 MAX_PARTS = 10_000
@@ -59,6 +61,16 @@ MAX_PREFIX_BYTES = 256
 
 class S3Config(_aws.AwsSinkConfig):
     """Where and how the lake objects are written."""
+
+    batch: BatchConfig = Field(
+        default_factory=lambda: BatchConfig(
+            max_rows=100_000, max_bytes=32 * 1024**2, max_age=DEFAULT_BATCH_AGE
+        ),
+        description="Batch cutting. Default `max_age: 5m`, `max_rows: 100000`, "
+        "`max_bytes: 32MiB`: a lake wants few, large objects (every PUT is billed, every small "
+        "file slows Athena, and a backlog drains per object); 5 minutes is also how long "
+        "Firehose buffers before it writes to S3.",
+    )
 
     bucket: str = Field(
         description="Bucket name.", pattern=r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$"
@@ -94,7 +106,7 @@ class S3Config(_aws.AwsSinkConfig):
         description="Part size of multipart uploads (S3 minimum 5MiB).",
     )
     compression_level: int | None = Field(
-        default=None, ge=1, le=22, description="zstd level; default: pyarrow's."
+        default=None, ge=1, le=22, description="zstd level; default: the library's (3)."
     )
     blob_column: str | None = Field(
         default=None,
