@@ -469,7 +469,7 @@ class ReplaySource(Source):
     def _scan(self, file: str) -> pl.LazyFrame:
         cfg = self.config
         if self._format == "parquet":
-            return pl.scan_parquet(file)
+            return pl.scan_parquet(file, low_memory=True)
         # Every CSV column is read as text: numbers are cast per cell below, so one bad cell
         # costs only itself (instead of failing the scan or turning the column into text).
         return pl.scan_csv(
