@@ -77,8 +77,8 @@ def _agg_expr(agg: str, field: str) -> pl.Expr:
         "max": col.max(),
         "sum": col.sum(),
         "count": col.count().cast(pl.Int64),
-        "first": col.drop_nulls().first(),
-        "last": col.drop_nulls().last(),
+        "first": col.first(ignore_nulls=True),
+        "last": col.last(ignore_nulls=True),
         "std": col.std(),
         "p50": col.quantile(0.5, interpolation="linear"),
         "p95": col.quantile(0.95, interpolation="linear"),
@@ -148,7 +148,7 @@ class WindowTransform(Transform):
             rows = rows.sort(_TS, maintain_order=True)
         aggs = [_agg_expr(a, cfg.field) for a in cfg.aggs]
         if self.with_unit:
-            aggs.insert(0, pl.col("unit").drop_nulls().first().alias("unit"))
+            aggs.insert(0, pl.col("unit").first(ignore_nulls=True).alias("unit"))
         # group order does not matter (one sort below); rows keep their order within a group
         out = rows.group_by([_W, *cfg.by]).agg(aggs)
         out = out.select(
