@@ -10,12 +10,9 @@ import json
 import math
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import polars as pl
-
-if TYPE_CHECKING:
-    import pyarrow as pa
 
 KEY_COLUMNS = ("device", "source", "metric")
 RECORD_ID = "record_id"
@@ -397,22 +394,3 @@ def conform(
         out = out.filter(~bad)
     return out.drop(flags)
 
-
-def __getattr__(name: str) -> pa.Schema:
-    """``READING_SCHEMA``, the canonical schema as Arrow, built on first use: the runtime works
-    in Polars and must not import pyarrow for it (sinks and tests that speak Arrow use it)."""
-    if name != "READING_SCHEMA":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import pyarrow as pa
-
-    ts = pa.timestamp("us", tz="UTC")
-    return pa.schema(
-        [
-            pa.field("ts", ts, nullable=False),
-            pa.field("device", pa.string(), nullable=False),
-            pa.field("source", pa.string(), nullable=False),
-            pa.field("metric", pa.string(), nullable=False),
-            pa.field("value", pa.float64()),
-            pa.field("unit", pa.string()),
-        ]
-    )

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from datetime import date
 
 import polars as pl
@@ -127,7 +127,7 @@ def split_indexed(
     """
     keys = [f"__part_{p}" for p in parts]
     exprs = [
-        _TIME_EXPRS[p]().alias(k) if p in TIME_PARTS else pl.col(p).cast(pl.String).alias(k)
+        _TIME_EXPRS[p].alias(k) if p in TIME_PARTS else pl.col(p).cast(pl.String).alias(k)
         for p, k in zip(parts, keys, strict=True)
     ]
     values = frame.select(exprs)
@@ -144,12 +144,12 @@ def split_indexed(
         )
 
 
-_TIME_EXPRS: dict[str, Callable[[], pl.Expr]] = {
-    "date": lambda: pl.col("ts").dt.date(),
-    "year": lambda: pl.col("ts").dt.year(),
-    "month": lambda: pl.col("ts").dt.month(),
-    "day": lambda: pl.col("ts").dt.day(),
-    "hour": lambda: pl.col("ts").dt.hour(),
+_TIME_EXPRS: dict[str, pl.Expr] = {
+    "date": pl.col("ts").dt.date(),
+    "year": pl.col("ts").dt.year(),
+    "month": pl.col("ts").dt.month(),
+    "day": pl.col("ts").dt.day(),
+    "hour": pl.col("ts").dt.hour(),
 }
 """Each time part as a number (or date) to group on; ``_text`` formats it like ``TIME_PARTS``."""
 
