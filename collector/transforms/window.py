@@ -160,11 +160,11 @@ class WindowTransform(Transform):
         )
         return out.sort(["ts", *cfg.by], maintain_order=True)
 
-    def _keep_open(self, rows: pl.DataFrame) -> None:
+    def _keep_open(self, rows: pl.DataFrame, in_order: bool) -> None:
         if rows.is_empty():
             return
         starts = rows.get_column(_W)
-        if starts.first() == starts.last() and starts.n_unique() == 1:
+        if starts.first() == starts.last() and (in_order or starts.n_unique() == 1):
             # the common case: time-ordered input leaves one window open, no split needed
             parts = {(starts.first(),): rows}
         else:
@@ -207,7 +207,7 @@ class WindowTransform(Transform):
             closed.extend(self.open.pop(start))
             self.flushed.pop(start, None)
         closed.append(now_closed)
-        self._keep_open(still_open)
+        self._keep_open(still_open, in_order)
         return self._aggregate(pl.concat(closed, how="diagonal_relaxed"), partial=False)
 
     def _drop_late(self, rows: pl.DataFrame, every: int, lateness: int) -> pl.DataFrame:

@@ -559,3 +559,56 @@ async def test_parquet_infinite_value_is_rejected_the_rest_goes_on(tmp_path: Pat
         ("b", 3.0),
     ]
     assert len(dead_letters(tmp_path)) == 1
+
+
+def write_parquet_rows(path: Path, n: int, row_group_size: int) -> list[tuple[Any, ...]]:
+    """A narrow Parquet file of ``n`` readings in small row groups; its readings in order."""
+    df = pl.DataFrame(
+        {
+            "ts": [T0 + timedelta(seconds=i) for i in range(n)],
+            "metric": ["t"] * n,
+            "value": [float(i) for i in range(n)],
+        }
+    )
+    df.write_parquet(path, compression="zstd", row_group_size=row_group_size)
+    return list(zip(df["ts"], df["metric"], df["value"], strict=True))
+
+
+async def test_parquet_is_read_on_demand_and_resumes_at_every_chunk(tmp_path: Path) -> None:
+    # 23 rows in row groups of 7, chunks of 2, reads of 5 chunks: no boundary lines up
+    good = write_parquet_rows(tmp_path / "p.parquet", 23, row_group_size=7)
+    cfg = {"path": str(tmp_path / "p.parquet"), "chunk_rows": 2}
+    whole, _ = await replay(make(tmp_path / "whole", **cfg))
+    assert readings_of(whole) == good  # every row once, in file order
+    assert [p.height for p in whole] == [2] * 11 + [1]
+    for k in range(len(whole) + 1):
+        run_dir = tmp_path / f"cut{k}"
+        first, position = await replay(make(run_dir, **cfg), stop_after=k)
+        second, end = await replay(make(run_dir, **cfg), position=position)
+        assert readings_of(first) + readings_of(second) == good, f"cut after chunk {k}"
+        assert end is not None and end["done"]
+
+
+async def test_damaged_parquet_row_group_costs_itself_not_the_rows_before_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "p.parquet"
+    good = write_parquet_rows(path, 12_000, row_group_size=2_000)
+    # garbage over the value column of row group 3 (rows 6,000-7,999): its zstd frame breaks
+    column = pq.ParquetFile(path).metadata.row_group(3).column(2)
+    start = (
+        column.data_page_offset
+        if column.dictionary_page_offset is None
+        else min(column.data_page_offset, column.dictionary_page_offset)
+    )
+    raw = bytearray(path.read_bytes())
+    raw[start + 8 : start + 8 + 200] = b"\xa5" * 200
+    path.write_bytes(bytes(raw))
+    # chunks of 1,000, reads of 5,000: the damaged group sits inside the second read
+    parts, _ = await replay(make(tmp_path, path=str(path), chunk_rows=1_000))
+    assert readings_of(parts) == good[:6_000]
+    rejected = dead_letters(tmp_path)
+    assert len(rejected) == 1 and "unreadable after row 6000" in rejected[0]["reason"]
+    assert "unreadable after row 6000" in caplog.text
