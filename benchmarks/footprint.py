@@ -6,6 +6,11 @@ seconds (``wait4``) of the collector process. CPU is reported twice: over the wh
 (startup included) and over the steady state (from 10 s after start to the end), each as a
 percentage of one core.
 
+The floor is measured too: a plain Polars script doing the same work without an agent (each
+second's readings built as a frame, appended to a zstd Arrow IPC file and read back, as the
+device log does; every minute grouped into 1-min windows and written as zstd Parquet). What
+the collector needs beyond that figure is its own.
+
 Lazy imports are shown by two smaller figures: the RSS after ``import collector.cli`` alone,
 and after loading this config and building the runtime, with the heavy optional libraries that
 got imported on the way (there should be none).
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -57,6 +63,42 @@ def config(data_dir: Path, devices: int) -> dict[str, Any]:
         "transforms": [{"type": "window", "every": "1m", "aggs": ["mean", "min", "max", "count"]}],
         "sinks": [{"name": "lake", "type": "lake", "path": str(data_dir / "lake")}],
     }
+
+
+_PLAIN = """
+import io, sys
+import polars as pl
+seconds, devices, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+names = [f"sensor-{i:03d}" for i in range(devices)]
+held = []
+with open(out + "/log.arrows", "ab") as log:
+    for sec in range(seconds):
+        df = pl.DataFrame(
+            {"ts": [sec * 1_000_000] * devices, "device": names,
+             "metric": ["temperature"] * devices, "value": [float(i) for i in range(devices)]}
+        ).with_columns(pl.col("ts").cast(pl.Datetime("us", "UTC")))
+        buf = io.BytesIO()
+        df.write_ipc_stream(buf, compression="zstd")
+        log.write(buf.getvalue())
+        held.append(pl.read_ipc_stream(buf.getvalue()))
+        if sec % 60 == 59 or sec == seconds - 1:
+            v = pl.col("value")
+            pl.concat(held).group_by(pl.col("ts").dt.truncate("1m"), "device", "metric").agg(
+                v.mean().alias("mean"), v.min().alias("min"), v.max().alias("max"),
+                v.count().alias("count"),
+            ).write_parquet(f"{out}/{sec}.parquet", compression="zstd")
+            held = []
+"""
+"""Polars alone, doing W2's work at full speed (peak RSS does not depend on the pace)."""
+
+
+def _plain_polars(seconds: float, devices: int, work: Path) -> Any:
+    out = work / "plain"
+    out.mkdir()
+    cmd = [sys.executable, "-c", _PLAIN, str(max(60, int(seconds))), str(devices), str(out)]
+    res = run_measured(cmd, cwd=work)
+    check_ok(res, "plain Polars script")
+    return res
 
 
 def _cpu_at(pid: int, delay: float, out: dict[str, float]) -> None:
@@ -102,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             steady_pct = 100 * (res.cpu_s - mark["cpu"]) / (ended - mark["at"])
         lake = list((work / "data" / "lake").rglob("*.parquet"))
         readings = _lake_readings(work / "data" / "lake")
+        plain = _plain_polars(args.seconds, args.devices, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     whole_pct = 100 * res.cpu_s / res.wall_s
@@ -116,6 +159,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "steady_from_s": STEADY_AFTER_S,
         "lake_files": len(lake),
         "lake_readings": readings,
+        "plain_polars_peak_rss_mb": round(plain.peak_rss_mb, 1),
+        "plain_polars_peak_anon_mb": round(plain.peak_anon_mb, 1),
         "import_cli_rss_mb": round(light["import_cli_mb"], 1),
         "runtime_built_rss_mb": round(built["runtime_mb"], 1),
         "heavy_modules_loaded": built["heavy_loaded"],
@@ -129,6 +174,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         [
             ("peak RSS (VmHWM)", f"{res.peak_rss_mb:.0f} MB", f"≤ {TARGET_RSS_MB} MB"),
             ("  of which private (RssAnon)", f"{res.peak_anon_mb:.0f} MB", ""),
+            (
+                "plain Polars, same work, no agent",
+                f"{plain.peak_rss_mb:.0f} MB (private {plain.peak_anon_mb:.0f} MB)",
+                "",
+            ),
             (
                 "CPU, whole run",
                 f"{res.cpu_s:.2f} s = {whole_pct:.2f} % of one core",
