@@ -834,9 +834,12 @@ class ReplaySource(Source):
             ahead = await self._next(batches, plan, rows + batch.height)
             narrow, rejects = await asyncio.to_thread(self._narrow, batch, plan)
             if pacer is None:
+                # In a thread too: a Polars call on the event loop waits for Polars' pool,
+                # which the pipeline keeps busy, and every other task of the loop waits with it.
+                finished = await asyncio.to_thread(self._finish, narrow)
                 self._dead_letter(rejects, 0, batch.height)
                 self._hand(plan, index, rows + batch.height, done=ahead is None, lo=rows)
-                yield self._finish(narrow)
+                yield finished
             else:
                 row_index = narrow.get_column(_ROW)  # ascending: narrow is in row order
                 async for lo, hi in self._paced(batch, pacer, state):
