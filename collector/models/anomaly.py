@@ -266,6 +266,7 @@ class StreamingDetector:
         if away > gate:
             # Kept out of the level: a burst must not drag the level along and hide itself.
             state.streak += 1
+            r.note_odd(value, hour)
             if state.streak >= s.reset_after:
                 r.adopt_shift(state.streak)
                 state.streak = 0

