@@ -8,12 +8,15 @@ series itself shows to be normal. Per series it keeps (all bounded, all plain va
 checkpoint codec stores):
 
 - **A forecast chosen by its own errors.** The expected value is a seasonal profile (none,
-  hour of day, or hour of week; learnt online as exponentially weighted deviations from the
-  long-run median) plus either the **median** of the last ``level_window`` accepted readings
+  hour of day, or hour of week; learnt online as exponentially weighted deviations from a
+  trimmed mean of the long run) plus either the **median** of the last ``level_window`` accepted readings
   (noisy, steady signals) or the **last** accepted reading (smooth, autocorrelated signals such
-  as air quality, where a median lags by hours). Every pair is scored on every 4th accepted
-  reading's one-step error, and the best one is used once it is clearly better: a profile is
-  used only where it explains the readings, a flat signal never uses one.
+  as air quality, where a median lags by hours). Every pair is scored on every 4th reading's
+  one-step error, and the best one is used once it is clearly better: a profile is used only
+  where it explains the readings, a flat signal never uses one. The profile is chosen on
+  readings kept out as odd too, over about four days whatever the step, and those readings
+  teach their slot (bounded): so a step that recurs daily (a machine starting) becomes the
+  profile's within days instead of alarming every day.
 - **A tail-aware scale** over the last ``history`` readings outside events: the larger of
   ``1.4826 * median |residual|`` (the MAD) and the 99th percentile of ``|residual|`` / 2.576.
 - **Loudness by hour of day.** Noise that grows with load (busy hours) would otherwise alarm
@@ -25,8 +28,8 @@ checkpoint codec stores):
   is long, the tail index is pulled towards a heavy one (``TAIL_PRIOR``), so a young series
   does not alarm on the first outliers it has not yet seen the like of.
 - **Adaptation after a confirmed shift**: a reading far out does not enter the level, but after
-  ``reset_after`` of them in a row the level jumps to the new readings and the long-run median
-  moves with it; the scale history is kept (the noise did not change), so there is no second
+  ``reset_after`` of them in a row the level jumps to the new readings (the long-run level
+  follows a lasting shift at its own pace); the scale history is kept (the noise did not change), so there is no second
   warm-up. With the ``last`` forecast a reading is also compared with the reading just before,
   so a jump that the series stays at is seen once, not on every later reading.
 
@@ -471,6 +474,8 @@ class RobustState:
         per_hour = max(1.0, self.per_hour or 1.0)
         weight = FIT_WEIGHT / per_hour
         if odd:
+            # At hourly steps a kept-out reading is mostly a real event, not a daily step in
+            # the making: counting it there cost air-quality windows (146 -> 125 of 360).
             weight *= 1 - 1 / per_hour
             if weight <= 0:
                 return
