@@ -7,14 +7,14 @@ detector that cries wolf, so this method spends its effort on *not* alarming on 
 series itself shows to be normal. Per series it keeps (all bounded, all plain values the
 checkpoint codec stores):
 
-- **A forecast chosen by its own errors.** The expected value is a seasonal profile (none,
-  hour of day, or hour of week; learnt online as exponentially weighted deviations from a
-  trimmed mean of the long run) plus either the **median** of the last ``level_window`` accepted readings
-  (noisy, steady signals) or the **last** accepted reading (smooth, autocorrelated signals such
-  as air quality, where a median lags by hours). Every pair is scored on every 4th reading's
-  one-step error, and the best one is used once it is clearly better: a profile is used only
-  where it explains the readings, a flat signal never uses one. The profile is chosen on
-  readings kept out as odd too, over about four days whatever the step, and those readings
+- **A forecast chosen by its own errors.** The expected value is a seasonal profile (none, hour
+  of day, or hour of week; learnt online as exponentially weighted deviations from a trimmed
+  mean of the long run) plus either the **median** of the last ``level_window`` accepted
+  readings (noisy, steady signals) or the **last** accepted reading (smooth, autocorrelated
+  signals such as air quality, where a median lags by hours). Every pair is scored on every 4th
+  reading's one-step error, and the best one is used once it is clearly better: a profile is
+  used only where it explains the readings, a flat signal never uses one. The profile is chosen
+  on readings kept out as odd too, over about four days whatever the step, and those readings
   teach their slot (bounded): so a step that recurs daily (a machine starting) becomes the
   profile's within days instead of alarming every day.
 - **A tail-aware scale** over the last ``history`` readings outside events: the larger of
@@ -29,9 +29,10 @@ checkpoint codec stores):
   does not alarm on the first outliers it has not yet seen the like of.
 - **Adaptation after a confirmed shift**: a reading far out does not enter the level, but after
   ``reset_after`` of them in a row the level jumps to the new readings (the long-run level
-  follows a lasting shift at its own pace); the scale history is kept (the noise did not change), so there is no second
-  warm-up. With the ``last`` forecast a reading is also compared with the reading just before,
-  so a jump that the series stays at is seen once, not on every later reading.
+  follows a lasting shift at its own pace); the scale history is kept (the noise did not
+  change), so there is no second warm-up. With the ``last`` forecast a reading is also compared
+  with the reading just before, so a jump that the series stays at is seen once, not on every
+  later reading.
 
 The evidence accumulation (several moderately odd readings in a row) and the alarm logic
 (hysteresis, minimum duration, one alarm per event, cool-down) live in
