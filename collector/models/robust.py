@@ -344,8 +344,9 @@ class RobustState:
         if not self.recent:
             return
         self.odd += 1
-        if self.odd % TRACK_EVERY == 0:
-            self._score_choice(value, hour, odd=True)
+        weight = self._choice_weight(odd=True)
+        if self.odd % TRACK_EVERY == 0 and weight > 0:
+            self._score_choice(self._errors(value, hour, self._kinds(hour)), weight)
         if hour is not None and self.season != "none" and len(self.long) >= 2:
             self._learn_profiles(value, hour, ODD_CLIP * self.scale(0.0))
 
@@ -435,15 +436,10 @@ class RobustState:
         if self.fits is None:
             self.fits = {}
         kinds = self._kinds(hour)
-        for kind in kinds:
-            base = value - self.seasonal(hour, kind)
-            for predictor in PREDICTORS:
-                name = f"{predictor}/{kind}"
-                err = abs(base - self.expected(predictor, kind))
-                fit = self.fits.setdefault(name, [0.0, 0])
-                fit[1] += 1
-                fit[0] += max(1.0 / fit[1], FIT_WEIGHT) * (err - fit[0])
-        self._score_choice(value, hour, kinds)
+        errors = self._errors(value, hour, kinds)
+        for name, err in errors.items():
+            _fold(self.fits, name, abs(err), FIT_WEIGHT)
+        self._score_choice(errors, self._choice_weight(odd=False))
         current = f"{self.predictor}/{self.in_use}"
         # A newcomer (a profile just ready) must have been scored on FIT_MIN readings, so it
         # cannot win on its first few lucky ones.
@@ -467,26 +463,31 @@ class RobustState:
             self.residuals.multiply(self.fits[best][0] / now)
             self.predictor, self.in_use = best.split("/")
 
-    def _score_choice(self, value: float, hour: int | None, kinds: list[str] | None = None,
-                      odd: bool = False) -> None:
-        """Fold this reading's squared one-step error into each pair's ``choice`` score."""
-        if self.choice is None:
-            self.choice = {}
+    def _errors(self, value: float, hour: int | None, kinds: list[str]) -> dict[str, float]:
+        """Each ``predictor/profile`` pair's one-step error on this reading."""
+        errors = {}
+        for kind in kinds:
+            base = value - self.seasonal(hour, kind)
+            for predictor in PREDICTORS:
+                errors[f"{predictor}/{kind}"] = base - self.expected(predictor, kind)
+        return errors
+
+    def _choice_weight(self, odd: bool) -> float:
+        """Weight of one reading in ``choice``: about ``CHOICE_HOURS`` hours of memory."""
         per_hour = max(1.0, self.per_hour or 1.0)
         weight = FIT_WEIGHT / per_hour
         if odd:
             # At hourly steps a kept-out reading is mostly a real event, not a daily step in
             # the making: counting it there cost air-quality windows (146 -> 125 of 360).
             weight *= 1 - 1 / per_hour
-            if weight <= 0:
-                return
-        for kind in kinds if kinds is not None else self._kinds(hour):
-            base = value - self.seasonal(hour, kind)
-            for predictor in PREDICTORS:
-                err = (base - self.expected(predictor, kind)) ** 2
-                fit = self.choice.setdefault(f"{predictor}/{kind}", [0.0, 0])
-                fit[1] += 1
-                fit[0] += max(1.0 / fit[1], weight) * (err - fit[0])
+        return weight
+
+    def _score_choice(self, errors: dict[str, float], weight: float) -> None:
+        """Fold this reading's squared one-step errors into each pair's ``choice`` score."""
+        if self.choice is None:
+            self.choice = {}
+        for name, err in errors.items():
+            _fold(self.choice, name, err**2, weight)
 
     def _profile_score(self, kind: str) -> float:
         """The root-mean-square one-step error of the profile's best forecast, over accepted
@@ -517,6 +518,14 @@ class RobustState:
                     n - self.per_hour)
             self.clock = [hour, 0]
         self.clock[1] += 1
+
+
+def _fold(scores: dict[str, list[float]], name: str, value: float, weight: float) -> None:
+    """An exponentially weighted mean (``[mean, count]``) that is a plain mean until it has
+    ``1 / weight`` values, so a young score is not pulled towards 0."""
+    fit = scores.setdefault(name, [0.0, 0])
+    fit[1] += 1
+    fit[0] += max(1.0 / fit[1], weight) * (value - fit[0])
 
 
 def hour_of(ts: datetime | None) -> int | None:
