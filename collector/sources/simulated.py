@@ -17,7 +17,7 @@ import polars as pl
 from pydantic import Field, field_validator, model_validator
 
 from collector.plugin import Model, Source, SourceConfig
-from collector.schema import to_utc
+from collector.schema import POLARS_SCHEMA, to_utc
 from collector.units import Duration
 
 log = logging.getLogger("collector.sources.simulated")
@@ -275,14 +275,12 @@ class SimulatedSource(Source):
             self.config, self.ctx.device, self.tick, self.ctx.clock(), cache=self._walks
         )
         self.tick += 1
-        schema: dict[str, pl.DataType] = {
-            "ts": pl.Datetime("us", "UTC"),
-            "metric": pl.String(),
-            "value": pl.Float64(),
-            "unit": pl.String(),
-        }
-        if self.config.devices > 1:
-            schema["device"] = pl.String()
+        # Built canonical (every column, in order), so the runtime's conform pass has nothing
+        # to do: at 100 sensors every second that pass was a fifth of the steady CPU.
+        for row in rows:
+            row.setdefault("device", self.ctx.device)
+            row["source"] = self.ctx.component
+        schema = dict(POLARS_SCHEMA)
         if self.config.label_anomalies:
             schema["anomaly"] = pl.String()
         return pl.DataFrame(rows, schema=schema)

@@ -18,7 +18,7 @@ and once it closes its complete row (``partial=false``) supersedes the partial o
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import polars as pl
 from pydantic import Field, model_validator
@@ -108,6 +108,8 @@ class WindowTransform(Transform):
         self.with_unit = False
         self.flushed: dict[int, int] = {}
         """Window start (µs) -> rows it held when a stop last emitted it as partial."""
+        self._nothing: dict[tuple[Any, ...], pl.DataFrame] = {}
+        """The empty result for each shape of input, worked out once."""
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -134,12 +136,24 @@ class WindowTransform(Transform):
             self.with_unit = True
             cols.append(pl.col("unit").cast(pl.String))
         return (
-            df.select(cols)
+            df.lazy()
+            .select(cols)
             .filter(pl.col(_TS).is_not_null())
             .with_columns(((pl.col(_TS) // every) * every).alias(_W))
+            .collect(engine="in-memory")
         )
 
     def _aggregate(self, rows: pl.DataFrame, partial: bool) -> pl.DataFrame:
+        if rows.is_empty():
+            # most batches close no window; the empty result's schema is all they need, and
+            # working it out is a group-by, which costs as much as 100 readings' own work
+            key = (self.with_unit, partial, tuple(rows.schema.items()))
+            if key not in self._nothing:
+                self._nothing[key] = self._aggregate_rows(rows, partial)
+            return self._nothing[key].clear()
+        return self._aggregate_rows(rows, partial)
+
+    def _aggregate_rows(self, rows: pl.DataFrame, partial: bool) -> pl.DataFrame:
         cfg = self.config
         if self.with_unit and "unit" not in rows.columns:
             rows = rows.with_columns(pl.lit(None, pl.String).alias("unit"))
