@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -101,6 +102,31 @@ def _plain_polars(seconds: float, devices: int, work: Path) -> Any:
     return res
 
 
+RUNTIME_DEPS = (
+    "pydantic",
+    "asyncio",
+    "yaml",
+    "click",
+    "apscheduler.schedulers.asyncio",
+    "http.server",
+)
+"""What the collector's runtime imports besides Polars for this config, nothing run: config
+models, the event loop, YAML, the CLI, the scheduler, and the telemetry endpoint."""
+
+
+def _import_rss(*modules: str) -> float:
+    """RSS (MB) of a fresh interpreter once ``modules`` are imported."""
+    code = (
+        "import importlib, sys\n"
+        "for m in sys.argv[1:]: importlib.import_module(m)\n"
+        "print([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, *modules], capture_output=True, text=True, check=True
+    )
+    return int(out.stdout.split()[-1]) / 1024
+
+
 def _cpu_at(pid: int, delay: float, out: dict[str, float]) -> None:
     """CPU seconds and time of the child ``delay`` s after start: the steady state's origin."""
     import psutil
@@ -145,6 +171,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         lake = list((work / "data" / "lake").rglob("*.parquet"))
         readings = _lake_readings(work / "data" / "lake")
         plain = _plain_polars(args.seconds, args.devices, work)
+        polars_mb = _import_rss("polars")
+        deps_mb = _import_rss("polars", *RUNTIME_DEPS)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     whole_pct = 100 * res.cpu_s / res.wall_s
@@ -161,6 +189,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "lake_readings": readings,
         "plain_polars_peak_rss_mb": round(plain.peak_rss_mb, 1),
         "plain_polars_peak_anon_mb": round(plain.peak_anon_mb, 1),
+        "import_polars_rss_mb": round(polars_mb, 1),
+        "import_runtime_deps_rss_mb": round(deps_mb, 1),
+        "runtime_deps": list(RUNTIME_DEPS),
         "import_cli_rss_mb": round(light["import_cli_mb"], 1),
         "runtime_built_rss_mb": round(built["runtime_mb"], 1),
         "heavy_modules_loaded": built["heavy_loaded"],
@@ -188,6 +219,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "CPU, steady state",
                 "-" if steady_pct is None else f"{steady_pct:.2f} % of one core",
                 f"≤ {TARGET_CPU_PCT} %",
+            ),
+            (
+                "imports alone: polars; + the runtime's other libraries",
+                f"{polars_mb:.0f} MB; {deps_mb:.0f} MB (+{deps_mb - polars_mb:.0f})",
+                "",
             ),
             ("RSS after `import collector.cli`", f"{light['import_cli_mb']:.0f} MB", ""),
             ("RSS with config + runtime built", f"{built['runtime_mb']:.0f} MB", ""),
