@@ -69,6 +69,10 @@ class WindowConfig(TransformConfig):
         return self
 
 
+_NOTHING: dict[tuple[Any, ...], pl.DataFrame] = {}
+"""A window's result when no window closed, per config and input schema (a handful)."""
+
+
 def _agg_expr(agg: str, field: str) -> pl.Expr:
     col = pl.col(field)
     exprs = {
@@ -108,8 +112,6 @@ class WindowTransform(Transform):
         self.with_unit = False
         self.flushed: dict[int, int] = {}
         """Window start (µs) -> rows it held when a stop last emitted it as partial."""
-        self._nothing: dict[tuple[Any, ...], pl.DataFrame] = {}
-        """The empty result for each shape of input, worked out once."""
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -145,12 +147,14 @@ class WindowTransform(Transform):
 
     def _aggregate(self, rows: pl.DataFrame, partial: bool) -> pl.DataFrame:
         if rows.is_empty():
-            # most batches close no window; the empty result's schema is all they need, and
-            # working it out is a group-by, which costs as much as 100 readings' own work
-            key = (self.with_unit, partial, tuple(rows.schema.items()))
-            if key not in self._nothing:
-                self._nothing[key] = self._aggregate_rows(rows, partial)
-            return self._nothing[key].clear()
+            # Most batches close no window; the empty result's schema is all they need, and
+            # working it out is a group-by, which costs as much as 100 readings' own work.
+            # Kept outside the instance: its state is checkpointed, this is not state.
+            cfg = self.config
+            key = (tuple(cfg.aggs), tuple(cfg.by), self.with_unit, partial, *rows.schema.items())
+            if key not in _NOTHING:
+                _NOTHING[key] = self._aggregate_rows(rows, partial)
+            return _NOTHING[key].clear()
         return self._aggregate_rows(rows, partial)
 
     def _aggregate_rows(self, rows: pl.DataFrame, partial: bool) -> pl.DataFrame:
