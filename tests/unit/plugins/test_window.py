@@ -142,6 +142,25 @@ def test_checkpointed_state_mid_stream_gives_identical_output(ctx: Context) -> N
     assert pl.concat([*head, tail]).equals(expected_out)
 
 
+@pytest.mark.parametrize("aggs", [["mean"], ALL_AGGS, ["count", "p95", "first"]])
+@pytest.mark.parametrize("by", [None, ["device"]])
+def test_a_batch_closing_nothing_has_the_schema_of_one_closing_a_window(
+    ctx: Context, aggs: list[str], by: list[str] | None
+) -> None:
+    """Batches that close no window skip the group-by; their empty result must still look like
+    a real one, with or without units, before and after a restart."""
+    cfg: dict[str, Any] = {"every": "10s", "aggs": aggs, **({"by": by} if by else {})}
+    for unit in (None, "C"):
+        t = make(ctx, **cfg)
+        nothing = t.apply(readings([(1, "a", "t", 1.0, unit)]))
+        closing = t.apply(readings([(12, "a", "t", 2.0, unit)]))
+        assert nothing.is_empty() and closing.height == 1
+        assert nothing.schema == closing.schema
+        resumed = restart_transform(t)
+        assert resumed.apply(readings([(13, "b", "t", 3.0, unit)])).schema == closing.schema
+        assert resumed.flush() is not None and resumed.flush() is None  # state came back
+
+
 def test_only_closed_windows_are_emitted(ctx: Context) -> None:
     t = make(ctx, every="10s")
     assert t.apply(readings([(0, "a", "t", 1.0), (5, "a", "t", 3.0), (9.999, "a", "t", 5.0)])
