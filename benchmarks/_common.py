@@ -307,8 +307,14 @@ def rss():
         if line.startswith('VmRSS:'):
             return int(line.split()[1]) / 1024
 stage = sys.argv[1]
-import collector.cli
-out = {'import_cli_mb': rss()}
+if stage == 'imports':
+    import importlib
+    for name in sys.argv[2:-1]:
+        importlib.import_module(name)
+    out = {'imports_mb': rss()}
+else:
+    import collector.cli
+    out = {'import_cli_mb': rss()}
 if stage == 'runtime':
     from pathlib import Path
     from collector import config
@@ -327,7 +333,8 @@ def probe(*args: str) -> dict[str, Any]:
     """RSS and imported heavy modules of a fresh interpreter at a given stage.
 
     ``probe("cli")``: after ``import collector.cli``; ``probe("runtime", CFG, DATA_DIR)``:
-    after loading CFG and building its runtime (nothing run yet).
+    after loading CFG and building its runtime (nothing run yet); ``probe("imports", *MODULES)``:
+    after importing MODULES alone (``imports_mb``).
     """
     proc = subprocess.run(
         [sys.executable, "-c", _PROBE, *args, ",".join(HEAVY)],

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -114,19 +113,6 @@ RUNTIME_DEPS = (
 models, the event loop, YAML, the CLI, the scheduler, and the telemetry endpoint."""
 
 
-def _import_rss(*modules: str) -> float:
-    """RSS (MB) of a fresh interpreter once ``modules`` are imported."""
-    code = (
-        "import importlib, sys\n"
-        "for m in sys.argv[1:]: importlib.import_module(m)\n"
-        "print([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1])"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code, *modules], capture_output=True, text=True, check=True
-    )
-    return int(out.stdout.split()[-1]) / 1024
-
-
 def _cpu_at(pid: int, delay: float, out: dict[str, float]) -> None:
     """CPU seconds and time of the child ``delay`` s after start: the steady state's origin."""
     import psutil
@@ -171,8 +157,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         lake = list((work / "data" / "lake").rglob("*.parquet"))
         readings = _lake_readings(work / "data" / "lake")
         plain = _plain_polars(args.seconds, args.devices, work)
-        polars_mb = _import_rss("polars")
-        deps_mb = _import_rss("polars", *RUNTIME_DEPS)
+        polars_mb = probe("imports", "polars")["imports_mb"]
+        deps_mb = probe("imports", "polars", *RUNTIME_DEPS)["imports_mb"]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     whole_pct = 100 * res.cpu_s / res.wall_s
