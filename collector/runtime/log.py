@@ -227,6 +227,7 @@ class DeviceLog:
             return
         self.next_offset = next_offset
         self._fh = open(segments[-1], "ab", buffering=0)  # noqa: SIM115 - kept open for appends
+        self._active = segments[-1]
 
     def _repair(self, path: Path, last: bool) -> int:
         """Verify one segment; returns the offset after its last good record."""
@@ -285,6 +286,7 @@ class DeviceLog:
             raise
         old = getattr(self, "_fh", None)
         self._fh = new
+        self._active = path
         if old is not None:
             old.close()
         fsync_dir(self.folder)
@@ -384,9 +386,14 @@ class DeviceLog:
         A reader that continues where it stopped (the pipeline does) resumes at the byte
         position it reached, instead of scanning its segment from the beginning again. With
         ``payload=False`` frames are not decoded (``frame`` is None): for reading positions.
-        Damage found here (after the open-time check) is set aside once and stepped over.
+        Damage found here (after the open-time check) is set aside once and stepped over. Bytes
+        appended after the read began are not looked at: a read racing an append can see the
+        record half written, and a half-written record is not damage.
         """
-        stop = self.next_offset if end is None else end
+        with self._lock:  # between appends: what is written up to here is whole
+            appended = self.next_offset
+            written = None if self._fh.closed else (self._active, self._fh.tell())
+        stop = appended if end is None else end
         segments = self._segments()
         firsts = [int(p.stem) for p in segments]
         cursor = self._cursor if self._cursor and self._cursor[0] == start else None
@@ -404,6 +411,8 @@ class DeviceLog:
                     fh.seek(cursor[2])
                 for rec in _scan(fh, skip_below=start) if v2 else _scan_v1(fh):
                     if isinstance(rec, _Bad):
+                        if written and path == written[0] and rec.start >= written[1]:
+                            return  # appended since this read began, maybe half: not damage
                         self._report(path, fh, rec)
                         continue
                     if rec.offset >= stop:
@@ -417,8 +426,8 @@ class DeviceLog:
 
     def _report(self, path: Path, fh: io.BufferedReader, bad: _Bad) -> None:
         key = (path.name, bad.start)
-        if key in self._reported or (path == self._segments()[-1] and bad.end >= self._fh.tell()):
-            return  # reported already, or an append in progress at the end of the segment
+        if key in self._reported:
+            return
         self._reported.add(key)
         back = fh.tell()
         fh.seek(bad.start)
