@@ -320,6 +320,19 @@ class Runtime:
             self.counters.inc("source_errors_total", source=comp.name)
             self._source_log(comp.name)(logging.WARNING, f"source {comp.name}: {exc}")
 
+    async def _let_ticks_finish(self, timeout: float) -> None:
+        """Wait for the ticks in flight, up to ``timeout``, so their readings are logged.
+
+        Some are not in ``_ticks`` yet: APScheduler may have handed a tick to the loop just
+        before the pause, and it registers when it starts, maybe while we wait for the others.
+        Those are waited for too, or the scheduler's shutdown would cancel them mid-read.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        await asyncio.sleep(0)  # ticks already handed to the loop start and register
+        while self._ticks and (left := deadline - loop.time()) > 0:
+            await asyncio.wait(set(self._ticks), timeout=left)
+
     def _source_log(self, name: str) -> RepeatedLog:
         """One source failing every tick logs once, then once a minute with a count."""
         if name not in self._source_logs:
@@ -586,8 +599,7 @@ class Runtime:
                 # pause, let ticks in flight log their readings, then shut down (APScheduler's
                 # shutdown cancels running coroutine jobs: their readings would miss the flush)
                 scheduler.pause()
-                if self._ticks:
-                    await asyncio.wait(set(self._ticks), timeout=self.cfg.settings.shutdown_timeout)
+                await self._let_ticks_finish(self.cfg.settings.shutdown_timeout)
                 scheduler.shutdown(wait=False)
                 self._report_skipped()
             for t in tasks:

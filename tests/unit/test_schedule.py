@@ -105,3 +105,40 @@ def test_a_source_failing_every_tick_is_logged_once_not_every_tick(
     assert AlwaysFailing.reads >= 5
     assert len(lines) == 1
     assert rt.counters.get("source_errors_total", source="plc") == AlwaysFailing.reads
+
+
+def test_a_stop_waits_for_a_tick_that_starts_while_it_waits(tmp_path: Path) -> None:
+    """The interleaving that cancelled a tick mid-read at a stop: one tick has just finished
+    (its bookkeeping still pending) and APScheduler has handed the next one to the loop. The
+    stop must wait for that one too, or the scheduler's shutdown cancels it and its readings
+    are lost."""
+    cfg = load_config(
+        {
+            "device": "d",
+            "telemetry": {"enabled": False},
+            "sources": [{"name": "s", "type": "simulated", "every": "1s"}],
+            "sinks": [{"type": "console"}],
+        }
+    )
+    rt = Runtime(cfg, tmp_path)
+    logged: list[str] = []
+
+    async def tick(name: str, read_s: float) -> None:  # registers as Runtime._tick does
+        task = asyncio.current_task()
+        assert task is not None
+        rt._ticks.add(task)
+        task.add_done_callback(rt._ticks.discard)
+        if read_s:
+            await asyncio.sleep(read_s)
+        logged.append(name)
+
+    async def stop() -> asyncio.Task[None]:
+        done = asyncio.create_task(tick("first", 0))
+        await asyncio.sleep(0)  # it finishes; dropping it from the set is still queued
+        assert done.done() and rt._ticks == {done}
+        handed = asyncio.create_task(tick("second", 0.05))  # not started yet
+        await rt._let_ticks_finish(5)
+        return handed
+
+    handed = asyncio.run(stop())
+    assert logged == ["first", "second"] and not handed.cancelled()
